@@ -1,0 +1,27 @@
+/* cli.h: shared pieces of the onnx-ptq command-line program. The program is split by
+ * subcommand: main.c (dispatch, the quantize form, inspect), cmd_run.c (run, eval).
+ * Each cmd_* returns the process exit code (see README: 0 ok, 1 usage, 2 bad input, 3 I/O,
+ * 4 internal). */
+#ifndef OPQ_CLI_H
+#define OPQ_CLI_H
+
+#include "opq.h"
+
+enum cli_exit {
+    CLI_EXIT_OK       = 0,
+    CLI_EXIT_USAGE    = 1,
+    CLI_EXIT_INPUT    = 2,
+    CLI_EXIT_IO       = 3,
+    CLI_EXIT_INTERNAL = 4,
+};
+
+// Maps a library status to the documented exit code.
+int cli_exit_code(enum opq_status st);
+// Prints "onnx-ptq: <msg>" (one line) to stderr.
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// Subcommands; argv[0] is the subcommand word. ctx is configured (threads, log) by main.c.
+int cmd_run(struct opq_ctx *ctx, int argc, char **argv);
+int cmd_eval(struct opq_ctx *ctx, int argc, char **argv);
+
+#endif

@@ -8,7 +8,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 pkgs=(
   build-essential cmake pkg-config git
   libprotobuf-c-dev protobuf-c-compiler libonnx-dev
-  libopenblas-dev libcmocka-dev libstb-dev
+  libopenblas-dev libcmocka-dev libstb-dev zlib1g-dev
   libonnx-testdata
   clang libclang-rt-14-dev
   python3 python3-numpy python3-torch python3-torchvision python3-onnx

@@ -102,6 +102,7 @@ static bool spec_ok(struct opq_graph *g, const struct opq_value *v, const struct
 
 enum opq_status opq_qdq_insert_activation(struct opq_graph *g, struct opq_value *v,
                                           const struct opq_qdq_spec *s, const char *name_hint,
+                                          struct opq_node *const *only, int n_only,
                                           struct opq_value **dq_out) {
     if (!spec_ok(g, v, s))
         return opq_ctx_status(g->ctx);
@@ -168,6 +169,11 @@ enum opq_status opq_qdq_insert_activation(struct opq_graph *g, struct opq_value 
     // Redirect the original users (each input slot that read v).
     for (int u = 0; u < n_users; u++) {
         struct opq_node *n = users[u]; // listed once per slot: later visits find nothing
+        bool redirect = only == NULL;
+        for (int k = 0; k < n_only && !redirect; k++)
+            redirect = only[k] == n;
+        if (!redirect)
+            continue;
         for (int i = 0; i < n->n_inputs; i++)
             if (n->inputs[i] == v && (st = opq_node_set_input(g, n, i, dq)) != OPQ_OK)
                 return st;

@@ -27,10 +27,12 @@ struct opq_qdq_spec {
 // Storage type of b-bit codes at an opset: INT4/UINT4 for b <= 4 at opset >= 21, else INT8/UINT8.
 enum opq_dtype opq_qdq_storage(int bits, bool is_signed, int64_t opset);
 
-// Inserts Q -> [Clip] -> DQ after activation v and redirects every node input that read v to the
-// DQ output (*dq, optional). v must be float32 with a known dtype.
+// Inserts Q -> [Clip] -> DQ after activation v and redirects node inputs that read v to the DQ
+// output (*dq, optional): those of the n_only nodes in `only`, or every user when only == NULL
+// (other consumers, e.g. a float residual Add, keep reading v). v must be float32.
 enum opq_status opq_qdq_insert_activation(struct opq_graph *g, struct opq_value *v,
                                           const struct opq_qdq_spec *s, const char *name_hint,
+                                          struct opq_node *const *only, int n_only,
                                           struct opq_value **dq);
 
 // Replaces the float initializer w by integer codes + DequantizeLinear for all its users. The

@@ -54,7 +54,8 @@ static void test_activation_int8(void **state) {
     assert_true(opq_qparams_from_range(-1.0f, 3.0f, 0, 255, false, &p));
     struct opq_qdq_spec s = {.bits = 8, .is_signed = false, .opset = 17, .n_ch = 1, .p = &p};
     struct opq_value *dq = NULL;
-    assert_int_equal(opq_qdq_insert_activation(g, opq_graph_value(g, "x"), &s, NULL, &dq), OPQ_OK);
+    assert_int_equal(opq_qdq_insert_activation(g, opq_graph_value(g, "x"), &s, NULL, NULL, 0, &dq),
+                     OPQ_OK);
     assert_int_equal(opq_graph_sort(g), OPQ_OK);
     assert_int_equal(opq_graph_verify(g), OPQ_OK);
     assert_int_equal(count_op(g, "QuantizeLinear"), 1);
@@ -83,8 +84,13 @@ static void test_activation_low_bits(void **state) {
         struct opq_qparams p;
         assert_true(opq_qparams_from_range(-1.0f, 1.0f, -8, 7, true, &p));
         struct opq_qdq_spec s = {.bits = 4, .is_signed = true, .opset = opset, .n_ch = 1, .p = &p};
-        assert_int_equal(opq_qdq_insert_activation(g, opq_graph_value(g, "x"), &s, "act", NULL),
+        // only the MatMul reads the quantized x; the float Relu keeps the float x
+        struct opq_node *mm = (struct opq_node *)find_op(g, "MatMul");
+        assert_int_equal(opq_qdq_insert_activation(g, opq_graph_value(g, "x"), &s, "act", &mm, 1,
+                                                   NULL),
                          OPQ_OK);
+        assert_ptr_equal(find_op(g, "Relu")->inputs[0], opq_graph_value(g, "x"));
+        assert_ptr_equal(mm->inputs[0], find_op(g, "DequantizeLinear")->outputs[0]);
         assert_int_equal(opq_graph_sort(g), OPQ_OK);
         assert_int_equal(opq_graph_verify(g), OPQ_OK);
         const struct opq_node *q = find_op(g, "QuantizeLinear");

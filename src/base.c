@@ -97,6 +97,16 @@ void opq_ctx_set_log(struct opq_ctx *ctx, opq_log_fn fn, void *user, enum opq_lo
     ctx->log_level = max_level;
 }
 
+void opq_ctx_set_progress(struct opq_ctx *ctx, opq_progress_fn fn, void *user) {
+    ctx->progress_fn   = fn;
+    ctx->progress_user = user;
+}
+
+void opq_progress(struct opq_ctx *ctx, const char *phase, long done, long total) {
+    if (ctx && ctx->progress_fn)
+        ctx->progress_fn(ctx->progress_user, phase, done, total);
+}
+
 void opq_ctx_set_threads(struct opq_ctx *ctx, int n_threads) {
     ctx->n_threads = n_threads < 1 ? 1 : n_threads;
 }

@@ -17,6 +17,8 @@ struct opq_ctx {
     opq_log_fn           log_fn;
     void                *log_user;
     enum opq_log_level   log_level;
+    opq_progress_fn      progress_fn;
+    void                *progress_user;
     int                  n_threads;
     uint64_t             seed;
     enum opq_status      status;                  // sticky: first error wins
@@ -49,6 +51,9 @@ enum opq_status opq_set_error(struct opq_ctx *ctx, enum opq_status st, const cha
 // Logging through the context's sink (the CLI installs one; the library never prints itself).
 void opq_log(struct opq_ctx *ctx, enum opq_log_level lvl, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+// Reports progress through the context's hook (no-op without one).
+void opq_progress(struct opq_ctx *ctx, const char *phase, long done, long total);
 
 // Allocation through the context's allocator (so tests can inject failures).
 void *opq_malloc(struct opq_ctx *ctx, size_t n);

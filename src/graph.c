@@ -257,3 +257,364 @@ enum opq_status opq_node_set_input(struct opq_graph *g, struct opq_node *n, int 
         return OPQ_ERR_NOMEM;
     return OPQ_OK;
 }
+
+// ---- rewriting ----------------------------------------------------------------------------------
+
+static const char *node_label(const struct opq_node *n) {
+    return n->name[0] ? n->name : n->op_type;
+}
+
+enum opq_status opq_graph_replace_uses(struct opq_graph *g, struct opq_value *from,
+                                       struct opq_value *to) {
+    if (!from || !to)
+        return opq_set_error(g->ctx, OPQ_ERR_INTERNAL, "replace_uses: NULL value");
+    if (from == to)
+        return OPQ_OK;
+    if (from->kind & OPQ_VK_OUTPUT)
+        return opq_set_error(g->ctx, OPQ_ERR_INTERNAL,
+                             "replace_uses: '%s' is a graph output and keeps its name", from->name);
+    // Each set_input drops exactly one entry of from->users, so this loop terminates.
+    while (from->n_users > 0) {
+        struct opq_node *n     = from->users[0];
+        bool             found = false;
+        for (int i = 0; i < n->n_inputs; i++) {
+            if (n->inputs[i] != from)
+                continue;
+            found = true;
+            if (opq_node_set_input(g, n, i, to) != OPQ_OK)
+                return opq_set_error(g->ctx, OPQ_ERR_NOMEM, "out of memory");
+        }
+        OPQ_ASSERT(found); // users lists are kept consistent by this file
+    }
+    return OPQ_OK;
+}
+
+void opq_graph_mark_dead(struct opq_graph *g, struct opq_node *n) {
+    (void)g;
+    if (n->flags & OPQ_NF_DEAD)
+        return;
+    n->flags |= OPQ_NF_DEAD;
+    // The input/output pointers stay readable (passes may still look at them); only the links
+    // from values back to n are cut, so that a new node may produce the same values.
+    for (int i = 0; i < n->n_inputs; i++)
+        if (n->inputs[i])
+            user_remove(n->inputs[i], n);
+    for (int i = 0; i < n->n_outputs; i++)
+        if (n->outputs[i] && n->outputs[i]->producer == n)
+            n->outputs[i]->producer = NULL;
+}
+
+static bool value_unused(const struct opq_value *v) {
+    return v->n_users == 0 && !v->producer && !(v->kind & (OPQ_VK_INPUT | OPQ_VK_OUTPUT));
+}
+
+// Compacts a value list in place, dropping the entries `drop` accepts; returns the new count.
+static int compact_values(struct opq_value **arr, int n, bool (*drop)(const struct opq_value *)) {
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (!drop(arr[i]))
+            arr[k++] = arr[i];
+    return k;
+}
+
+int opq_graph_compact(struct opq_graph *g) {
+    int k = 0;
+    for (int i = 0; i < g->n_nodes; i++) {
+        struct opq_node *n = g->nodes[i];
+        if (n->flags & OPQ_NF_DEAD)
+            continue;
+        n->index      = k;
+        g->nodes[k++] = n;
+    }
+    int dropped = g->n_nodes - k;
+    g->n_nodes  = k;
+    return dropped;
+}
+
+enum opq_status opq_graph_cleanup(struct opq_graph *g) {
+    opq_graph_compact(g);
+    for (int i = 0; i < g->n_values; i++)
+        if (value_unused(g->values[i]))
+            opq_strmap_del(g->by_name, g->values[i]->name);
+    g->n_inits  = compact_values(g->inits, g->n_inits, value_unused);
+    g->n_infos  = compact_values(g->infos, g->n_infos, value_unused);
+    g->n_values = compact_values(g->values, g->n_values, value_unused);
+    for (int i = 0; i < g->n_values; i++)
+        g->values[i]->index = i;
+    return OPQ_OK;
+}
+
+// ---- ordering -----------------------------------------------------------------------------------
+
+static void reindex_nodes(struct opq_graph *g, int from, int to) {
+    for (int i = from; i <= to; i++)
+        g->nodes[i]->index = i;
+}
+
+static void move_node(struct opq_graph *g, struct opq_node *n, int dst) {
+    int src = n->index;
+    OPQ_ASSERT(src >= 0 && src < g->n_nodes && g->nodes[src] == n);
+    OPQ_ASSERT(dst >= 0 && dst < g->n_nodes);
+    if (src < dst)
+        memmove(&g->nodes[src], &g->nodes[src + 1], (size_t)(dst - src) * sizeof(*g->nodes));
+    else if (src > dst)
+        memmove(&g->nodes[dst + 1], &g->nodes[dst], (size_t)(src - dst) * sizeof(*g->nodes));
+    g->nodes[dst] = n;
+    reindex_nodes(g, src < dst ? src : dst, src < dst ? dst : src);
+}
+
+void opq_graph_move_before(struct opq_graph *g, struct opq_node *n, struct opq_node *anchor) {
+    if (n == anchor)
+        return;
+    int dst = anchor->index;
+    move_node(g, n, n->index < dst ? dst - 1 : dst);
+}
+
+void opq_graph_move_after(struct opq_graph *g, struct opq_node *n, struct opq_node *anchor) {
+    if (n == anchor)
+        return;
+    int dst = anchor->index;
+    move_node(g, n, n->index < dst ? dst : dst + 1);
+}
+
+// Min-heap of node indices: Kahn's algorithm always emits the ready node that came first in the
+// current order, which makes the sort stable (an already sorted graph is left unchanged).
+static void heap_push(int *h, int *n, int x) {
+    int i = (*n)++;
+    while (i > 0 && h[(i - 1) / 2] > x) {
+        h[i] = h[(i - 1) / 2];
+        i    = (i - 1) / 2;
+    }
+    h[i] = x;
+}
+
+static int heap_pop(int *h, int *n) {
+    int top = h[0];
+    int x   = h[--(*n)];
+    int i   = 0;
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= *n)
+            break;
+        if (c + 1 < *n && h[c + 1] < h[c])
+            c++;
+        if (h[c] >= x)
+            break;
+        h[i] = h[c];
+        i    = c;
+    }
+    if (*n > 0)
+        h[i] = x;
+    return top;
+}
+
+// A live producer of v, or NULL (graph input, initializer, undefined or dead producer).
+static struct opq_node *live_producer(const struct opq_value *v) {
+    return (v && v->producer && !(v->producer->flags & OPQ_NF_DEAD)) ? v->producer : NULL;
+}
+
+enum opq_status opq_graph_sort(struct opq_graph *g) {
+    enum opq_status   st    = OPQ_OK;
+    int               nn    = g->n_nodes;
+    int              *indeg = opq_calloc(g->ctx, (size_t)nn + 1, sizeof(*indeg));
+    int              *heap  = opq_calloc(g->ctx, (size_t)nn + 1, sizeof(*heap));
+    struct opq_node **order = opq_calloc(g->ctx, (size_t)nn + 1, sizeof(*order));
+    if (!indeg || !heap || !order) {
+        st = opq_set_error(g->ctx, OPQ_ERR_NOMEM, "out of memory sorting the graph");
+        goto out_free;
+    }
+    for (int i = 0; i < nn; i++)
+        OPQ_ASSERT(g->nodes[i]->index == i);
+    int n_heap = 0;
+    for (int i = 0; i < nn; i++) {
+        const struct opq_node *n = g->nodes[i];
+        if (n->flags & OPQ_NF_DEAD)
+            continue;
+        for (int j = 0; j < n->n_inputs; j++)
+            if (live_producer(n->inputs[j]))
+                indeg[i]++;
+        if (indeg[i] == 0)
+            heap_push(heap, &n_heap, i);
+    }
+    int n_out = 0;
+    while (n_heap > 0) {
+        struct opq_node *n = g->nodes[heap_pop(heap, &n_heap)];
+        order[n_out++]     = n;
+        for (int j = 0; j < n->n_outputs; j++) {
+            const struct opq_value *o = n->outputs[j];
+            if (!o || o->producer != n)
+                continue;
+            // users holds one entry per input slot, matching the per-slot in-degree count.
+            for (int u = 0; u < o->n_users; u++) {
+                const struct opq_node *user = o->users[u];
+                if (user->flags & OPQ_NF_DEAD)
+                    continue;
+                if (--indeg[user->index] == 0)
+                    heap_push(heap, &n_heap, user->index);
+            }
+        }
+    }
+    int n_live = 0;
+    for (int i = 0; i < nn; i++)
+        n_live += !(g->nodes[i]->flags & OPQ_NF_DEAD);
+    if (n_out < n_live) {
+        // Some node is left with a positive in-degree. Walking back from it through unsorted
+        // producers n_live times must end inside a cycle (pigeonhole).
+        struct opq_node *n = NULL;
+        for (int i = 0; i < nn && !n; i++)
+            if (!(g->nodes[i]->flags & OPQ_NF_DEAD) && indeg[i] > 0)
+                n = g->nodes[i];
+        for (int step = 0; step < n_live; step++) {
+            struct opq_node *next = NULL;
+            for (int j = 0; j < n->n_inputs && !next; j++) {
+                struct opq_node *p = live_producer(n->inputs[j]);
+                if (p && indeg[p->index] > 0)
+                    next = p;
+            }
+            OPQ_ASSERT(next);
+            n = next;
+        }
+        st = opq_set_error(g->ctx, OPQ_ERR_INVALID_MODEL,
+                           "graph has a cycle through node '%s' (%s)", node_label(n), n->op_type);
+        goto out_free;
+    }
+    // Dead nodes keep their relative order after the live ones until cleanup drops them.
+    for (int i = 0; i < nn; i++)
+        if (g->nodes[i]->flags & OPQ_NF_DEAD)
+            order[n_out++] = g->nodes[i];
+    for (int i = 0; i < nn; i++) {
+        g->nodes[i]        = order[i];
+        g->nodes[i]->index = i;
+    }
+out_free:
+    opq_free(g->ctx, order);
+    opq_free(g->ctx, heap);
+    opq_free(g->ctx, indeg);
+    return st;
+}
+
+// ---- verification -------------------------------------------------------------------------------
+
+static int count_slots(const struct opq_node *n, const struct opq_value *v) {
+    int c = 0;
+    for (int i = 0; i < n->n_inputs; i++)
+        c += n->inputs[i] == v;
+    return c;
+}
+
+static int count_users(const struct opq_value *v, const struct opq_node *n) {
+    int c = 0;
+    for (int i = 0; i < v->n_users; i++)
+        c += v->users[i] == n;
+    return c;
+}
+
+static bool node_in_graph(const struct opq_graph *g, const struct opq_node *n) {
+    return n->index >= 0 && n->index < g->n_nodes && g->nodes[n->index] == n;
+}
+
+static bool value_defined(const struct opq_value *v) {
+    return live_producer(v) || (v->kind & (OPQ_VK_INPUT | OPQ_VK_INIT));
+}
+
+#define VERIFY_FAIL(...) opq_set_error(g->ctx, OPQ_ERR_INVALID_MODEL, __VA_ARGS__)
+
+static enum opq_status verify_values(struct opq_graph *g) {
+    for (int i = 0; i < g->n_values; i++) {
+        const struct opq_value *v = g->values[i];
+        if (v->index != i)
+            return VERIFY_FAIL("value '%s': index %d at position %d", v->name, v->index, i);
+        if (opq_graph_value(g, v->name) != v)
+            return VERIFY_FAIL("value name '%s' is used by two values", v->name);
+        const struct opq_node *p = v->producer;
+        if (p) {
+            if (!node_in_graph(g, p) || (p->flags & OPQ_NF_DEAD))
+                return VERIFY_FAIL("value '%s': its producer '%s' is not a live node", v->name,
+                                   node_label(p));
+            bool listed = false;
+            for (int j = 0; j < p->n_outputs; j++)
+                listed |= p->outputs[j] == v;
+            if (!listed)
+                return VERIFY_FAIL("value '%s': producer '%s' does not list it as an output",
+                                   v->name, node_label(p));
+            if (v->kind & (OPQ_VK_INPUT | OPQ_VK_INIT))
+                return VERIFY_FAIL("value '%s' is a graph input or initializer and is also "
+                                   "produced by node '%s'", v->name, node_label(p));
+        }
+        for (int u = 0; u < v->n_users; u++) {
+            const struct opq_node *n = v->users[u];
+            if (!node_in_graph(g, n) || (n->flags & OPQ_NF_DEAD))
+                return VERIFY_FAIL("value '%s': user '%s' is not a live node", v->name,
+                                   node_label(n));
+            int slots = count_slots(n, v);
+            int uses  = count_users(v, n);
+            if (slots != uses)
+                return VERIFY_FAIL("value '%s': node '%s' uses it in %d input slot(s) but the "
+                                   "users list has %d entries", v->name, node_label(n), slots,
+                                   uses);
+        }
+    }
+    return OPQ_OK;
+}
+
+static enum opq_status verify_nodes(struct opq_graph *g) {
+    for (int i = 0; i < g->n_nodes; i++) {
+        const struct opq_node *n = g->nodes[i];
+        if (n->index != i)
+            return VERIFY_FAIL("node '%s': index %d at position %d", node_label(n), n->index, i);
+        if (n->flags & OPQ_NF_DEAD)
+            continue;
+        for (int j = 0; j < n->n_outputs; j++) {
+            const struct opq_value *o = n->outputs[j];
+            if (!o)
+                continue;
+            if (o->producer != n)
+                return VERIFY_FAIL("value '%s' has two producers: '%s' and '%s'", o->name,
+                                   node_label(n), o->producer ? node_label(o->producer) : "?");
+            if (o->index < 0 || o->index >= g->n_values || g->values[o->index] != o)
+                return VERIFY_FAIL("node '%s': output '%s' is not a value of the graph",
+                                   node_label(n), o->name);
+        }
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct opq_value *v = n->inputs[j];
+            if (!v)
+                continue;
+            if (v->index < 0 || v->index >= g->n_values || g->values[v->index] != v)
+                return VERIFY_FAIL("node '%s': input '%s' is not a value of the graph",
+                                   node_label(n), v->name);
+            if (!value_defined(v))
+                return VERIFY_FAIL("node '%s' (%s): input '%s' is not defined", node_label(n),
+                                   n->op_type, v->name);
+            if (count_users(v, n) == 0)
+                return VERIFY_FAIL("value '%s': users list misses node '%s'", v->name,
+                                   node_label(n));
+            const struct opq_node *p = live_producer(v);
+            if (p && p->index >= i)
+                return VERIFY_FAIL("node '%s' uses '%s' before its producer '%s' (not in "
+                                   "topological order)", node_label(n), v->name, node_label(p));
+        }
+    }
+    return OPQ_OK;
+}
+
+enum opq_status opq_graph_verify(struct opq_graph *g) {
+    enum opq_status st = verify_nodes(g);
+    if (st == OPQ_OK)
+        st = verify_values(g);
+    if (st != OPQ_OK)
+        return st;
+    for (int i = 0; i < g->n_outputs; i++) {
+        const struct opq_value *v = g->outputs[i];
+        if (!(v->kind & OPQ_VK_OUTPUT))
+            return VERIFY_FAIL("graph output '%s' lacks its output flag", v->name);
+        if (!value_defined(v))
+            return VERIFY_FAIL("graph output '%s' is not produced by any node", v->name);
+    }
+    for (int i = 0; i < g->n_inputs; i++)
+        if (!(g->inputs[i]->kind & OPQ_VK_INPUT))
+            return VERIFY_FAIL("graph input '%s' lacks its input flag", g->inputs[i]->name);
+    for (int i = 0; i < g->n_inits; i++)
+        if (!(g->inits[i]->kind & OPQ_VK_INIT))
+            return VERIFY_FAIL("initializer '%s' lacks its initializer flag", g->inits[i]->name);
+    return OPQ_OK;
+}

@@ -57,8 +57,17 @@ enum opq_status opq_graph_replace_uses(struct opq_graph *g, struct opq_value *fr
                                        struct opq_value *to);
 // Marks n dead and detaches it: its inputs lose it as a user, its outputs lose their producer.
 void            opq_graph_mark_dead(struct opq_graph *g, struct opq_node *n);
+// Drops dead nodes from g->nodes (values are kept); returns how many were dropped.
+int             opq_graph_compact(struct opq_graph *g);
 // Drops dead nodes and values nobody uses (not graph inputs/outputs); keeps order otherwise.
 enum opq_status opq_graph_cleanup(struct opq_graph *g);
+// Moves n (already in g) to just before / just after `anchor` in g->nodes, keeping the order of
+// all other nodes. Passes use these after opq_graph_add_node (which appends) to put a new node
+// next to the one it feeds or follows, so the graph stays topological without a full sort.
+void            opq_graph_move_before(struct opq_graph *g, struct opq_node *n,
+                                      struct opq_node *anchor);
+void            opq_graph_move_after(struct opq_graph *g, struct opq_node *n,
+                                     struct opq_node *anchor);
 // Topological sort, stable with respect to the current order. OPQ_ERR_INVALID_MODEL on a cycle
 // (message names a node on it).
 enum opq_status opq_graph_sort(struct opq_graph *g);

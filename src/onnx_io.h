@@ -13,4 +13,8 @@ struct opq_arena;
 enum opq_status opq_tensor_load_pb(struct opq_ctx *ctx, struct opq_arena *arena, const char *path,
                                    struct opq_tensor *out, const char **name);
 
+// Test hook: the serialized size above which opq_model_save switches to external data and
+// opq_model_save_buffer refuses (default and 0: 2 GiB - 1, protobuf's limit).
+void opq_io_set_inline_limit(size_t bytes);
+
 #endif

@@ -66,6 +66,11 @@ int  opq_ctx_threads(const struct opq_ctx *ctx);
 void opq_ctx_set_seed(struct opq_ctx *ctx, uint64_t seed);
 uint64_t opq_ctx_seed(const struct opq_ctx *ctx);
 
+// Progress of long phases: fn(user, phase, done, total) after each step (total may be 0 when
+// unknown). The CLI draws a bar with ETA on a terminal and plain lines otherwise.
+typedef void (*opq_progress_fn)(void *user, const char *phase, long done, long total);
+void opq_ctx_set_progress(struct opq_ctx *ctx, opq_progress_fn fn, void *user);
+
 // Peak bytes held through the context's allocator since creation (memory statistics).
 size_t opq_ctx_peak_bytes(const struct opq_ctx *ctx);
 

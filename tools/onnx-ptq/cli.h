@@ -1,5 +1,5 @@
 /* cli.h: shared pieces of the onnx-ptq command-line program. The program is split by
- * subcommand: main.c (dispatch, the quantize form, inspect), cmd_run.c (run, eval).
+ * subcommand: main.c (dispatch, the quantize form), inspect.c, cmd_run.c (run, eval).
  * Each cmd_* returns the process exit code (see README: 0 ok, 1 usage, 2 bad input, 3 I/O,
  * 4 internal). */
 #ifndef OPQ_CLI_H
@@ -20,8 +20,13 @@ int cli_exit_code(enum opq_status st);
 // Prints "onnx-ptq: <msg>" (one line) to stderr.
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+// Prints the context's error message (or `what: <status>` when it is empty) and returns the exit
+// code of st.
+int cli_fail(struct opq_ctx *ctx, enum opq_status st, const char *what);
+
 // Subcommands; argv[0] is the subcommand word. ctx is configured (threads, log) by main.c.
 int cmd_run(struct opq_ctx *ctx, int argc, char **argv);
 int cmd_eval(struct opq_ctx *ctx, int argc, char **argv);
+int cmd_inspect(struct opq_ctx *ctx, int argc, char **argv); // inspect.c
 
 #endif

@@ -1,0 +1,903 @@
+/* exec.c: the reference executor (see exec.h).
+ *
+ * Plan: one slot per graph value (indexed by value->index) holding the planned tensor. Constant
+ * slots (initializers, Constant nodes and plan-time folded shape arithmetic) keep their data for
+ * the executor's lifetime. Every other value produced by a node gets a buffer chosen greedily
+ * (best fit among buffers free at that point, else grow the largest free one, else a new one)
+ * while walking the nodes in order; a buffer is freed after the last node that reads it.
+ * Values that must survive (graph outputs, pinned values) are never freed.
+ *
+ * Backward: the range is recomputed forward with every value in its own buffer (a per-call
+ * arena), then the kernels' VJPs run in reverse order; gradients of values used by several
+ * nodes are summed here (kernels write, never accumulate). */
+#include "exec.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "arena.h"
+#include "blas.h"
+#include "graph.h"
+#include "kernel.h"
+#include "threadpool.h"
+
+#define KEEP_FOREVER INT_MAX
+// Plan-time folding of computed values: non-float results up to this size (shape arithmetic)...
+#define FOLD_MAX_INT_BYTES ((size_t)1 << 20)
+// ...and tiny float results.
+#define FOLD_MAX_FLOAT_BYTES ((size_t)256)
+
+struct slot {
+    struct opq_tensor t;     // planned dtype/shape; data: constant, buffer or borrowed
+    int               buf;   // activation buffer, -1 if none
+    int               def;   // producing node index, -1 for inputs and constants
+    int               last;  // last reading node index (KEEP_FOREVER: never released)
+    bool              known; // shape known (defined so far during planning)
+    bool              is_const;
+    bool              is_input; // graph input fed by the caller
+    bool              valid;    // data computed/provided in this or (kept slots) an earlier run
+    bool              capture;
+};
+
+struct opq_exec {
+    struct opq_ctx          *ctx;
+    struct opq_model        *model;
+    struct opq_graph        *g;
+    int64_t                  opset;
+    struct opq_threadpool   *pool;
+    struct opq_arena        *arena;   // plan lifetime: buffers, folded constants, tables
+    struct opq_arena        *scratch; // kernels' temporaries, reset after every node
+    struct opq_arena        *bwd;     // one backward call
+    struct slot             *slots;
+    int                      n_slots;
+    const struct opq_kernel **kern;   // per node; NULL for dead or folded nodes
+    bool                    *folded;  // per node
+    const struct opq_tensor **ins;    // per-node call arrays (sized for the widest node)
+    struct opq_tensor       *outs;
+    struct opq_tensor       *douts;
+    struct opq_tensor       *dins;
+    void                   **bufs;
+    size_t                  *buf_size;
+    int                      n_bufs;
+    size_t                   value_bytes;
+    int                      n_folded;
+    opq_capture_fn           cap_fn;
+    void                    *cap_user;
+    bool                     cap_all;
+};
+
+// "op 'name'" for messages; nameless nodes are named by their first output.
+static const char *node_name(const struct opq_node *n) {
+    if (n->name && n->name[0])
+        return n->name;
+    for (int i = 0; i < n->n_outputs; i++)
+        if (n->outputs[i])
+            return n->outputs[i]->name;
+    return "?";
+}
+
+static struct slot *slot_of(struct opq_exec *e, const struct opq_value *v) {
+    return &e->slots[v->index];
+}
+
+static struct opq_kctx kctx_of(struct opq_exec *e) {
+    struct opq_kctx k = {
+        .ctx = e->ctx, .scratch = e->scratch, .n_threads = opq_threadpool_size(e->pool),
+        .opset = e->opset, .pool = e->pool,
+    };
+    return k;
+}
+
+static bool is_float(const struct opq_tensor *t) {
+    return t->dtype == OPQ_DTYPE_FLOAT;
+}
+
+// ---- planning -----------------------------------------------------------------------------------
+
+static enum opq_status plan_inputs(struct opq_exec *e, const struct opq_named_tensor *shapes,
+                                   int n_shapes, int64_t batch) {
+    struct opq_graph *g = e->g;
+    for (int i = 0; i < n_shapes; i++) {
+        struct opq_value *v = opq_graph_value(g, shapes[i].name);
+        if (!v || !(v->kind & OPQ_VK_INPUT))
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "'%s' is not an input of the model",
+                                 shapes[i].name ? shapes[i].name : "(null)");
+    }
+    for (int i = 0; i < g->n_inputs; i++) {
+        struct opq_value        *v    = g->inputs[i];
+        struct slot             *s    = slot_of(e, v);
+        const struct opq_tensor *given = NULL;
+        for (int j = 0; j < n_shapes; j++)
+            if (strcmp(shapes[j].name, v->name) == 0)
+                given = &shapes[j].t;
+        if (!given && s->is_const)
+            continue; // an initializer also listed as input (IR < 4): its default value
+        s->is_const = false;
+        s->is_input = true;
+        s->t        = v->t;
+        s->t.data   = NULL;
+        if (given) {
+            if (v->t.dtype != OPQ_DTYPE_UNDEF && given->dtype != v->t.dtype)
+                return opq_set_error(e->ctx, OPQ_ERR_SHAPE, "input '%s': dtype %s, model says %s",
+                                     v->name, opq_dtype_name(given->dtype),
+                                     opq_dtype_name(v->t.dtype));
+            if (v->t.ndim >= 0 && given->ndim != v->t.ndim)
+                return opq_set_error(e->ctx, OPQ_ERR_SHAPE, "input '%s': rank %d, model says %d",
+                                     v->name, given->ndim, v->t.ndim);
+            for (int d = 0; v->t.ndim >= 0 && d < given->ndim; d++)
+                if (v->t.shape[d] >= 0 && given->shape[d] != v->t.shape[d])
+                    return opq_set_error(e->ctx, OPQ_ERR_SHAPE,
+                                         "input '%s': dim %d is %lld, model says %lld", v->name,
+                                         d, (long long)given->shape[d],
+                                         (long long)v->t.shape[d]);
+            s->t.dtype = given->dtype;
+            s->t.ndim  = given->ndim;
+            memcpy(s->t.shape, given->shape, sizeof(s->t.shape));
+        } else {
+            if (s->t.ndim < 0)
+                return opq_set_error(e->ctx, OPQ_ERR_SHAPE,
+                                     "input '%s' has no shape in the model: give one", v->name);
+            for (int d = 0; d < s->t.ndim; d++) {
+                if (s->t.shape[d] >= 0)
+                    continue;
+                if (d != 0 || batch <= 0)
+                    return opq_set_error(e->ctx, OPQ_ERR_SHAPE,
+                                         "input '%s': dim %d is symbolic (%s): give its shape",
+                                         v->name, d, v->dim_param[d] ? v->dim_param[d] : "?");
+                s->t.shape[d] = batch;
+            }
+        }
+        for (int d = 0; d < s->t.ndim; d++)
+            if (s->t.shape[d] < 0)
+                return opq_set_error(e->ctx, OPQ_ERR_SHAPE, "input '%s': dim %d is unknown",
+                                     v->name, d);
+        if (!opq_tensor_set_nbytes(&s->t))
+            return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED, "input '%s': dtype %s unsupported",
+                                 v->name, opq_dtype_name(s->t.dtype));
+        s->known = true;
+    }
+    return OPQ_OK;
+}
+
+
+// Fills e->ins / e->outs for node n from the slots (outs are copies; omitted outputs get
+// data NULL). `data` selects where activation data comes from (NULL: the slots).
+static void node_io(struct opq_exec *e, const struct opq_node *n, struct opq_tensor *const *over) {
+    for (int j = 0; j < n->n_inputs; j++) {
+        const struct opq_value *v = n->inputs[j];
+        e->ins[j] = !v ? NULL : over ? over[v->index] : &slot_of(e, v)->t;
+    }
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_value *v = n->outputs[j];
+        if (v) {
+            e->outs[j] = over ? *over[v->index] : slot_of(e, v)->t;
+        } else {
+            memset(&e->outs[j], 0, sizeof(e->outs[j]));
+            e->outs[j].ndim = -1;
+        }
+    }
+}
+
+static bool node_foldable(struct opq_exec *e, const struct opq_node *n) {
+    if (n->op == OPQ_OP_CONSTANT)
+        return true;
+    bool shape_only = n->op == OPQ_OP_SHAPE || n->op == OPQ_OP_SIZE;
+    for (int j = 0; j < n->n_inputs; j++) {
+        const struct opq_value *v = n->inputs[j];
+        if (!v)
+            continue;
+        if (v->kind & OPQ_VK_PARAM)
+            return false;
+        if (!slot_of(e, v)->is_const && !shape_only)
+            return false;
+    }
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_tensor *t = &e->outs[j];
+        if (n->outputs[j] && t->nbytes > (is_float(t) ? FOLD_MAX_FLOAT_BYTES : FOLD_MAX_INT_BYTES))
+            return false;
+    }
+    return true;
+}
+
+static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) {
+    const struct opq_kernel *kern = opq_kernel_for(n->op);
+    if (!kern || !kern->forward || !kern->infer)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "node '%s': op %s%s%s (opset %lld) is not supported", node_name(n),
+                             n->domain && n->domain[0] ? n->domain : "",
+                             n->domain && n->domain[0] ? "::" : "", n->op_type,
+                             (long long)e->opset);
+    if (kern->min_opset > 0 && e->opset < kern->min_opset)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "node '%s': %s at opset %lld is not supported (needs opset >= %d)",
+                             node_name(n), n->op_type, (long long)e->opset, kern->min_opset);
+    e->kern[i] = kern;
+    for (int j = 0; j < n->n_inputs; j++) {
+        const struct opq_value *v = n->inputs[j];
+        if (v && !slot_of(e, v)->known)
+            return opq_set_error(e->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "node '%s' (%s): input '%s' is not defined before it (graph "
+                                 "not topologically sorted, or a missing input)",
+                                 node_name(n), n->op_type, v->name);
+    }
+    for (int j = 0; j < n->n_outputs; j++)
+        if (n->outputs[j] && slot_of(e, n->outputs[j])->known)
+            return opq_set_error(e->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "node '%s': output '%s' is defined twice", node_name(n),
+                                 n->outputs[j]->name);
+    struct opq_kctx k  = kctx_of(e);
+    enum opq_status st = OPQ_OK;
+    if (kern->parse) {
+        st = kern->parse(&k, e->g, n);
+        if (st != OPQ_OK)
+            goto out;
+    }
+    node_io(e, n, NULL);
+    for (int j = 0; j < n->n_outputs; j++) {
+        memset(&e->outs[j], 0, sizeof(e->outs[j]));
+        e->outs[j].ndim = -1;
+    }
+    st = kern->infer(&k, n, e->ins, e->outs);
+    if (st != OPQ_OK)
+        goto out;
+    for (int j = 0; j < n->n_outputs; j++) {
+        struct opq_tensor *t = &e->outs[j];
+        if (!n->outputs[j])
+            continue;
+        bool ok = t->ndim >= 0 && t->ndim <= OPQ_MAX_DIMS;
+        for (int d = 0; ok && d < t->ndim; d++)
+            ok = t->shape[d] >= 0;
+        if (!ok || !opq_tensor_set_nbytes(t)) {
+            st = opq_set_error(e->ctx, OPQ_ERR_SHAPE,
+                               "node '%s' (%s): cannot infer the shape of output '%s'",
+                               node_name(n), n->op_type, n->outputs[j]->name);
+            goto out;
+        }
+        t->data        = NULL;
+        struct slot *s = slot_of(e, n->outputs[j]);
+        s->t           = *t;
+        s->known       = true;
+        s->def         = i;
+    }
+    if (node_foldable(e, n)) {
+        for (int j = 0; j < n->n_outputs; j++) {
+            if (!n->outputs[j])
+                continue;
+            e->outs[j].data = opq_arena_alloc(e->arena, e->outs[j].nbytes);
+            if (!e->outs[j].data) {
+                st = opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning '%s'",
+                                   node_name(n));
+                goto out;
+            }
+        }
+        st = kern->forward(&k, n, e->ins, e->outs);
+        if (st != OPQ_OK)
+            goto out;
+        for (int j = 0; j < n->n_outputs; j++) {
+            if (!n->outputs[j])
+                continue;
+            struct slot *s = slot_of(e, n->outputs[j]);
+            s->t.data      = e->outs[j].data;
+            s->is_const    = true;
+            s->valid       = true;
+            s->def         = -1;
+        }
+        e->folded[i] = true;
+        e->n_folded++;
+    }
+out:
+    if (st != OPQ_OK && opq_ctx_status(e->ctx) == OPQ_OK)
+        opq_set_error(e->ctx, st, "node '%s' (%s): planning failed", node_name(n), n->op_type);
+    opq_arena_reset(e->scratch);
+    return st;
+}
+
+// Lifetimes and greedy buffer assignment over the non-folded nodes.
+static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_opts *opts) {
+    struct opq_graph *g = e->g;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const struct opq_node *n = g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        for (int j = 0; j < n->n_inputs; j++) {
+            struct slot *s = n->inputs[j] ? slot_of(e, n->inputs[j]) : NULL;
+            if (s && s->last != KEEP_FOREVER && s->last < i)
+                s->last = i;
+        }
+    }
+    for (int i = 0; i < g->n_outputs; i++)
+        slot_of(e, g->outputs[i])->last = KEEP_FOREVER;
+    for (int i = 0; opts && i < opts->n_pinned; i++) {
+        struct opq_value *v = opq_graph_value(g, opts->pinned[i]);
+        if (!v)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "cannot pin '%s': no such value",
+                                 opts->pinned[i]);
+        slot_of(e, v)->last = KEEP_FOREVER;
+    }
+    if (opts && opts->keep_all)
+        for (int i = 0; i < e->n_slots; i++)
+            e->slots[i].last = KEEP_FOREVER;
+
+    // at most one buffer per value
+    bool   *busy = opq_arena_alloc(e->scratch, sizeof(*busy) * ((size_t)g->n_values + 1));
+    size_t *size = opq_arena_alloc(e->scratch, sizeof(*size) * ((size_t)g->n_values + 1));
+    if (!busy || !size)
+        return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning buffers");
+    int nb = 0;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const struct opq_node *n = g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        for (int j = 0; j < n->n_outputs; j++) {
+            if (!n->outputs[j])
+                continue;
+            struct slot *s    = slot_of(e, n->outputs[j]);
+            size_t       need = s->t.nbytes ? s->t.nbytes : 1;
+            e->value_bytes += s->t.nbytes;
+            int best = -1;
+            int big  = -1;
+            for (int b = 0; b < nb; b++) {
+                if (busy[b])
+                    continue;
+                if (size[b] >= need && (best < 0 || size[b] < size[best]))
+                    best = b;
+                if (big < 0 || size[b] > size[big])
+                    big = b;
+            }
+            if (best < 0 && big >= 0) {
+                best       = big;
+                size[best] = need;
+            }
+            if (best < 0) {
+                best       = nb++;
+                size[best] = need;
+            }
+            busy[best] = true;
+            s->buf     = best;
+        }
+        // release what this node read for the last time, and outputs nobody reads
+        for (int j = 0; j < n->n_inputs; j++) {
+            struct slot *s = n->inputs[j] ? slot_of(e, n->inputs[j]) : NULL;
+            if (s && s->buf >= 0 && s->last == i)
+                busy[s->buf] = false;
+        }
+        for (int j = 0; j < n->n_outputs; j++) {
+            struct slot *s = n->outputs[j] ? slot_of(e, n->outputs[j]) : NULL;
+            if (s && s->buf >= 0 && s->last < 0)
+                busy[s->buf] = false;
+        }
+    }
+    e->n_bufs   = nb;
+    e->bufs     = opq_arena_alloc(e->arena, sizeof(*e->bufs) * (size_t)(nb + 1));
+    e->buf_size = opq_arena_alloc(e->arena, sizeof(*e->buf_size) * (size_t)(nb + 1));
+    if (!e->bufs || !e->buf_size)
+        return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning buffers");
+    for (int b = 0; b < nb; b++) {
+        e->buf_size[b] = size[b];
+        e->bufs[b]     = opq_arena_alloc_raw(e->arena, size[b]);
+        if (!e->bufs[b])
+            return opq_set_error(e->ctx, OPQ_ERR_NOMEM,
+                                 "out of memory allocating activations (%zu bytes)", size[b]);
+    }
+    for (int i = 0; i < e->n_slots; i++)
+        if (e->slots[i].buf >= 0)
+            e->slots[i].t.data = e->bufs[e->slots[i].buf];
+    opq_arena_reset(e->scratch);
+    return OPQ_OK;
+}
+
+enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
+                              const struct opq_named_tensor *shapes, int n_shapes,
+                              const struct opq_exec_opts *opts, struct opq_exec **out) {
+    enum opq_status   st = OPQ_OK;
+    struct opq_graph *g  = model->graph;
+    *out                 = NULL;
+    struct opq_exec *e   = opq_calloc(ctx, 1, sizeof(*e));
+    if (!e)
+        return opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory creating the executor");
+    e->ctx     = ctx;
+    e->model   = model;
+    e->g       = g;
+    e->opset   = opq_model_opset(model, "");
+    e->arena   = opq_arena_new(ctx);
+    e->scratch = opq_arena_new(ctx);
+    e->bwd     = opq_arena_new(ctx);
+    if (!e->arena || !e->scratch || !e->bwd) {
+        st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory creating the executor");
+        goto out_fail;
+    }
+    int nt = opq_ctx_threads(ctx);
+    opq_blas_set_threads(nt);
+    if (nt > 1) {
+        e->pool = opq_threadpool_new(ctx, nt);
+        if (!e->pool) {
+            st = opq_ctx_status(ctx) ? opq_ctx_status(ctx) : OPQ_ERR_INTERNAL;
+            goto out_fail;
+        }
+    }
+    int max_io = 1;
+    for (int i = 0; i < g->n_nodes; i++) {
+        if (g->nodes[i]->index != i) {
+            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "node %d has index %d", i,
+                               g->nodes[i]->index);
+            goto out_fail;
+        }
+        if (g->nodes[i]->n_inputs > max_io)
+            max_io = g->nodes[i]->n_inputs;
+        if (g->nodes[i]->n_outputs > max_io)
+            max_io = g->nodes[i]->n_outputs;
+    }
+    e->n_slots = g->n_values;
+    e->slots   = opq_arena_alloc(e->arena, sizeof(*e->slots) * (size_t)(g->n_values + 1));
+    e->kern    = opq_arena_alloc(e->arena, sizeof(*e->kern) * (size_t)(g->n_nodes + 1));
+    e->folded  = opq_arena_alloc(e->arena, sizeof(*e->folded) * (size_t)(g->n_nodes + 1));
+    e->ins     = opq_arena_alloc(e->arena, sizeof(*e->ins) * (size_t)max_io);
+    e->outs    = opq_arena_alloc(e->arena, sizeof(*e->outs) * (size_t)max_io);
+    e->douts   = opq_arena_alloc(e->arena, sizeof(*e->douts) * (size_t)max_io);
+    e->dins    = opq_arena_alloc(e->arena, sizeof(*e->dins) * (size_t)max_io);
+    if (!e->slots || !e->kern || !e->folded || !e->ins || !e->outs || !e->douts || !e->dins) {
+        st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory planning");
+        goto out_fail;
+    }
+    for (int i = 0; i < g->n_values; i++) {
+        const struct opq_value *v = g->values[i];
+        struct slot            *s = &e->slots[i];
+        if (v->index != i) {
+            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "value '%s' has index %d, not %d", v->name,
+                               v->index, i);
+            goto out_fail;
+        }
+        s->buf  = -1;
+        s->def  = -1;
+        s->last = -1;
+        s->t    = v->t;
+        if ((v->kind & OPQ_VK_INIT) && !v->t.data && v->t.nbytes == 0 && v->t.ndim >= 0) {
+            s->t.data = opq_arena_alloc(e->arena, 1); // an empty initializer: valid pointer
+            if (!s->t.data) {
+                st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory planning");
+                goto out_fail;
+            }
+            s->is_const = true;
+            s->known    = true;
+            s->valid    = true;
+        } else if ((v->kind & OPQ_VK_INIT) && v->t.data) {
+            s->is_const = true;
+            s->known    = true;
+            s->valid    = true;
+        } else {
+            s->t.data = NULL;
+        }
+    }
+    st = plan_inputs(e, shapes, n_shapes, opts ? opts->batch : 0);
+    if (st != OPQ_OK)
+        goto out_fail;
+    for (int i = 0; i < g->n_nodes; i++) {
+        struct opq_node *n = g->nodes[i];
+        if (n->flags & OPQ_NF_DEAD)
+            continue;
+        st = plan_node(e, n, i);
+        if (st != OPQ_OK)
+            goto out_fail;
+    }
+    for (int i = 0; i < g->n_outputs; i++)
+        if (!slot_of(e, g->outputs[i])->known) {
+            st = opq_set_error(ctx, OPQ_ERR_INVALID_MODEL, "graph output '%s' is never computed",
+                               g->outputs[i]->name);
+            goto out_fail;
+        }
+    st = plan_buffers(e, opts);
+    if (st != OPQ_OK)
+        goto out_fail;
+    *out = e;
+    return OPQ_OK;
+out_fail:
+    opq_exec_free(e);
+    return st;
+}
+
+void opq_exec_free(struct opq_exec *e) {
+    if (!e)
+        return;
+    opq_threadpool_free(e->pool);
+    opq_arena_free(e->arena);
+    opq_arena_free(e->scratch);
+    opq_arena_free(e->bwd);
+    opq_free(e->ctx, e);
+}
+
+void opq_exec_get_stats(const struct opq_exec *e, struct opq_exec_stats *st) {
+    memset(st, 0, sizeof(*st));
+    for (int b = 0; b < e->n_bufs; b++)
+        st->buffer_bytes += e->buf_size[b];
+    st->value_bytes = e->value_bytes;
+    st->n_buffers   = e->n_bufs;
+    st->n_folded    = e->n_folded;
+}
+
+int opq_exec_producer_index(const struct opq_exec *e, const char *name) {
+    const struct opq_value *v = opq_graph_value(e->g, name);
+    return v && v->producer ? v->producer->index : -1;
+}
+
+const struct opq_tensor *opq_exec_value(const struct opq_exec *e, const char *name) {
+    const struct opq_value *v = opq_graph_value(e->g, name);
+    if (!v || v->index < 0 || v->index >= e->n_slots)
+        return NULL;
+    return &e->slots[v->index].t;
+}
+
+enum opq_status opq_exec_set_capture(struct opq_exec *e, const char *const *names, int n_names,
+                                     opq_capture_fn fn, void *user) {
+    for (int i = 0; i < e->n_slots; i++)
+        e->slots[i].capture = false;
+    e->cap_fn   = fn;
+    e->cap_user = user;
+    e->cap_all  = fn && n_names < 0;
+    for (int i = 0; fn && i < n_names; i++) {
+        struct opq_value *v = opq_graph_value(e->g, names[i]);
+        if (!v)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "cannot capture '%s': no such value",
+                                 names[i]);
+        slot_of(e, v)->capture = true;
+    }
+    return OPQ_OK;
+}
+
+// ---- running ------------------------------------------------------------------------------------
+
+static bool same_shape(const struct opq_tensor *a, const struct opq_tensor *b) {
+    if (a->dtype != b->dtype || a->ndim != b->ndim)
+        return false;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d])
+            return false;
+    return true;
+}
+
+static void shape_str(const struct opq_tensor *t, char *buf, size_t cap) {
+    size_t len = (size_t)snprintf(buf, cap, "%s[", opq_dtype_name(t->dtype));
+    for (int d = 0; d < t->ndim && len < cap; d++)
+        len += (size_t)snprintf(buf + len, cap - len, d ? ",%lld" : "%lld",
+                                (long long)t->shape[d]);
+    if (len < cap)
+        snprintf(buf + len, cap - len, "]");
+}
+
+// Checks a caller tensor against the planned value.
+static enum opq_status check_given(struct opq_exec *e, const struct opq_value *v,
+                                   const struct opq_tensor *t) {
+    const struct slot *s = slot_of(e, v);
+    if (!same_shape(&s->t, t)) {
+        char want[128];
+        char got[128];
+        shape_str(&s->t, want, sizeof(want));
+        shape_str(t, got, sizeof(got));
+        return opq_set_error(e->ctx, OPQ_ERR_SHAPE, "'%s': got %s, planned for %s", v->name, got,
+                             want);
+    }
+    if (!t->data && s->t.nbytes)
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "'%s': no data given", v->name);
+    return OPQ_OK;
+}
+
+static void refresh_constants(struct opq_exec *e) {
+    // initializer data may have been replaced between runs (reconstruction updates weights)
+    for (int i = 0; i < e->g->n_inits; i++) {
+        const struct opq_value *v = e->g->inits[i];
+        struct slot            *s = slot_of(e, v);
+        if (s->is_const && s->def < 0 && !s->is_input && v->t.data && (v->kind & OPQ_VK_INIT))
+            s->t.data = v->t.data;
+    }
+    for (int i = 0; i < e->n_slots; i++) {
+        struct slot *s = &e->slots[i];
+        if (!s->is_const && s->last != KEEP_FOREVER)
+            s->valid = false;
+    }
+}
+
+struct borrow {
+    struct slot *s;
+    void        *old;
+};
+
+// Binds caller tensors: buffered values are copied into their buffer (safe: see plan), others
+// (graph inputs, constants) borrow the caller's pointer until unbind().
+static enum opq_status bind_given(struct opq_exec *e, const struct opq_named_tensor *given,
+                                  int n_given, bool inputs_only, struct borrow *saved) {
+    for (int i = 0; i < n_given; i++) {
+        struct opq_value *v = opq_graph_value(e->g, given[i].name);
+        if (!v || (inputs_only && !(v->kind & OPQ_VK_INPUT)))
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "'%s' is not %s of the model",
+                                 given[i].name, inputs_only ? "an input" : "a value");
+        enum opq_status st = check_given(e, v, &given[i].t);
+        if (st != OPQ_OK)
+            return st;
+        struct slot *s = slot_of(e, v);
+        saved[i].s     = s;
+        saved[i].old   = s->t.data;
+        if (s->buf >= 0) {
+            memcpy(s->t.data, given[i].t.data, s->t.nbytes);
+            saved[i].s = NULL;
+        } else {
+            s->t.data = given[i].t.data;
+        }
+        s->valid = true;
+    }
+    return OPQ_OK;
+}
+
+static void unbind(struct borrow *saved, int n) {
+    for (int i = n - 1; i >= 0; i--)
+        if (saved[i].s)
+            saved[i].s->t.data = saved[i].old;
+}
+
+static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
+    struct opq_graph *g  = e->g;
+    struct opq_kctx   k  = kctx_of(e);
+    enum opq_status   st = OPQ_OK;
+    for (int i = first; i <= last; i++) {
+        struct opq_node *n = g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct opq_value *v = n->inputs[j];
+            if (v && !slot_of(e, v)->valid)
+                return opq_set_error(e->ctx, OPQ_ERR_USAGE,
+                                     "node '%s' (%s): input '%s' has no data (provide it, or pin "
+                                     "it and run its producer first)",
+                                     node_name(n), n->op_type, v->name);
+        }
+        node_io(e, n, NULL);
+        st = e->kern[i]->forward(&k, n, e->ins, e->outs);
+        opq_arena_reset(e->scratch);
+        if (st != OPQ_OK) {
+            if (opq_ctx_status(e->ctx) == OPQ_OK)
+                opq_set_error(e->ctx, st, "node '%s' (%s) failed", node_name(n), n->op_type);
+            return st;
+        }
+        for (int j = 0; j < n->n_outputs; j++) {
+            const struct opq_value *v = n->outputs[j];
+            if (!v)
+                continue;
+            struct slot *s = slot_of(e, v);
+            s->valid       = true;
+            if (e->cap_fn && (e->cap_all || s->capture)) {
+                st = e->cap_fn(e->cap_user, v->name, &s->t);
+                if (st != OPQ_OK)
+                    return st;
+            }
+        }
+    }
+    return OPQ_OK;
+}
+
+enum opq_status opq_exec_run_range(struct opq_exec *e, int first, int last,
+                                   const struct opq_named_tensor *provided, int n_provided) {
+    if (first < 0 || last >= e->g->n_nodes || first > last)
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
+                             last, e->g->n_nodes - 1);
+    refresh_constants(e);
+    struct borrow *saved = opq_arena_alloc(e->bwd, sizeof(*saved) * (size_t)(n_provided + 1));
+    if (!saved)
+        return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory");
+    enum opq_status st = bind_given(e, provided, n_provided, false, saved);
+    if (st == OPQ_OK)
+        st = run_nodes(e, first, last);
+    unbind(saved, n_provided);
+    opq_arena_reset(e->bwd);
+    return st;
+}
+
+enum opq_status opq_exec_run(struct opq_exec *e, const struct opq_named_tensor *inputs,
+                             int n_inputs, struct opq_tensor *outputs, int n_outputs) {
+    struct opq_graph *g = e->g;
+    if (n_outputs > g->n_outputs)
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "%d outputs asked, the model has %d",
+                             n_outputs, g->n_outputs);
+    refresh_constants(e);
+    for (int i = 0; i < g->n_inputs; i++) {
+        struct slot *s = slot_of(e, g->inputs[i]);
+        if (s->is_input)
+            s->valid = false;
+    }
+    struct borrow *saved = opq_arena_alloc(e->bwd, sizeof(*saved) * (size_t)(n_inputs + 1));
+    if (!saved)
+        return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory");
+    enum opq_status st = bind_given(e, inputs, n_inputs, true, saved);
+    for (int i = 0; st == OPQ_OK && i < g->n_inputs; i++)
+        if (slot_of(e, g->inputs[i])->is_input && !slot_of(e, g->inputs[i])->valid)
+            st = opq_set_error(e->ctx, OPQ_ERR_USAGE, "input '%s' was not given",
+                               g->inputs[i]->name);
+    if (st == OPQ_OK && g->n_nodes > 0)
+        st = run_nodes(e, 0, g->n_nodes - 1);
+    for (int i = 0; st == OPQ_OK && outputs && i < n_outputs; i++)
+        outputs[i] = slot_of(e, g->outputs[i])->t;
+    // graph inputs that are also outputs stay borrowed: keep the caller's pointer in outputs
+    unbind(saved, n_inputs);
+    opq_arena_reset(e->bwd);
+    return st;
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+static enum opq_status bwd_nomem(struct opq_exec *e) {
+    return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory in backward");
+}
+
+static void add_into(float *dst, const float *src, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
+                                  const struct opq_named_tensor *provided, int n_provided,
+                                  const struct opq_named_tensor *seeds, int n_seeds,
+                                  const char *const *wrt, int n_wrt, struct opq_tensor *grads) {
+    struct opq_graph *g  = e->g;
+    enum opq_status   st = OPQ_OK;
+    if (first < 0 || last >= g->n_nodes || first > last)
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
+                             last, g->n_nodes - 1);
+    refresh_constants(e);
+    opq_arena_reset(e->bwd);
+    size_t              ns   = (size_t)e->n_slots + 1;
+    struct opq_tensor **fw   = opq_arena_alloc(e->bwd, sizeof(*fw) * ns);   // forward values
+    float             **gr   = opq_arena_alloc(e->bwd, sizeof(*gr) * ns);   // gradients
+    bool               *need = opq_arena_alloc(e->bwd, sizeof(*need) * ns); // on a grad path
+    if (!fw || !gr || !need)
+        return bwd_nomem(e);
+    // 1. values available to the range: provided, constant or valid
+    for (int i = 0; i < n_provided; i++) {
+        struct opq_value *v = opq_graph_value(g, provided[i].name);
+        if (!v)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "'%s' is not a value of the model",
+                                 provided[i].name);
+        st = check_given(e, v, &provided[i].t);
+        if (st != OPQ_OK)
+            return st;
+        fw[v->index] = opq_arena_memdup(e->bwd, &provided[i].t, sizeof(provided[i].t));
+        if (!fw[v->index])
+            return bwd_nomem(e);
+    }
+    for (int i = 0; i < n_wrt; i++) {
+        struct opq_value *v = opq_graph_value(g, wrt[i]);
+        if (!v)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "gradient asked for '%s': no such value",
+                                 wrt[i]);
+        need[v->index] = is_float(&slot_of(e, v)->t);
+    }
+    // 2. forward, keeping everything
+    struct opq_kctx k = kctx_of(e);
+    for (int i = first; i <= last; i++) {
+        struct opq_node *n = g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        bool any_need = false;
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct opq_value *v = n->inputs[j];
+            if (!v)
+                continue;
+            any_need = any_need || need[v->index];
+            if (fw[v->index])
+                continue;
+            struct slot *s = slot_of(e, v);
+            if (!s->valid)
+                return opq_set_error(e->ctx, OPQ_ERR_USAGE,
+                                     "node '%s' (%s): input '%s' has no data (provide it)",
+                                     node_name(n), n->op_type, v->name);
+            fw[v->index] = &s->t;
+        }
+        for (int j = 0; j < n->n_outputs; j++) {
+            const struct opq_value *v = n->outputs[j];
+            if (!v)
+                continue;
+            struct opq_tensor *t = opq_arena_alloc(e->bwd, sizeof(*t));
+            if (!t)
+                return bwd_nomem(e);
+            *t      = slot_of(e, v)->t;
+            t->data = opq_arena_alloc_raw(e->bwd, t->nbytes);
+            if (!t->data)
+                return bwd_nomem(e);
+            fw[v->index] = t;
+            if (any_need && is_float(t))
+                need[v->index] = true;
+        }
+        node_io(e, n, fw);
+        st = e->kern[i]->forward(&k, n, e->ins, e->outs);
+        opq_arena_reset(e->scratch);
+        if (st != OPQ_OK) {
+            if (opq_ctx_status(e->ctx) == OPQ_OK)
+                opq_set_error(e->ctx, st, "node '%s' (%s) failed", node_name(n), n->op_type);
+            return st;
+        }
+    }
+    // 3. seeds
+    for (int i = 0; i < n_seeds; i++) {
+        struct opq_value *v = opq_graph_value(g, seeds[i].name);
+        if (!v)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s': no such value",
+                                 seeds[i].name);
+        st = check_given(e, v, &seeds[i].t);
+        if (st != OPQ_OK)
+            return st;
+        if (!is_float(&seeds[i].t))
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s' must be float32",
+                                 seeds[i].name);
+        size_t nb = seeds[i].t.nbytes;
+        if (gr[v->index]) {
+            add_into(gr[v->index], seeds[i].t.data, nb / sizeof(float));
+        } else {
+            gr[v->index] = opq_arena_memdup(e->bwd, seeds[i].t.data, nb);
+            if (!gr[v->index])
+                return bwd_nomem(e);
+        }
+    }
+    // 4. reverse sweep
+    for (int i = last; i >= first; i--) {
+        struct opq_node *n = g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        bool has_dout = false;
+        for (int j = 0; j < n->n_outputs; j++)
+            has_dout = has_dout || (n->outputs[j] && gr[n->outputs[j]->index]);
+        bool want_din = false;
+        for (int j = 0; j < n->n_inputs; j++)
+            want_din = want_din || (n->inputs[j] && need[n->inputs[j]->index]);
+        if (!has_dout || !want_din)
+            continue;
+        if (!e->kern[i]->backward)
+            return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "node '%s': %s has no backward (it is on the gradient path)",
+                                 node_name(n), n->op_type);
+        node_io(e, n, fw);
+        for (int j = 0; j < n->n_outputs; j++) {
+            e->douts[j]      = e->outs[j];
+            e->douts[j].data = n->outputs[j] ? gr[n->outputs[j]->index] : NULL;
+        }
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct opq_value *v = n->inputs[j];
+            memset(&e->dins[j], 0, sizeof(e->dins[j]));
+            if (!v)
+                continue;
+            e->dins[j]      = *fw[v->index];
+            e->dins[j].data = NULL;
+            if (need[v->index]) {
+                e->dins[j].data = opq_arena_alloc_raw(e->bwd, e->dins[j].nbytes);
+                if (!e->dins[j].data)
+                    return bwd_nomem(e);
+            }
+        }
+        st = e->kern[i]->backward(&k, n, e->ins, e->outs, e->douts, e->dins);
+        opq_arena_reset(e->scratch);
+        if (st != OPQ_OK) {
+            if (opq_ctx_status(e->ctx) == OPQ_OK)
+                opq_set_error(e->ctx, st, "node '%s' (%s): backward failed", node_name(n),
+                              n->op_type);
+            return st;
+        }
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct opq_value *v = n->inputs[j];
+            if (!v || !e->dins[j].data)
+                continue;
+            if (gr[v->index])
+                add_into(gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
+            else
+                gr[v->index] = e->dins[j].data;
+        }
+    }
+    // 5. results
+    for (int i = 0; i < n_wrt; i++) {
+        struct opq_value *v = opq_graph_value(g, wrt[i]);
+        grads[i]            = slot_of(e, v)->t;
+        if (!gr[v->index]) {
+            gr[v->index] = opq_arena_alloc(e->bwd, grads[i].nbytes);
+            if (!gr[v->index])
+                return bwd_nomem(e);
+        }
+        grads[i].dtype = OPQ_DTYPE_FLOAT;
+        grads[i].data  = gr[v->index];
+    }
+    return OPQ_OK;
+}

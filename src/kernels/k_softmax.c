@@ -1,0 +1,142 @@
+/* k_softmax.c: Softmax. https://onnx.ai/onnx/operators/onnx__Softmax.html
+ * Opset 13+: normalises along one axis (default -1). Opsets 1-12: the input is coerced to 2-D at
+ * `axis` (default 1) and each row of the flattened inner block is normalised.
+ * Forward: m = x[first] then max; e = exp(x - m); y = e / sum(e) (sum in double).
+ * VJP: dX = Y * (dY - sum(dY * Y)) along the same axis. */
+#include <math.h>
+
+#include "k_math.h"
+
+struct softmax_params {
+    int64_t axis;
+};
+
+struct sm_geom {
+    int64_t outer, n, inner; // element (o, a, i) lives at (o * n + a) * inner + i
+};
+
+static enum opq_status softmax_parse(struct opq_kctx *k, struct opq_graph *g, struct opq_node *n) {
+    struct softmax_params *p = opq_arena_alloc(g->arena, sizeof(*p));
+    if (!p)
+        return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Softmax node '%s': out of memory",
+                             ku_name(n));
+    p->axis   = opq_node_attr_int(n, "axis", k->opset >= 13 ? -1 : 1);
+    n->params = p;
+    return OPQ_OK;
+}
+
+static enum opq_status sm_geometry(struct opq_kctx *k, const struct opq_node *n,
+                                   const struct opq_tensor *x, struct sm_geom *gm) {
+    const struct softmax_params *p = n->params;
+    int                          r = x->ndim;
+    int                          ax;
+    if (!opq_axis_norm(p->axis, r == 0 ? 1 : r, &ax))
+        return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL, "Softmax node '%s': axis %lld out "
+                             "of range for rank %d", ku_name(n), (long long)p->axis, r);
+    gm->outer = 1;
+    gm->n     = 1;
+    gm->inner = 1;
+    for (int d = 0; d < r; d++) {
+        if (d < ax)
+            gm->outer *= x->shape[d];
+        else if (d == ax || k->opset < 13)
+            gm->n *= x->shape[d];
+        else
+            gm->inner *= x->shape[d];
+    }
+    return OPQ_OK;
+}
+
+static enum opq_status softmax_infer(struct opq_kctx *k, const struct opq_node *n,
+                                     const struct opq_tensor *const *in, struct opq_tensor *out) {
+    if (!in[0] || in[0]->dtype != OPQ_DTYPE_FLOAT)
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "Softmax node '%s': needs a float32 "
+                             "input", ku_name(n));
+    struct sm_geom gm;
+    enum opq_status st = sm_geometry(k, n, in[0], &gm);
+    if (st != OPQ_OK)
+        return st;
+    out[0].dtype = OPQ_DTYPE_FLOAT;
+    ku_copy_shape(&out[0], in[0]);
+    return OPQ_OK;
+}
+
+struct sm_job {
+    struct sm_geom gm;
+    const float   *x;
+    float         *y;
+};
+
+// Rows are (outer, inner) pairs; the common inner == 1 case walks contiguous memory.
+static void sm_rows(void *user, int64_t r0, int64_t r1) {
+    const struct sm_job *j = user;
+    int64_t              n = j->gm.n;
+    int64_t              s = j->gm.inner;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t      base = (r / s) * n * s + r % s;
+        const float *x    = j->x + base;
+        float       *y    = j->y + base;
+        float        m    = x[0];
+        for (int64_t a = 1; a < n; a++)
+            m = x[a * s] > m ? x[a * s] : m;
+        double sum = 0.0;
+        for (int64_t a = 0; a < n; a++) {
+            float e  = expf(x[a * s] - m);
+            y[a * s] = e;
+            sum += (double)e;
+        }
+        float inv = (float)(1.0 / sum);
+        for (int64_t a = 0; a < n; a++)
+            y[a * s] *= inv;
+    }
+}
+
+static enum opq_status softmax_forward(struct opq_kctx *k, const struct opq_node *n,
+                                       const struct opq_tensor *const *in, struct opq_tensor *out) {
+    struct sm_job j = {.x = in[0]->data, .y = out[0].data};
+    enum opq_status st = sm_geometry(k, n, in[0], &j.gm);
+    if (st != OPQ_OK || !j.y || j.gm.n == 0)
+        return st;
+    int64_t rows = j.gm.outer * j.gm.inner;
+    ku_parallel(k, rows, 4096 / j.gm.n + 1, sm_rows, &j);
+    return OPQ_OK;
+}
+
+static enum opq_status softmax_backward(struct opq_kctx *k, const struct opq_node *n,
+                                        const struct opq_tensor *const *in,
+                                        const struct opq_tensor *out,
+                                        const struct opq_tensor *dout, struct opq_tensor *din) {
+    if (!din[0].data)
+        return OPQ_OK;
+    if (!dout[0].data) {
+        memset(din[0].data, 0, din[0].nbytes);
+        return OPQ_OK;
+    }
+    struct sm_geom  gm;
+    enum opq_status st = sm_geometry(k, n, in[0], &gm);
+    if (st != OPQ_OK)
+        return st;
+    const float *y = out[0].data;
+    const float *g = dout[0].data;
+    float       *d = din[0].data;
+    int64_t      s = gm.inner;
+    for (int64_t r = 0; r < gm.outer * gm.inner; r++) {
+        int64_t base = (r / s) * gm.n * s + r % s;
+        double  dot  = 0.0;
+        for (int64_t a = 0; a < gm.n; a++)
+            dot += (double)g[base + a * s] * (double)y[base + a * s];
+        for (int64_t a = 0; a < gm.n; a++) {
+            int64_t i = base + a * s;
+            d[i]      = y[i] * (float)((double)g[i] - dot);
+        }
+    }
+    return OPQ_OK;
+}
+
+const struct opq_kernel opq_kernel_softmax = {
+    .min_opset = 1,
+    .parse     = softmax_parse,
+    .infer     = softmax_infer,
+    .forward   = softmax_forward,
+    .backward  = softmax_backward,
+};

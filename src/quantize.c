@@ -1,0 +1,989 @@
+/* quantize.c: the round-to-nearest quantization flow (see quantize.h). */
+#define _POSIX_C_SOURCE 200809L
+#include "quantize.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+
+#include "arena.h"
+#include "exec.h"
+#include "quant/placement.h"
+#include "quant/qdq.h"
+#include "quant/reparam.h"
+#include "strmap.h"
+
+void opq_quant_opts_default(struct opq_quant_opts *o) {
+    memset(o, 0, sizeof(*o));
+    o->wbits         = 8;
+    o->abits         = 8;
+    o->calibrator    = OPQ_CALIB_PERCENTILE;
+    o->percentile    = 99.99;
+    o->wcalib        = OPQ_WCALIB_MSE;
+    o->target        = OPQ_TARGET_ORT;
+    o->reparam       = -1;
+    o->reparam_alpha = 1.0f;
+    o->batch         = 16;
+    o->holdout       = -1;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static long peak_rss_kb(void) {
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
+}
+
+static void phase_end(struct opq_report *r, const char *name, double t0) {
+    if (!r || r->n_phases >= (int)ARRAY_SIZE(r->phases))
+        return;
+    r->phases[r->n_phases++] = (struct opq_report_phase){name, now_s() - t0, peak_rss_kb()};
+}
+
+// ---- streaming runs over calibration samples -------------------------------------------------------
+
+typedef enum opq_status (*batch_fn)(void *user, int first, int n);
+
+struct runner {
+    struct opq_ctx          *ctx;
+    struct opq_model        *model;
+    struct opq_calib_src    *src;
+    int                      batch;
+    const char *const       *capture;
+    int                      n_capture;
+    opq_capture_fn           fn;
+    void                    *user;
+    batch_fn                 after;      // called after each batch's run (may be NULL)
+    void                    *after_user;
+    struct opq_tensor       *outputs;    // if non-NULL, receives graph outputs of each batch
+    int                      n_outputs;
+    const char              *phase;
+};
+
+// Plans an executor for `n` samples per run.
+static enum opq_status plan_for(struct runner *r, int n, struct opq_exec **out) {
+    int k = opq_calib_n_inputs(r->src);
+    struct opq_named_tensor shapes[16];
+    for (int i = 0; i < k; i++) {
+        const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
+        shapes[i].name    = opq_calib_input_name(r->src, i);
+        shapes[i].t       = *s;
+        shapes[i].t.ndim  = s->ndim + 1;
+        shapes[i].t.shape[0] = n;
+        memcpy(&shapes[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+        shapes[i].t.data  = NULL;
+    }
+    struct opq_exec_opts eo = {.batch = n};
+    enum opq_status st = opq_exec_plan(r->ctx, r->model, shapes, k, &eo, out);
+    if (st != OPQ_OK)
+        return st;
+    if (r->fn) {
+        st = opq_exec_set_capture(*out, r->capture, r->n_capture, r->fn, r->user);
+        if (st != OPQ_OK) {
+            opq_exec_free(*out);
+            *out = NULL;
+        }
+    }
+    return st;
+}
+
+// Runs samples [first, first + count) in batches of r->batch (one extra plan for the remainder).
+static enum opq_status run_samples(struct runner *r, int first, int count) {
+    int k = opq_calib_n_inputs(r->src);
+    struct opq_exec *ex = NULL, *ex_tail = NULL;
+    void *bufs[16] = {0};
+    enum opq_status st = OPQ_OK;
+    int B = r->batch < count ? r->batch : count;
+    if (B <= 0)
+        return OPQ_OK;
+    for (int i = 0; i < k; i++) {
+        const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
+        size_t esz = s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8;
+        bufs[i] = malloc(esz * opq_calib_sample_numel(r->src, i) * (size_t)B);
+        if (!bufs[i]) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+    }
+    if ((st = plan_for(r, B, &ex)) != OPQ_OK)
+        goto out;
+    for (int done = 0; done < count; done += B) {
+        int n = count - done < B ? count - done : B;
+        struct opq_exec *e = ex;
+        if (n != B) {
+            if ((st = plan_for(r, n, &ex_tail)) != OPQ_OK)
+                goto out;
+            e = ex_tail;
+        }
+        struct opq_named_tensor in[16];
+        for (int i = 0; i < k; i++) {
+            if ((st = opq_calib_read(r->src, i, first + done, n, bufs[i])) != OPQ_OK)
+                goto out;
+            const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
+            in[i].name       = opq_calib_input_name(r->src, i);
+            in[i].t          = *s;
+            in[i].t.ndim     = s->ndim + 1;
+            in[i].t.shape[0] = n;
+            memcpy(&in[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+            in[i].t.data     = bufs[i];
+            in[i].t.nbytes   = (s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8) *
+                             opq_calib_sample_numel(r->src, i) * (size_t)n;
+        }
+        // graph inputs are not computed, so the capture hook never sees them: feed them here
+        for (int i = 0; i < k && r->fn; i++)
+            if ((st = r->fn(r->user, in[i].name, &in[i].t)) != OPQ_OK)
+                goto out;
+        if ((st = opq_exec_run(e, in, k, r->outputs, r->n_outputs)) != OPQ_OK)
+            goto out;
+        if (r->after && (st = r->after(r->after_user, first + done, n)) != OPQ_OK)
+            goto out;
+        if (r->phase)
+            opq_progress(r->ctx, r->phase, done + n, count);
+    }
+out:
+    opq_exec_free(ex);
+    opq_exec_free(ex_tail);
+    for (int i = 0; i < k; i++)
+        free(bufs[i]);
+    return st;
+}
+
+// Values the model leaves untyped (no value_info) get the dtype and shape the executor infers for
+// one sample; the batch dim stays unknown (-1). Placement and Q/DQ encoding need the dtypes.
+static enum opq_status annotate_types(struct opq_ctx *ctx, struct opq_model *model,
+                                      struct opq_calib_src *src) {
+    struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = 1};
+    struct opq_exec *ex = NULL;
+    enum opq_status st = plan_for(&r, 1, &ex);
+    if (st != OPQ_OK)
+        return st;
+    struct opq_graph *g = model->graph;
+    for (int i = 0; i < g->n_values; i++) {
+        struct opq_value *v = g->values[i];
+        if (v->t.dtype != OPQ_DTYPE_UNDEF || (v->kind & OPQ_VK_INIT))
+            continue;
+        const struct opq_tensor *t = opq_exec_value(ex, v->name);
+        if (!t)
+            continue;
+        v->t.dtype = t->dtype;
+        if (v->t.ndim < 0 && t->ndim >= 0) {
+            v->t.ndim = t->ndim;
+            for (int d = 0; d < t->ndim; d++)
+                v->t.shape[d] = d == 0 ? -1 : t->shape[d];
+        }
+    }
+    opq_exec_free(ex);
+    return OPQ_OK;
+}
+
+// ---- per-channel ranges of LayerNorm outputs ----------------------------------------------------------
+
+struct chan_ranges {
+    struct opq_strmap *index; // name -> (site index + 1)
+    int                n;
+    int64_t           *C;
+    float            **lo, **hi;
+};
+
+static enum opq_status chan_capture(void *user, const char *name, const struct opq_tensor *t) {
+    struct chan_ranges *cr = user;
+    intptr_t k = (intptr_t)opq_strmap_get(cr->index, name) - 1;
+    if (k < 0 || t->dtype != OPQ_DTYPE_FLOAT || t->ndim < 1)
+        return OPQ_OK;
+    int64_t C = cr->C[k];
+    size_t n;
+    if (!opq_tensor_numel(t, &n) || t->shape[t->ndim - 1] != C)
+        return OPQ_OK;
+    const float *x = t->data;
+    float *lo = cr->lo[k], *hi = cr->hi[k];
+    for (size_t i = 0; i < n; i++) {
+        size_t c = i % (size_t)C;
+        if (x[i] < lo[c])
+            lo[c] = x[i];
+        if (x[i] > hi[c])
+            hi[c] = x[i];
+    }
+    return OPQ_OK;
+}
+
+// Post-LayerNorm reparameterization of every applicable LayerNormalization node (where it helps:
+// the widest channel range is over 8x the median one, the signature of ViT outlier channels).
+static enum opq_status do_reparam(struct opq_ctx *ctx, struct opq_model *model,
+                                  struct opq_calib_src *src, int n_calib,
+                                  const struct opq_quant_opts *o, int *n_done) {
+    struct opq_graph *g = model->graph;
+    *n_done = 0;
+    struct opq_reparam_site *sites = calloc((size_t)g->n_nodes + 1, sizeof(*sites));
+    const char **names = calloc((size_t)g->n_nodes + 1, sizeof(*names));
+    struct chan_ranges cr = {0};
+    enum opq_status st = OPQ_OK;
+    int n = 0;
+    if (!sites || !names) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int i = 0; i < g->n_nodes; i++) {
+        struct opq_node *ln = g->nodes[i];
+        if (ln->op != OPQ_OP_LAYERNORM || ln->n_outputs < 1 || !ln->outputs[0] || ln->n_inputs < 2)
+            continue;
+        struct opq_reparam_site s = {.out = ln->outputs[0], .gamma = ln->inputs[1],
+                                     .beta = ln->n_inputs > 2 ? ln->inputs[2] : NULL, .ln = ln};
+        if (opq_node_attr_int(ln, "axis", -1) != -1 && opq_node_attr_int(ln, "axis", -1) !=
+                                                           (int64_t)s.out->t.ndim - 1)
+            continue;
+        if (opq_reparam_applicable(g, &s)) {
+            names[n]   = s.out->name;
+            sites[n++] = s;
+        }
+    }
+    if (n == 0)
+        goto out;
+    cr.index = opq_strmap_new(ctx);
+    cr.n     = n;
+    cr.C     = calloc((size_t)n, sizeof(*cr.C));
+    cr.lo    = calloc((size_t)n, sizeof(*cr.lo));
+    cr.hi    = calloc((size_t)n, sizeof(*cr.hi));
+    if (!cr.index || !cr.C || !cr.lo || !cr.hi) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int k = 0; k < n; k++) {
+        cr.C[k]  = sites[k].gamma->t.shape[0];
+        cr.lo[k] = malloc(sizeof(float) * (size_t)cr.C[k]);
+        cr.hi[k] = malloc(sizeof(float) * (size_t)cr.C[k]);
+        if (!cr.lo[k] || !cr.hi[k] || opq_strmap_put(cr.index, names[k], (void *)(intptr_t)(k + 1)) != OPQ_OK) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        for (int64_t c = 0; c < cr.C[k]; c++) {
+            cr.lo[k][c] = INFINITY;
+            cr.hi[k][c] = -INFINITY;
+        }
+    }
+    struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
+                       .capture = names, .n_capture = n, .fn = chan_capture, .user = &cr,
+                       .phase = "reparam statistics"};
+    if ((st = run_samples(&r, 0, n_calib)) != OPQ_OK)
+        goto out;
+    for (int k = 0; k < n; k++) {
+        int64_t C = cr.C[k];
+        float *h = malloc(sizeof(float) * (size_t)C);
+        if (!h) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        bool seen = true;
+        for (int64_t c = 0; c < C; c++) {
+            seen &= cr.hi[k][c] >= cr.lo[k][c];
+            h[c] = 0.5f * (cr.hi[k][c] - cr.lo[k][c]);
+        }
+        // median by partial selection (C is small: insertion sort)
+        for (int64_t a = 1; a < C; a++)
+            for (int64_t b = a; b > 0 && h[b - 1] > h[b]; b--) {
+                float t = h[b];
+                h[b] = h[b - 1];
+                h[b - 1] = t;
+            }
+        float med = h[C / 2], mx = h[C - 1];
+        free(h);
+        if (!seen)
+            continue;
+        bool apply = o->reparam == 1 || (o->reparam < 0 && med > 0.0f && mx > 8.0f * med);
+        if (!apply)
+            continue;
+        st = opq_reparam_apply(g, &sites[k], cr.lo[k], cr.hi[k], o->reparam_alpha);
+        if (st != OPQ_OK)
+            goto out;
+        (*n_done)++;
+        opq_log(ctx, OPQ_LOG_DEBUG, "reparam: %s (max/median channel range %.1f)", names[k],
+                (double)(med > 0.0f ? mx / med : 0.0f));
+    }
+    if (*n_done) {
+        if ((st = opq_graph_sort(g)) != OPQ_OK)
+            goto out;
+    }
+out:
+    if (cr.lo)
+        for (int k = 0; k < cr.n; k++)
+            free(cr.lo[k]);
+    if (cr.hi)
+        for (int k = 0; k < cr.n; k++)
+            free(cr.hi[k]);
+    free(cr.lo);
+    free(cr.hi);
+    free(cr.C);
+    opq_strmap_free(cr.index);
+    free(sites);
+    free(names);
+    return st;
+}
+
+// ---- activation observers -----------------------------------------------------------------------------
+
+struct observers {
+    struct opq_strmap   *index; // name -> k + 1
+    struct opq_observer *obs;
+    int                  n;
+};
+
+static enum opq_status obs_capture(void *user, const char *name, const struct opq_tensor *t) {
+    struct observers *ob = user;
+    intptr_t k = (intptr_t)opq_strmap_get(ob->index, name) - 1;
+    size_t n;
+    if (k < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &n))
+        return OPQ_OK;
+    opq_observer_add(&ob->obs[k], t->data, n);
+    return OPQ_OK;
+}
+
+// ---- the report's evaluation: float and quantized models in lockstep ------------------------------------
+
+struct eval_state {
+    struct opq_strmap     *index;   // captured name -> k + 1
+    int                    n;
+    const char           **names;
+    float                **ref;     // float model's values for the current batch
+    size_t                *ref_n;
+    size_t                *ref_cap;
+    double                *sig, *noise; // per captured value, over all batches
+    bool                   quant_pass;
+    // activation targets: isolated qdq error, computed in the float pass
+    struct opq_strmap     *act_index; // name -> report tensor index + 1
+    struct opq_report     *rep;
+    const struct opq_qparams **act_p;
+    double                *act_sig, *act_noise;
+};
+
+static enum opq_status eval_capture(void *user, const char *name, const struct opq_tensor *t) {
+    struct eval_state *es = user;
+    size_t n;
+    if (t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &n))
+        return OPQ_OK;
+    const float *x = t->data;
+    if (!es->quant_pass) {
+        intptr_t a = (intptr_t)opq_strmap_get(es->act_index, name) - 1;
+        if (a >= 0) {
+            const struct opq_qparams *p = es->act_p[a];
+            double s = 0.0, e = 0.0;
+            for (size_t i = 0; i < n; i++) {
+                double d = (double)x[i] - (double)opq_fq(x[i], p);
+                s += (double)x[i] * (double)x[i];
+                e += d * d;
+            }
+            es->act_sig[a] += s;
+            es->act_noise[a] += e;
+        }
+    }
+    intptr_t k = (intptr_t)opq_strmap_get(es->index, name) - 1;
+    if (k < 0)
+        return OPQ_OK;
+    if (!es->quant_pass) {
+        if (n > es->ref_cap[k]) {
+            float *nb = realloc(es->ref[k], n * sizeof(float));
+            if (!nb)
+                return OPQ_ERR_NOMEM;
+            es->ref[k]     = nb;
+            es->ref_cap[k] = n;
+        }
+        memcpy(es->ref[k], x, n * sizeof(float));
+        es->ref_n[k] = n;
+    } else if (es->ref_n[k] == n) {
+        for (size_t i = 0; i < n; i++) {
+            double d = (double)x[i] - (double)es->ref[k][i];
+            es->sig[k] += (double)es->ref[k][i] * (double)es->ref[k][i];
+            es->noise[k] += d * d;
+        }
+    }
+    return OPQ_OK;
+}
+
+static double sqnr_db(double sig, double noise) {
+    if (noise <= 0.0)
+        return 200.0;
+    if (sig <= 0.0)
+        return -200.0;
+    return 10.0 * log10(sig / noise);
+}
+
+// Block outputs: residual Adds, i.e. an Add one of whose operands also feeds a LayerNorm (pre-norm
+// transformer blocks read their input twice: the norm and the skip connection).
+static bool is_block_output(const struct opq_node *n) {
+    if (n->op != OPQ_OP_ADD || n->n_inputs != 2 || !n->outputs[0])
+        return false;
+    for (int i = 0; i < 2; i++) {
+        const struct opq_value *v = n->inputs[i];
+        if (!v || (v->kind & OPQ_VK_INIT))
+            continue;
+        for (int u = 0; u < v->n_users; u++) {
+            enum opq_op op = v->users[u]->op;
+            if (op == OPQ_OP_LAYERNORM || op == OPQ_OP_REDUCEMEAN)
+                return true;
+        }
+    }
+    return false;
+}
+
+
+// ---- main flow ----------------------------------------------------------------------------------------
+
+static enum opq_status clone_model(struct opq_ctx *ctx, const struct opq_model *m,
+                                   struct opq_model **out) {
+    void *buf = NULL;
+    size_t len = 0;
+    enum opq_status st = opq_model_save_buffer(ctx, m, &buf, &len);
+    if (st != OPQ_OK)
+        return st;
+    st = opq_model_load_buffer(ctx, buf, len, m->path, m->dir, out);
+    opq_buffer_free(ctx, buf);
+    return st;
+}
+
+// Softmax of a row in double.
+static void softmax_row(const float *x, int64_t n, double *p) {
+    double mx = x[0], s = 0.0;
+    for (int64_t i = 1; i < n; i++)
+        mx = fmax(mx, (double)x[i]);
+    for (int64_t i = 0; i < n; i++) {
+        p[i] = exp((double)x[i] - mx);
+        s += p[i];
+    }
+    for (int64_t i = 0; i < n; i++)
+        p[i] /= s;
+}
+
+static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
+                                struct opq_model *qmodel, struct opq_calib_src *src, int first,
+                                int count, int batch, const struct opq_placement *pl,
+                                const struct opq_qparams **act_p, struct opq_report *rep) {
+    struct opq_graph *g = fmodel->graph;
+    struct eval_state es = {0};
+    enum opq_status st = OPQ_OK;
+    struct opq_exec *fe = NULL, *qe = NULL;
+    void *bufs[16] = {0};
+    int k_in = opq_calib_n_inputs(src);
+    double kl = 0.0, agree = 0.0, lsig = 0.0, lnoise = 0.0;
+    long rows = 0;
+    es.names     = calloc((size_t)g->n_nodes + 1, sizeof(*es.names));
+    es.index     = opq_strmap_new(ctx);
+    es.act_index = opq_strmap_new(ctx);
+    if (!es.names || !es.index || !es.act_index) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int i = 0; i < g->n_nodes; i++)
+        if (is_block_output(g->nodes[i]))
+            es.names[es.n++] = g->nodes[i]->outputs[0]->name;
+    es.ref = calloc((size_t)es.n + 1, sizeof(*es.ref));
+    es.ref_n = calloc((size_t)es.n + 1, sizeof(*es.ref_n));
+    es.ref_cap = calloc((size_t)es.n + 1, sizeof(*es.ref_cap));
+    es.sig = calloc((size_t)es.n + 1, sizeof(double));
+    es.noise = calloc((size_t)es.n + 1, sizeof(double));
+    es.act_p = act_p;
+    es.act_sig = calloc((size_t)pl->n_targets + 1, sizeof(double));
+    es.act_noise = calloc((size_t)pl->n_targets + 1, sizeof(double));
+    if (!es.ref || !es.ref_n || !es.ref_cap || !es.sig || !es.noise || !es.act_sig || !es.act_noise) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int k = 0; k < es.n; k++)
+        if (opq_strmap_put(es.index, es.names[k], (void *)(intptr_t)(k + 1)) != OPQ_OK) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+    // capture list for the float pass: block outputs + activation targets
+    const char **fnames = calloc((size_t)(es.n + pl->n_targets) + 1, sizeof(*fnames));
+    int n_fnames = 0;
+    if (!fnames) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int k = 0; k < es.n; k++)
+        fnames[n_fnames++] = es.names[k];
+    for (int t = 0; t < pl->n_targets; t++) {
+        if (pl->targets[t].role != OPQ_QROLE_ACT || !act_p[t])
+            continue;
+        if (opq_strmap_put(es.act_index, pl->targets[t].value->name, (void *)(intptr_t)(t + 1)) != OPQ_OK) {
+            free(fnames);
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        fnames[n_fnames++] = pl->targets[t].value->name;
+    }
+    for (int done = 0; done < count; done += batch) {
+        int n = count - done < batch ? count - done : batch;
+        struct opq_named_tensor in[16];
+        for (int i = 0; i < k_in; i++) {
+            const struct opq_tensor *s = opq_calib_sample_shape(src, i);
+            size_t esz = s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8;
+            free(bufs[i]);
+            bufs[i] = malloc(esz * opq_calib_sample_numel(src, i) * (size_t)n);
+            if (!bufs[i]) {
+                st = OPQ_ERR_NOMEM;
+                break;
+            }
+            if ((st = opq_calib_read(src, i, first + done, n, bufs[i])) != OPQ_OK)
+                break;
+            in[i].name       = opq_calib_input_name(src, i);
+            in[i].t          = *s;
+            in[i].t.ndim     = s->ndim + 1;
+            in[i].t.shape[0] = n;
+            memcpy(&in[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+            in[i].t.data     = bufs[i];
+            in[i].t.nbytes   = esz * opq_calib_sample_numel(src, i) * (size_t)n;
+        }
+        if (st != OPQ_OK)
+            break;
+        struct opq_exec_opts eo = {.batch = n};
+        opq_exec_free(fe);
+        opq_exec_free(qe);
+        fe = qe = NULL;
+        if ((st = opq_exec_plan(ctx, fmodel, in, k_in, &eo, &fe)) != OPQ_OK ||
+            (st = opq_exec_plan(ctx, qmodel, in, k_in, &eo, &qe)) != OPQ_OK)
+            break;
+        if ((st = opq_exec_set_capture(fe, fnames, n_fnames, eval_capture, &es)) != OPQ_OK ||
+            (st = opq_exec_set_capture(qe, es.names, es.n, eval_capture, &es)) != OPQ_OK)
+            break;
+        struct opq_tensor fo, qo;
+        es.quant_pass = false;
+        for (int i = 0; i < k_in; i++)
+            if ((st = eval_capture(&es, in[i].name, &in[i].t)) != OPQ_OK)
+                break;
+        if (st != OPQ_OK)
+            break;
+        if ((st = opq_exec_run(fe, in, k_in, &fo, 1)) != OPQ_OK)
+            break;
+        es.quant_pass = true;
+        if ((st = opq_exec_run(qe, in, k_in, &qo, 1)) != OPQ_OK)
+            break;
+        // logits: first graph output, [rows, classes] after flattening the leading dims
+        size_t nf, nq;
+        if (fo.dtype == OPQ_DTYPE_FLOAT && opq_tensor_numel(&fo, &nf) &&
+            opq_tensor_numel(&qo, &nq) && nf == nq && fo.ndim >= 1) {
+            int64_t C = fo.shape[fo.ndim - 1];
+            int64_t R = C > 0 ? (int64_t)nf / C : 0;
+            double *pf = malloc(sizeof(double) * (size_t)C), *pq = malloc(sizeof(double) * (size_t)C);
+            if (!pf || !pq) {
+                free(pf);
+                free(pq);
+                st = OPQ_ERR_NOMEM;
+                break;
+            }
+            const float *xf = fo.data, *xq = qo.data;
+            for (int64_t r = 0; r < R; r++) {
+                softmax_row(xf + r * C, C, pf);
+                softmax_row(xq + r * C, C, pq);
+                int64_t af = 0, aq = 0;
+                for (int64_t c = 0; c < C; c++) {
+                    if (pf[c] > 0.0)
+                        kl += pf[c] * log(pf[c] / fmax(pq[c], 1e-300));
+                    if (xf[r * C + c] > xf[r * C + af])
+                        af = c;
+                    if (xq[r * C + c] > xq[r * C + aq])
+                        aq = c;
+                }
+                agree += af == aq;
+                rows++;
+            }
+            for (size_t i = 0; i < nf; i++) {
+                double d = (double)xf[i] - (double)xq[i];
+                lsig += (double)xf[i] * (double)xf[i];
+                lnoise += d * d;
+            }
+            free(pf);
+            free(pq);
+        }
+        opq_progress(ctx, "report", done + n, count);
+    }
+    free(fnames);
+    if (st == OPQ_OK && rows > 0) {
+        rep->logits_sqnr_db = sqnr_db(lsig, lnoise);
+        rep->logits_kl      = kl / (double)rows;
+        rep->top1_agreement = agree / (double)rows;
+        rep->have_eval      = true;
+        rep->n_eval         = count;
+        rep->blocks = calloc((size_t)es.n + 1, sizeof(*rep->blocks));
+        if (!rep->blocks) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        for (int k = 0; k < es.n; k++)
+            rep->blocks[rep->n_blocks++] =
+                (struct opq_report_block){es.names[k], sqnr_db(es.sig[k], es.noise[k])};
+        for (int t = 0; t < pl->n_targets && t < rep->n_tensors; t++)
+            if (!rep->tensors[t].weight)
+                rep->tensors[t].sqnr_db = sqnr_db(es.act_sig[t], es.act_noise[t]);
+    }
+out:
+    opq_exec_free(fe);
+    opq_exec_free(qe);
+    for (int i = 0; i < k_in; i++)
+        free(bufs[i]);
+    if (es.ref)
+        for (int k = 0; k < es.n; k++)
+            free(es.ref[k]);
+    free(es.ref);
+    free(es.ref_n);
+    free(es.ref_cap);
+    free(es.sig);
+    free(es.noise);
+    free(es.act_sig);
+    free(es.act_noise);
+    free(es.names);
+    opq_strmap_free(es.index);
+    opq_strmap_free(es.act_index);
+    return st;
+}
+
+static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m,
+                                  const struct opq_quant_opts *o) {
+    if (o->wbits < 2 || o->wbits > 8 || o->abits < 2 || o->abits > 8)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "--wbits and --abits take 2..8 (got %d and %d)",
+                             o->wbits, o->abits);
+    if (o->target == OPQ_TARGET_TRT) {
+        if (o->abits != 8 || o->wbits != 8)
+            return opq_set_error(ctx, OPQ_ERR_USAGE,
+                                 "--target trt: TensorRT's explicit quantization is 8-bit only "
+                                 "(got W%dA%d); use --target ort for fewer bits",
+                                 o->wbits, o->abits);
+        if (o->w_asym)
+            return opq_set_error(ctx, OPQ_ERR_USAGE,
+                                 "--target trt: TensorRT needs symmetric weights");
+    }
+    int64_t opset = opq_model_opset(m, "");
+    if (opset < 13 || opset > 21)
+        return opq_set_error(ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: default-domain opset %lld; onnx-ptq quantizes opsets 13 to 21",
+                             m->path, (long long)opset);
+    if (o->batch < 1)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "--batch must be at least 1");
+    return OPQ_OK;
+}
+
+enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
+                             const struct opq_quant_opts *o, struct opq_report **report_out) {
+    struct opq_graph *g = model->graph;
+    enum opq_status st;
+    struct opq_calib_src *src = NULL;
+    struct opq_model *fmodel = NULL;
+    struct opq_report *rep = calloc(1, sizeof(*rep));
+    struct observers ob = {0};
+    const char **act_names = NULL;
+    struct opq_qparams **qp = NULL;
+    const struct opq_qparams **act_p = NULL;
+    struct opq_placement pl;
+    double t0 = now_s();
+    if (!rep)
+        return OPQ_ERR_NOMEM;
+    if ((st = check_opts(ctx, model, o)) != OPQ_OK)
+        goto out;
+    if ((st = opq_graph_sort(g)) != OPQ_OK || (st = opq_graph_verify(g)) != OPQ_OK)
+        goto out;
+    bool trt    = o->target == OPQ_TARGET_TRT;
+    bool a_sym  = o->a_sym || trt;
+    int64_t opset = opq_model_opset(model, "");
+    snprintf(rep->settings, sizeof(rep->settings),
+             "W%dA%d target=%s weights=%s/%s activations=%s calibrator=%s", o->wbits, o->abits,
+             trt ? "trt" : "ort", o->w_per_tensor ? "per-tensor" : "per-channel",
+             o->w_asym ? "asymmetric" : "symmetric", a_sym ? "symmetric" : "asymmetric",
+             opq_calibrator_name(o->calibrator));
+
+    // Calibration data: the last `holdout` samples are kept for the report.
+    if ((st = opq_calib_open(ctx, model, &o->calib, &src)) != OPQ_OK)
+        goto out;
+    int total = opq_calib_count(src);
+    int holdout = o->holdout;
+    if (holdout < 0)
+        holdout = total >= 16 ? (total / 8 < 8 ? 8 : (total / 8 > 128 ? 128 : total / 8)) : 0;
+    if (holdout >= total)
+        holdout = total / 2;
+    int n_calib = total - holdout;
+    rep->n_calib = n_calib;
+    if (holdout > 0 && (st = clone_model(ctx, model, &fmodel)) != OPQ_OK)
+        goto out;
+    phase_end(rep, "prepare", t0);
+
+    // 1. Post-LayerNorm reparameterization (function-preserving).
+    if (o->reparam != 0) {
+        t0 = now_s();
+        if ((st = do_reparam(ctx, model, src, n_calib, o, &rep->n_reparam)) != OPQ_OK)
+            goto out;
+        phase_end(rep, "reparam", t0);
+    }
+
+    // 2. Placement.
+    if ((st = annotate_types(ctx, model, src)) != OPQ_OK)
+        goto out;
+    struct opq_placement_opts po = {.exclude = o->exclude, .keep_float = o->keep_float};
+    if ((st = opq_placement_find(ctx, g, &po, &pl)) != OPQ_OK)
+        goto out;
+    rep->n_qnodes   = pl.n_qnodes;
+    rep->n_excluded = pl.n_excluded;
+    if (pl.n_qnodes == 0)
+        opq_log(ctx, OPQ_LOG_WARN, "%s: nothing to quantize (no MatMul/Gemm/Conv left)",
+                model->path);
+
+    // 3. Activation calibration.
+    t0 = now_s();
+    ob.index = opq_strmap_new(ctx);
+    ob.obs   = malloc(sizeof(*ob.obs) * ((size_t)pl.n_targets + 1));
+    act_names = calloc((size_t)pl.n_targets + 1, sizeof(*act_names));
+    if (!ob.index || !ob.obs || !act_names) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    int n_act = 0;
+    for (int t = 0; t < pl.n_targets; t++) {
+        opq_observer_init(&ob.obs[t]);
+        if (pl.targets[t].role != OPQ_QROLE_ACT)
+            continue;
+        act_names[n_act++] = pl.targets[t].value->name;
+        if (opq_strmap_put(ob.index, pl.targets[t].value->name, (void *)(intptr_t)(t + 1)) != OPQ_OK) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+    }
+    ob.n = pl.n_targets;
+    if (n_act > 0) {
+        struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
+                           .capture = act_names, .n_capture = n_act, .fn = obs_capture,
+                           .user = &ob, .phase = "calibration"};
+        if ((st = run_samples(&r, 0, n_calib)) != OPQ_OK)
+            goto out;
+    }
+    phase_end(rep, "calibration", t0);
+
+    // 4. Ranges and encoding.
+    t0 = now_s();
+    qp    = calloc((size_t)pl.n_targets + 1, sizeof(*qp));
+    act_p = calloc((size_t)pl.n_targets + 1, sizeof(*act_p));
+    rep->tensors = calloc((size_t)pl.n_targets + 1, sizeof(*rep->tensors));
+    if (!qp || !act_p || !rep->tensors) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int t = 0; t < pl.n_targets; t++) {
+        struct opq_qtarget *tg = &pl.targets[t];
+        struct opq_value *v = tg->value;
+        struct opq_report_tensor *rt = &rep->tensors[rep->n_tensors++];
+        rt->name   = v->name;
+        rt->weight = tg->role == OPQ_QROLE_WEIGHT;
+        struct opq_qdq_spec spec = {.opset = opset, .n_ch = 1, .axis = 0};
+        if (tg->role == OPQ_QROLE_WEIGHT) {
+            size_t n;
+            if (!opq_tensor_numel(&v->t, &n)) {
+                st = opq_set_error(ctx, OPQ_ERR_SHAPE, "weight '%s': unknown shape", v->name);
+                goto out;
+            }
+            size_t n_ch = 1, inner = n;
+            if (!o->w_per_tensor && tg->axis >= 0) {
+                n_ch  = (size_t)v->t.shape[tg->axis];
+                inner = 1;
+                for (int d = tg->axis + 1; d < v->t.ndim; d++)
+                    inner *= (size_t)v->t.shape[d];
+            }
+            int32_t qmin, qmax;
+            opq_qgrid(o->wbits, true, trt, &qmin, &qmax);
+            qp[t] = calloc(n_ch, sizeof(**qp));
+            if (!qp[t]) {
+                st = OPQ_ERR_NOMEM;
+                goto out;
+            }
+            st = opq_weight_qparams(v->t.data, n, n_ch, inner, qmin, qmax, !o->w_asym, o->wcalib,
+                                    qp[t]);
+            if (st == OPQ_ERR_NUMERIC) {
+                st = opq_set_error(ctx, st, "weight '%s' has NaN or Inf values", v->name);
+                goto out;
+            }
+            if (st != OPQ_OK)
+                goto out;
+            spec.bits      = o->wbits;
+            spec.is_signed = true;
+            spec.n_ch      = (int)n_ch;
+            spec.axis      = n_ch > 1 ? tg->axis : 0;
+            spec.p         = qp[t];
+            // the weight's own quantization error
+            const float *w = v->t.data;
+            double s = 0.0, e = 0.0;
+            for (size_t i = 0; i < n; i++) {
+                size_t c = n_ch > 1 ? (i / inner) % n_ch : 0;
+                double d = (double)w[i] - (double)opq_fq(w[i], &qp[t][c]);
+                s += (double)w[i] * (double)w[i];
+                e += d * d;
+            }
+            rt->sqnr_db = sqnr_db(s, e);
+            if ((st = opq_qdq_quantize_weight(g, v, &spec, NULL)) != OPQ_OK)
+                goto out;
+        } else {
+            int32_t qmin, qmax;
+            opq_qgrid(o->abits, a_sym, false, &qmin, &qmax);
+            qp[t] = calloc(1, sizeof(**qp));
+            if (!qp[t]) {
+                st = OPQ_ERR_NOMEM;
+                goto out;
+            }
+            struct opq_calib_opts co = {.method = o->calibrator, .percentile = o->percentile,
+                                        .qmin = qmin, .qmax = qmax, .symmetric = a_sym};
+            float lo, hi;
+            st = opq_observer_range(&ob.obs[t], &co, &lo, &hi, qp[t]);
+            if (st != OPQ_OK) {
+                st = opq_set_error(ctx, st,
+                                   "activation '%s': no finite value seen during calibration",
+                                   v->name);
+                goto out;
+            }
+            if (ob.obs[t].n_nonfinite)
+                opq_log(ctx, OPQ_LOG_WARN, "activation '%s': %llu NaN/Inf values ignored",
+                        v->name, (unsigned long long)ob.obs[t].n_nonfinite);
+            act_p[t]       = qp[t];
+            spec.bits      = o->abits;
+            spec.is_signed = a_sym;
+            spec.p         = qp[t];
+            if ((st = opq_qdq_insert_activation(g, v, &spec, NULL, tg->consumers, tg->n_consumers,
+                                                NULL)) != OPQ_OK)
+                goto out;
+        }
+        rt->bits       = spec.bits;
+        rt->n_ch       = spec.n_ch;
+        rt->scale_min  = rt->scale_max = spec.p[0].scale;
+        rt->zero_point = spec.p[0].zero_point;
+        for (int c = 1; c < spec.n_ch; c++) {
+            rt->scale_min = fminf(rt->scale_min, spec.p[c].scale);
+            rt->scale_max = fmaxf(rt->scale_max, spec.p[c].scale);
+        }
+    }
+    for (int i = 0; i < g->n_nodes; i++)
+        for (int q = 0; q < pl.n_qnodes; q++)
+            if (g->nodes[i] == pl.qnodes[q])
+                g->nodes[i]->flags |= OPQ_NF_QUANTIZED;
+    if ((st = opq_graph_cleanup(g)) != OPQ_OK || (st = opq_graph_sort(g)) != OPQ_OK ||
+        (st = opq_graph_verify(g)) != OPQ_OK)
+        goto out;
+    phase_end(rep, "encode", t0);
+
+    // 5. Report on held-out samples.
+    if (holdout > 0 && report_out) {
+        t0 = now_s();
+        st = evaluate(ctx, fmodel, model, src, n_calib, holdout, o->batch, &pl, act_p, rep);
+        if (st != OPQ_OK)
+            goto out;
+        phase_end(rep, "report", t0);
+    }
+out:
+    if (qp)
+        for (int t = 0; t < pl.n_targets; t++)
+            free(qp[t]);
+    free(qp);
+    free(act_p);
+    free(act_names);
+    free(ob.obs);
+    opq_strmap_free(ob.index);
+    opq_calib_close(src);
+    opq_model_free(fmodel);
+    if (st == OPQ_OK && report_out)
+        *report_out = rep;
+    else
+        opq_report_free(rep);
+    return st;
+}
+
+void opq_report_free(struct opq_report *r) {
+    if (!r)
+        return;
+    free(r->tensors);
+    free(r->blocks);
+    free(r);
+}
+
+// JSON string with escapes.
+static void json_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            fprintf(f, "\\%c", c);
+        else if (c < 0x20)
+            fprintf(f, "\\u%04x", c);
+        else
+            fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static void json_num(FILE *f, double v) {
+    if (isfinite(v))
+        fprintf(f, "%.6g", v);
+    else
+        fputs("null", f);
+}
+
+enum opq_status opq_report_write_json(struct opq_ctx *ctx, const struct opq_report *r,
+                                      const char *path) {
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return opq_set_error(ctx, OPQ_ERR_IO, "%s: cannot write the report", path);
+    fputs("{\n  \"settings\": ", f);
+    json_str(f, r->settings);
+    fprintf(f, ",\n  \"quantized_nodes\": %d,\n  \"excluded_nodes\": %d,\n"
+               "  \"reparameterized_layernorms\": %d,\n  \"calibration_samples\": %d,\n",
+            r->n_qnodes, r->n_excluded, r->n_reparam, r->n_calib);
+    fputs("  \"end_to_end\": ", f);
+    if (r->have_eval) {
+        fprintf(f, "{\"samples\": %d, \"logits_sqnr_db\": ", r->n_eval);
+        json_num(f, r->logits_sqnr_db);
+        fputs(", \"logits_kl\": ", f);
+        json_num(f, r->logits_kl);
+        fputs(", \"top1_agreement\": ", f);
+        json_num(f, r->top1_agreement);
+        fputs("},\n", f);
+    } else {
+        fputs("null,\n", f);
+    }
+    fputs("  \"tensors\": [\n", f);
+    for (int i = 0; i < r->n_tensors; i++) {
+        const struct opq_report_tensor *t = &r->tensors[i];
+        fputs("    {\"name\": ", f);
+        json_str(f, t->name);
+        fprintf(f, ", \"kind\": \"%s\", \"bits\": %d, \"channels\": %d, \"scale_min\": ",
+                t->weight ? "weight" : "activation", t->bits, t->n_ch);
+        json_num(f, (double)t->scale_min);
+        fputs(", \"scale_max\": ", f);
+        json_num(f, (double)t->scale_max);
+        fprintf(f, ", \"zero_point\": %d, \"sqnr_db\": ", t->zero_point);
+        json_num(f, t->sqnr_db);
+        fprintf(f, "}%s\n", i + 1 < r->n_tensors ? "," : "");
+    }
+    fputs("  ],\n  \"blocks\": [\n", f);
+    for (int i = 0; i < r->n_blocks; i++) {
+        fputs("    {\"output\": ", f);
+        json_str(f, r->blocks[i].name);
+        fputs(", \"sqnr_db\": ", f);
+        json_num(f, r->blocks[i].sqnr_db);
+        fprintf(f, "}%s\n", i + 1 < r->n_blocks ? "," : "");
+    }
+    fputs("  ],\n  \"phases\": [\n", f);
+    for (int i = 0; i < r->n_phases; i++) {
+        fputs("    {\"name\": ", f);
+        json_str(f, r->phases[i].name);
+        fputs(", \"seconds\": ", f);
+        json_num(f, r->phases[i].seconds);
+        fprintf(f, ", \"peak_rss_kb\": %ld}%s\n", r->phases[i].peak_rss_kb,
+                i + 1 < r->n_phases ? "," : "");
+    }
+    fputs("  ]\n}\n", f);
+    bool bad = ferror(f) != 0;
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path) != 0) {
+        remove(tmp);
+        return opq_set_error(ctx, OPQ_ERR_IO, "%s: cannot write the report", path);
+    }
+    return OPQ_OK;
+}

@@ -1,0 +1,82 @@
+/* quantize.h: post-training quantization of a model in place (round to nearest with calibrated
+ * ranges). The steps: placement (quant/placement.h) -> optional post-LayerNorm reparameterization
+ * (quant/reparam.h) -> streamed calibration through the executor's capture hook -> activation
+ * ranges (quant/qparams.h) and per-channel weight ranges -> Q/DQ encoding (quant/qdq.h) ->
+ * clean-up and verification -> a report measured on calibration samples held out from
+ * calibration. Reconstruction methods (ERQ, APHQ, FlexRound) refine what this produces. */
+#ifndef OPQ_QUANTIZE_H
+#define OPQ_QUANTIZE_H
+
+#include "calib_data.h"
+#include "graph.h"
+#include "quant/qparams.h"
+
+enum opq_target { OPQ_TARGET_ORT = 0, OPQ_TARGET_TRT = 1 };
+
+struct opq_quant_opts {
+    int                   wbits, abits;   // 2..8 (TRT: 8)
+    bool                  w_per_tensor;   // default: per output channel
+    bool                  w_asym;         // default: symmetric weights
+    bool                  a_sym;          // default: asymmetric activations (TRT: symmetric)
+    enum opq_calibrator   calibrator;     // activation ranges
+    double                percentile;     // for OPQ_CALIB_PERCENTILE
+    enum opq_wcalib       wcalib;         // weight ranges
+    const char           *exclude;        // see placement.h
+    unsigned              keep_float;     // enum opq_keep_float bits
+    enum opq_target       target;
+    int                   reparam;        // -1: where it helps, 0: off, 1: every LayerNorm
+    float                 reparam_alpha;  // migration strength (reparam.h)
+    int                   batch;          // calibration batch
+    int                   holdout;        // samples kept out for the report (-1: automatic)
+    struct opq_calib_spec calib;
+};
+
+// Defaults: W8A8, per-channel symmetric weights (MSE ranges), asymmetric activations with the
+// default calibrator, ORT target, reparameterization where it helps, batch 16.
+void opq_quant_opts_default(struct opq_quant_opts *o);
+
+struct opq_report_tensor {
+    const char *name;
+    bool        weight;
+    int         bits;
+    int         n_ch;
+    float       scale_min, scale_max; // equal for per-tensor
+    int32_t     zero_point;           // of channel 0
+    double      sqnr_db;              // quantize-dequantize error of this tensor alone
+};
+
+struct opq_report_block {
+    const char *name;     // the value at the block's output
+    double      sqnr_db;  // quantized vs float model, held-out samples
+};
+
+struct opq_report_phase {
+    const char *name;
+    double      seconds;
+    long        peak_rss_kb; // process peak so far
+};
+
+struct opq_report {
+    struct opq_report_tensor *tensors;
+    int                       n_tensors;
+    struct opq_report_block  *blocks;
+    int                       n_blocks;
+    struct opq_report_phase   phases[8];
+    int                       n_phases;
+    int                       n_qnodes, n_excluded, n_reparam;
+    int                       n_calib, n_eval;
+    double                    logits_sqnr_db, logits_kl, top1_agreement;
+    bool                      have_eval;
+    char                      settings[256];
+};
+
+// Quantizes `model` in place. *report (optional) receives a report owned by the caller
+// (opq_report_free). Errors name the tensor, node or file at fault.
+enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
+                             const struct opq_quant_opts *opts, struct opq_report **report);
+
+enum opq_status opq_report_write_json(struct opq_ctx *ctx, const struct opq_report *r,
+                                      const char *path);
+void            opq_report_free(struct opq_report *r);
+
+#endif

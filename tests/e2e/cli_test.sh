@@ -1,0 +1,303 @@
+#!/usr/bin/env bash
+# cli_test.sh: end-to-end tests of the onnx-ptq program, one function per case.
+#   usage: cli_test.sh /path/to/onnx-ptq CASE
+# Each case runs in a fresh temporary folder and exits 0 on success, 77 when skipped (a tool it
+# needs is missing), anything else on failure with a message on stderr.
+set -u
+
+BIN=${1:?usage: cli_test.sh BIN CASE}
+CASE=${2:?usage: cli_test.sh BIN CASE}
+TESTDATA=${OPQ_TESTDATA_DIR:-/usr/share/libonnx-testdata/data}
+ADD_MODEL=$TESTDATA/node/test_add/model.onnx
+PY=/usr/bin/python3 # Debian python with the onnx package (the PATH python may lack it)
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/opq-e2e.XXXXXX")
+trap 'chmod -R u+w "$WORK" 2>/dev/null; rm -rf "$WORK"' EXIT
+cd "$WORK" || exit 1
+
+fail() {
+    echo "FAIL [$CASE]: $*" >&2
+    for f in out.txt err.txt; do
+        [ -s "$f" ] && { echo "--- $f:" >&2; head -n 20 "$f" >&2; }
+    done
+    exit 1
+}
+
+# run EXPECTED_EXIT ARGS...: runs the binary, stdout -> out.txt, stderr -> err.txt.
+run() {
+    local want=$1
+    shift
+    "$BIN" "$@" >out.txt 2>err.txt
+    local got=$?
+    [ "$got" -eq "$want" ] || fail "onnx-ptq $* exited $got, expected $want"
+}
+
+# An error is exactly one stderr line "onnx-ptq: <message>" containing $1.
+expect_one_error_line() {
+    [ "$(wc -l <err.txt)" -eq 1 ] || fail "expected one stderr line, got $(wc -l <err.txt)"
+    grep -q '^onnx-ptq: ' err.txt || fail "stderr line lacks the 'onnx-ptq: ' prefix"
+    [ -z "${1:-}" ] || grep -qF -- "$1" err.txt || fail "stderr lacks '$1'"
+}
+
+need_add_model() {
+    [ -f "$ADD_MODEL" ] || { echo "skip: $ADD_MODEL missing" >&2; exit 77; }
+    cp "$ADD_MODEL" in.onnx
+}
+
+need_onnx_python() {
+    "$PY" -c 'import onnx' 2>/dev/null || { echo "skip: $PY lacks onnx" >&2; exit 77; }
+}
+
+# A small model with an initializer, a symbolic batch dim, an Identity and a Dropout.
+make_mlp() {
+    need_onnx_python
+    "$PY" - <<'PYEOF' || fail "could not build mlp.onnx"
+import numpy as np, onnx
+from onnx import helper as h, TensorProto as T
+w = h.make_tensor("w", T.FLOAT, [4, 3], np.arange(12, dtype=np.float32).tolist())
+b = h.make_tensor("b", T.FLOAT, [3], [0.5, -1.0, 2.0])
+nodes = [
+    h.make_node("Identity", ["x"], ["x_id"], name="id0"),
+    h.make_node("MatMul", ["x_id", "w"], ["mm"], name="mm0"),
+    h.make_node("Add", ["mm", "b"], ["a"], name="add0"),
+    h.make_node("Dropout", ["a"], ["d"], name="drop0"),
+    h.make_node("Relu", ["d"], ["y"], name="relu0"),
+]
+g = h.make_graph(nodes, "mlp",
+                 [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4])],
+                 [h.make_tensor_value_info("y", T.FLOAT, ["batch", 3])], [w, b])
+m = h.make_model(g, producer_name="cli_test", opset_imports=[h.make_opsetid("", 13)])
+onnx.checker.check_model(m)
+onnx.save(m, "mlp.onnx")
+PYEOF
+}
+
+# ---- cases --------------------------------------------------------------------------------------
+
+case_help() {
+    run 0 --help
+    grep -q '^usage: onnx-ptq IN.onnx OUT.onnx' out.txt || fail "--help lacks the usage line"
+    grep -q -- '--list-passes' out.txt || fail "--help lacks --list-passes"
+    [ -s err.txt ] && fail "--help wrote to stderr"
+    run 0 inspect --help
+    grep -q 'usage: onnx-ptq inspect' out.txt || fail "inspect --help lacks its usage"
+}
+
+case_version() {
+    run 0 --version
+    grep -Eq '^onnx-ptq [0-9]+\.[0-9]+\.[0-9]+$' out.txt || fail "bad version line: $(cat out.txt)"
+}
+
+case_list_passes() {
+    run 0 --list-passes
+    for p in remove-identity cleanup-dead none; do
+        grep -Eq "^  $p +[a-z]" out.txt || fail "--list-passes lacks '$p' with its doc"
+    done
+}
+
+case_usage_errors() {
+    need_add_model
+    run 1
+    expect_one_error_line "expected an input and an output model"
+    run 1 in.onnx
+    expect_one_error_line "expected an input and an output model"
+    run 1 in.onnx out.onnx extra.onnx
+    expect_one_error_line "unexpected argument 'extra.onnx'"
+    run 1 in.onnx ''
+    expect_one_error_line "empty output file name"
+    run 1 in.onnx out.onnx --frobnicate
+    expect_one_error_line "unknown option '--frobnicate'"
+    run 1 in.onnx out.onnx --passes remove-identity,nope
+    expect_one_error_line "unknown pass 'nope'"
+    grep -q 'cleanup-dead' err.txt || fail "unknown pass message does not list valid passes"
+    run 1 in.onnx out.onnx --passes remove-identity,,cleanup-dead
+    expect_one_error_line "empty pass name"
+    run 1 in.onnx out.onnx --method bogus
+    expect_one_error_line "unknown method 'bogus'"
+    grep -q 'none' err.txt || fail "unknown method message does not list valid methods"
+    run 1 in.onnx out.onnx --method none --passes cleanup-dead
+    expect_one_error_line "exclude each other"
+    run 1 in.onnx out.onnx --threads 0
+    expect_one_error_line "--threads"
+    run 1 in.onnx out.onnx --threads 4x
+    expect_one_error_line "--threads"
+    run 1 in.onnx out.onnx --seed -3
+    expect_one_error_line "--seed"
+    run 1 in.onnx out.onnx --seed
+    expect_one_error_line "--seed needs a value"
+    [ -e out.onnx ] && fail "a usage error left out.onnx behind"
+    return 0
+}
+
+case_roundtrip() {
+    need_add_model
+    run 0 in.onnx out.onnx -q
+    [ -s out.onnx ] || fail "no output model"
+    [ -s err.txt ] && fail "-q still printed: $(cat err.txt)"
+    cmp -s "$ADD_MODEL" in.onnx || fail "the input model changed"
+    run 0 inspect out.onnx
+    grep -q '^  Add  ' out.txt || fail "output model lacks the Add node"
+    # Same input, same options: byte-identical output.
+    run 0 in.onnx out2.onnx --verify --threads 2 --seed 7
+    cmp -s out.onnx out2.onnx || fail "two runs gave different bytes"
+    if "$PY" -c 'import onnx' 2>/dev/null; then
+        "$PY" -c 'import onnx,sys; onnx.checker.check_model(onnx.load(sys.argv[1]))' out.onnx \
+            2>err.txt || fail "onnx.checker rejects the output"
+    fi
+}
+
+case_passes() {
+    make_mlp
+    run 0 mlp.onnx out.onnx --passes remove-identity,cleanup-dead --verify
+    grep -q 'pass remove-identity: 2 rewrite' err.txt || fail "no info line for remove-identity"
+    "$PY" - <<'PYEOF' || fail "output structure is wrong"
+import onnx
+m = onnx.load("out.onnx")
+onnx.checker.check_model(m)
+ops = [n.op_type for n in m.graph.node]
+assert ops == ["MatMul", "Add", "Relu"], ops
+assert m.graph.node[0].input[0] == "x", m.graph.node[0].input
+assert m.graph.node[2].input[0] == "a", m.graph.node[2].input
+assert [i.name for i in m.graph.initializer] == ["w", "b"]
+PYEOF
+}
+
+case_same_file() {
+    need_add_model
+    run 1 in.onnx in.onnx
+    expect_one_error_line "is the input model"
+    cmp -s "$ADD_MODEL" in.onnx || fail "the input model changed"
+    run 1 in.onnx ./in.onnx --force
+    expect_one_error_line "is the input model"
+    ln -s in.onnx link.onnx
+    run 1 in.onnx link.onnx --force
+    expect_one_error_line "is the input model"
+    ln in.onnx hard.onnx
+    run 1 hard.onnx in.onnx --force
+    expect_one_error_line "is the input model"
+    cmp -s "$ADD_MODEL" in.onnx || fail "the input model changed"
+}
+
+case_overwrite() {
+    need_add_model
+    echo "precious" >out.onnx
+    run 1 in.onnx out.onnx
+    expect_one_error_line "use --force"
+    [ "$(cat out.onnx)" = precious ] || fail "existing output overwritten without --force"
+    run 0 in.onnx out.onnx --force -q
+    grep -q precious out.onnx && fail "--force did not replace the existing output"
+    run 0 inspect out.onnx
+    mkdir dir.onnx
+    run 1 in.onnx dir.onnx --force
+    expect_one_error_line "is a folder"
+}
+
+case_missing_input() {
+    run 3 nothere.onnx out.onnx
+    expect_one_error_line "nothere.onnx"
+    [ -e out.onnx ] && fail "output created"
+    run 3 inspect nothere.onnx
+    expect_one_error_line "nothere.onnx"
+}
+
+case_empty_file() {
+    : >empty.onnx
+    run 2 empty.onnx out.onnx
+    expect_one_error_line "empty.onnx"
+    [ -e out.onnx ] && fail "output created"
+    run 2 inspect empty.onnx
+    expect_one_error_line "empty.onnx"
+}
+
+case_random_bytes() {
+    # Deterministic garbage (awk's seeded generator), several sizes.
+    for n in 1 7 100 4096; do
+        awk -v n=$n 'BEGIN { srand(42); for (i = 0; i < n; i++) printf "%c", 1 + int(rand() * 255) }' \
+            >rand.onnx
+        run 2 rand.onnx out.onnx
+        expect_one_error_line "rand.onnx"
+        [ -e out.onnx ] && fail "output created for $n random bytes"
+    done
+    # A text file is not a model either.
+    printf 'ir_version: 7\ngraph { }\n' >text.onnx
+    run 2 text.onnx out.onnx
+    expect_one_error_line "text.onnx"
+}
+
+case_truncated() {
+    make_mlp
+    local size
+    size=$(stat -c %s mlp.onnx)
+    for cut in $((size / 2)) $((size - 1)) 20; do
+        head -c "$cut" mlp.onnx >trunc.onnx
+        run 2 trunc.onnx out.onnx
+        expect_one_error_line "trunc.onnx"
+        [ -e out.onnx ] && fail "output created for a model cut at $cut bytes"
+    done
+    return 0
+}
+
+case_unwritable_output() {
+    need_add_model
+    run 3 in.onnx no/such/folder/out.onnx
+    expect_one_error_line "no/such/folder"
+    [ -e no ] && fail "a folder was created"
+    echo x >plainfile
+    run 3 in.onnx plainfile/out.onnx
+    expect_one_error_line "plainfile"
+    if [ "$(id -u)" != 0 ]; then # root ignores permission bits
+        mkdir ro && chmod 555 ro
+        run 3 in.onnx ro/out.onnx
+        expect_one_error_line "ro"
+        [ -z "$(ls -A ro)" ] || fail "files left in the read-only folder: $(ls -A ro)"
+    fi
+    return 0
+}
+
+case_inspect() {
+    make_mlp
+    run 0 inspect mlp.onnx
+    for want in 'model: mlp.onnx' 'producer: cli_test' 'ir_version: ' 'opsets: ai.onnx 13' \
+        'graph: mlp' 'inputs: 1' '  x: float32 [batch, 4]' 'outputs: 1' '  y: float32 [batch, 3]' \
+        'nodes: 5 (5 op types)' 'parameters: 15 in 2 initializers, 60 bytes'; do
+        grep -qF -- "$want" out.txt || fail "inspect output lacks '$want'"
+    done
+    grep -Eq '^  MatMul +1$' out.txt || fail "inspect lacks the MatMul count"
+    grep -Eq '^  float32 +15 elements +60 bytes +\(2 tensors\)$' out.txt ||
+        fail "inspect lacks the float32 parameter line"
+    [ -s err.txt ] && fail "inspect wrote to stderr: $(cat err.txt)"
+    run 1 inspect
+    expect_one_error_line "expected a model"
+    run 1 inspect a.onnx b.onnx
+    expect_one_error_line "one model at a time"
+    # Global options are accepted after the subcommand word.
+    run 0 inspect -q mlp.onnx --threads 2
+}
+
+case_external_data() {
+    make_mlp
+    run 0 mlp.onnx out.onnx --external-data -q
+    [ -s out.onnx ] || fail "no output model"
+    run 0 inspect out.onnx
+    grep -qF 'parameters: 15 in 2 initializers, 60 bytes' out.txt || fail "weights not read back"
+}
+
+case_fixture_vit() {
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/tiny_vit.onnx
+    [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+    run 0 inspect "$vit"
+    grep -Eq '^parameters: [1-9][0-9]* in [1-9]' out.txt || fail "inspect shows no parameters"
+    grep -Eq '^  (MatMul|Gemm) ' out.txt || fail "inspect shows no MatMul/Gemm"
+    run 0 "$vit" a.onnx --method none --verify -q
+    run 0 "$vit" b.onnx --method none -q
+    cmp -s a.onnx b.onnx || fail "two runs gave different bytes"
+    if "$PY" -c 'import onnx' 2>/dev/null; then
+        "$PY" -c 'import onnx,sys; onnx.checker.check_model(onnx.load(sys.argv[1]))' a.onnx \
+            2>err.txt || fail "onnx.checker rejects the output"
+    fi
+}
+
+fn="case_$CASE"
+declare -F "$fn" >/dev/null || { echo "unknown case '$CASE'" >&2; exit 2; }
+"$fn"
+echo "ok [$CASE]"

@@ -1,0 +1,364 @@
+/* test_exec.c: the executor: plan/run of a small MLP-like chain, buffer reuse below the sum of
+ * all values, sub-range runs equal to the full run, the capture callback, backward over a range
+ * against finite differences, dynamic batch through Shape -> Gather -> Concat -> Reshape, and
+ * plan-time failures for unsupported ops and opsets (naming the node). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "exec.h"
+#include "gb.h"
+
+static void fill(float *x, size_t n, uint32_t seed) {
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        x[i] = (float)((seed >> 8) & 0xffff) / 32768.0f - 1.0f;
+    }
+}
+
+// x [B,8] -> MatMul w1 [8,16] -> Add b1 -> Relu -> MatMul w2 [16,16] -> Tanh -> MatMul w3 -> y
+static struct opq_model *chain(struct opq_ctx *ctx) {
+    struct opq_model *m = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, 8));
+    float w1[128], b1[16], w2[256], w3[64];
+    fill(w1, 128, 1);
+    fill(b1, 16, 2);
+    fill(w2, 256, 3);
+    fill(w3, 64, 4);
+    gb_init_f32(m, "w1", GB_SHAPE(8, 16), w1);
+    gb_init_f32(m, "b1", GB_SHAPE(16), b1);
+    gb_init_f32(m, "w2", GB_SHAPE(16, 16), w2);
+    gb_init_f32(m, "w3", GB_SHAPE(16, 4), w3);
+    gb_node(m, "MatMul", "x,w1", "h1");
+    gb_node(m, "Add", "h1,b1", "h2");
+    gb_node(m, "Relu", "h2", "h3");
+    gb_node(m, "MatMul", "h3,w2", "h4");
+    gb_node(m, "Tanh", "h4", "h5");
+    gb_node(m, "MatMul", "h5,w3", "y");
+    gb_output(m, "y");
+    return m;
+}
+
+static struct opq_named_tensor input_x(float *x, int64_t batch) {
+    struct opq_named_tensor t = {.name = "x"};
+    t.t.dtype    = OPQ_DTYPE_FLOAT;
+    t.t.ndim     = 2;
+    t.t.shape[0] = batch;
+    t.t.shape[1] = 8;
+    t.t.data     = x;
+    t.t.nbytes   = (size_t)batch * 8 * sizeof(float);
+    return t;
+}
+
+static void test_run_and_reuse(void **state) {
+    (void)state;
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = chain(ctx);
+    float             x[32];
+    fill(x, 32, 9);
+    struct opq_named_tensor in = input_x(x, 4);
+    struct opq_exec        *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    struct opq_tensor y1;
+    assert_int_equal(opq_exec_run(ex, &in, 1, &y1, 1), OPQ_OK);
+    assert_int_equal(y1.ndim, 2);
+    assert_int_equal(y1.shape[0], 4);
+    assert_int_equal(y1.shape[1], 4);
+    float first[16];
+    memcpy(first, y1.data, sizeof(first));
+    struct opq_exec_stats st;
+    opq_exec_get_stats(ex, &st);
+    assert_true(st.buffer_bytes < st.value_bytes); // buffers are shared
+    // same inputs -> byte-identical outputs
+    struct opq_tensor y2;
+    assert_int_equal(opq_exec_run(ex, &in, 1, &y2, 1), OPQ_OK);
+    assert_memory_equal(first, y2.data, sizeof(first));
+    // no reuse gives the same numbers
+    struct opq_exec     *ex2  = NULL;
+    struct opq_exec_opts opts = {.keep_all = true};
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, &opts, &ex2), OPQ_OK);
+    struct opq_tensor y3;
+    assert_int_equal(opq_exec_run(ex2, &in, 1, &y3, 1), OPQ_OK);
+    assert_memory_equal(first, y3.data, sizeof(first));
+    struct opq_exec_stats st2;
+    opq_exec_get_stats(ex2, &st2);
+    assert_true(st.buffer_bytes < st2.buffer_bytes);
+    // reference in plain C
+    const float *w1 = opq_graph_value(m->graph, "w1")->t.data;
+    const float *b1 = opq_graph_value(m->graph, "b1")->t.data;
+    const float *w2 = opq_graph_value(m->graph, "w2")->t.data;
+    const float *w3 = opq_graph_value(m->graph, "w3")->t.data;
+    for (int r = 0; r < 4; r++) {
+        float h[16], g[16];
+        for (int j = 0; j < 16; j++) {
+            double s = 0;
+            for (int k = 0; k < 8; k++)
+                s += (double)x[r * 8 + k] * (double)w1[k * 16 + j];
+            float v = (float)s + b1[j];
+            h[j]    = v > 0 ? v : 0;
+        }
+        for (int j = 0; j < 16; j++) {
+            double s = 0;
+            for (int k = 0; k < 16; k++)
+                s += (double)h[k] * (double)w2[k * 16 + j];
+            g[j] = tanhf((float)s);
+        }
+        for (int j = 0; j < 4; j++) {
+            double s = 0;
+            for (int k = 0; k < 16; k++)
+                s += (double)g[k] * (double)w3[k * 4 + j];
+            assert_true(fabs(s - (double)first[r * 4 + j]) < 1e-5);
+        }
+    }
+    opq_exec_free(ex2);
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+struct cap {
+    int   calls;
+    bool  saw_h3;
+    float h3_first;
+};
+
+static enum opq_status on_value(void *user, const char *name, const struct opq_tensor *t) {
+    struct cap *c = user;
+    c->calls++;
+    if (strcmp(name, "h3") == 0) {
+        c->saw_h3   = true;
+        c->h3_first = ((const float *)t->data)[0];
+    }
+    return OPQ_OK;
+}
+
+static void test_range_and_capture(void **state) {
+    (void)state;
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = chain(ctx);
+    float             x[16];
+    fill(x, 16, 5);
+    struct opq_named_tensor in     = input_x(x, 2);
+    const char             *pins[] = {"h3"};
+    struct opq_exec_opts    opts   = {.pinned = pins, .n_pinned = 1};
+    struct opq_exec        *ex     = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, &opts, &ex), OPQ_OK);
+    struct cap c = {0};
+    const char *names[] = {"h3", "y"};
+    assert_int_equal(opq_exec_set_capture(ex, names, 2, on_value, &c), OPQ_OK);
+    struct opq_tensor y;
+    assert_int_equal(opq_exec_run(ex, &in, 1, &y, 1), OPQ_OK);
+    assert_int_equal(c.calls, 2);
+    assert_true(c.saw_h3);
+    float full[8];
+    memcpy(full, y.data, sizeof(full));
+    // h3 is pinned: rerun the tail (nodes 3..5) from it alone
+    const struct opq_tensor *h3 = opq_exec_value(ex, "h3");
+    assert_true(((const float *)h3->data)[0] == c.h3_first);
+    assert_int_equal(opq_exec_set_capture(ex, NULL, 0, NULL, NULL), OPQ_OK);
+    assert_int_equal(opq_exec_run_range(ex, 3, 5, NULL, 0), OPQ_OK);
+    assert_memory_equal(opq_exec_value(ex, "y")->data, full, sizeof(full));
+    // or from a caller-provided copy
+    float h3copy[32];
+    memcpy(h3copy, h3->data, sizeof(h3copy));
+    struct opq_named_tensor given = {.name = "h3", .t = *h3};
+    given.t.data                  = h3copy;
+    assert_int_equal(opq_exec_run_range(ex, 3, 5, &given, 1), OPQ_OK);
+    assert_memory_equal(opq_exec_value(ex, "y")->data, full, sizeof(full));
+    // h4 is not pinned and not provided: a range starting after its producer must refuse
+    assert_int_equal(opq_exec_run_range(ex, 4, 5, NULL, 0), OPQ_ERR_USAGE);
+    assert_non_null(strstr(opq_ctx_errmsg(ctx), "h4"));
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static double loss(struct opq_exec *ex, struct opq_named_tensor *in, const float *w) {
+    struct opq_tensor y;
+    assert_int_equal(opq_exec_run(ex, in, 1, &y, 1), OPQ_OK);
+    double l = 0;
+    for (int i = 0; i < 8; i++)
+        l += (double)w[i] * (double)((const float *)y.data)[i];
+    return l;
+}
+
+static void test_backward(void **state) {
+    (void)state;
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = chain(ctx);
+    float             x[16];
+    fill(x, 16, 6);
+    struct opq_named_tensor in = input_x(x, 2);
+    struct opq_exec        *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    float w[8];
+    fill(w, 8, 7);
+    struct opq_named_tensor seed = {.name = "y", .t = *opq_exec_value(ex, "y")};
+    seed.t.data                  = w;
+    const char       *wrt[]      = {"x", "w2", "b1"};
+    struct opq_tensor g[3];
+    assert_int_equal(opq_exec_backward(ex, 0, 5, &in, 1, &seed, 1, wrt, 3, g), OPQ_OK);
+    assert_int_equal(g[1].shape[0], 16);
+    float dx[16], dw2[256];
+    memcpy(dx, g[0].data, sizeof(dx));
+    memcpy(dw2, g[1].data, sizeof(dw2));
+    float *w2 = opq_graph_value(m->graph, "w2")->t.data;
+    for (int i = 0; i < 16; i++) {
+        float x0 = x[i];
+        x[i]     = x0 + 1e-2f;
+        double p = loss(ex, &in, w);
+        x[i]     = x0 - 1e-2f;
+        double q = loss(ex, &in, w);
+        x[i]     = x0;
+        assert_true(fabs((p - q) / 2e-2 - (double)dx[i]) < 2e-3);
+    }
+    // weights are changed in place between runs (as reconstruction does)
+    for (int i = 0; i < 256; i += 37) {
+        float v0 = w2[i];
+        w2[i]    = v0 + 1e-2f;
+        double p = loss(ex, &in, w);
+        w2[i]    = v0 - 1e-2f;
+        double q = loss(ex, &in, w);
+        w2[i]    = v0;
+        assert_true(fabs((p - q) / 2e-2 - (double)dw2[i]) < 2e-3);
+    }
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_dynamic_reshape(void **state) {
+    (void)state;
+    // y = Reshape(x, Concat(Gather(Shape(x), 0), [-1])): the shape is only known per batch
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, 2, 3));
+    gb_init_i64(m, "zero", GB_SCALAR, (const int64_t[]){0});
+    gb_init_i64(m, "m1", GB_SHAPE(1), (const int64_t[]){-1});
+    gb_init_i64(m, "ax", GB_SHAPE(1), (const int64_t[]){0});
+    gb_node(m, "Shape", "x", "s");
+    struct opq_node *ga = gb_node(m, "Gather", "s,zero", "b");
+    gb_attr_int(m, ga, "axis", 0);
+    gb_node(m, "Unsqueeze", "b,ax", "b1");
+    struct opq_node *cc = gb_node(m, "Concat", "b1,m1", "shp");
+    gb_attr_int(m, cc, "axis", 0);
+    gb_node(m, "Reshape", "x,shp", "y");
+    gb_output(m, "y");
+    for (int64_t batch = 1; batch <= 3; batch += 2) {
+        float                   x[18];
+        struct opq_named_tensor in = {.name = "x"};
+        in.t.dtype = OPQ_DTYPE_FLOAT;
+        in.t.ndim  = 3;
+        in.t.shape[0] = batch;
+        in.t.shape[1] = 2;
+        in.t.shape[2] = 3;
+        in.t.data     = x;
+        in.t.nbytes   = (size_t)batch * 6 * sizeof(float);
+        fill(x, 18, 3);
+        struct opq_exec     *ex   = NULL;
+        struct opq_exec_opts opts = {.batch = batch};
+        assert_int_equal(opq_exec_plan(ctx, m, NULL, 0, &opts, &ex), OPQ_OK);
+        struct opq_exec_stats st;
+        opq_exec_get_stats(ex, &st);
+        assert_int_equal(st.n_folded, 4); // Shape, Gather, Unsqueeze, Concat
+        struct opq_tensor y;
+        assert_int_equal(opq_exec_run(ex, &in, 1, &y, 1), OPQ_OK);
+        assert_int_equal(y.ndim, 2);
+        assert_int_equal(y.shape[0], batch);
+        assert_int_equal(y.shape[1], 6);
+        assert_memory_equal(y.data, x, in.t.nbytes);
+        opq_exec_free(ex);
+    }
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_unsupported(void **state) {
+    (void)state;
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(1, 4));
+    gb_node(m, "Relu", "x", "r");
+    gb_node_full(m, "", "NonMaxSuppression", "nms_7", "r", "y");
+    gb_output(m, "y");
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, NULL, 0, NULL, &ex), OPQ_ERR_UNSUPPORTED);
+    assert_null(ex);
+    const char *msg = opq_ctx_errmsg(ctx);
+    assert_non_null(strstr(msg, "nms_7"));
+    assert_non_null(strstr(msg, "NonMaxSuppression"));
+    assert_non_null(strstr(msg, "opset 17"));
+    opq_model_free(m);
+    // a known op below its minimum opset
+    opq_ctx_clear_error(ctx);
+    m = gb_new(ctx);
+    gb_set_opset(m, 13);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(1, 4));
+    gb_input(m, "g", OPQ_DTYPE_FLOAT, GB_SHAPE(4));
+    gb_node_full(m, "", "LayerNormalization", "ln_0", "x,g", "y");
+    gb_output(m, "y");
+    assert_int_equal(opq_exec_plan(ctx, m, NULL, 0, NULL, &ex), OPQ_ERR_UNSUPPORTED);
+    assert_non_null(strstr(opq_ctx_errmsg(ctx), "ln_0"));
+    assert_non_null(strstr(opq_ctx_errmsg(ctx), "opset 13"));
+    opq_model_free(m);
+    // missing input at run time
+    opq_ctx_clear_error(ctx);
+    m = chain(ctx);
+    struct opq_exec_opts opts = {.batch = 2};
+    assert_int_equal(opq_exec_plan(ctx, m, NULL, 0, &opts, &ex), OPQ_OK);
+    assert_int_equal(opq_exec_run(ex, NULL, 0, NULL, 0), OPQ_ERR_USAGE);
+    assert_non_null(strstr(opq_ctx_errmsg(ctx), "'x'"));
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_threads_same_result(void **state) {
+    (void)state;
+    struct opq_ctx   *ctx = opq_ctx_new();
+    struct opq_model *m   = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(64, 256));
+    gb_input(m, "g", OPQ_DTYPE_FLOAT, GB_SHAPE(256));
+    gb_node(m, "LayerNormalization", "x,g", "l");
+    gb_node(m, "Softmax", "l", "s");
+    gb_node(m, "Erf", "s", "y");
+    gb_output(m, "y");
+    static float x[64 * 256];
+    float        g[256];
+    fill(x, 64 * 256, 11);
+    fill(g, 256, 12);
+    struct opq_named_tensor in[2] = {{.name = "x"}, {.name = "g"}};
+    in[0].t = (struct opq_tensor){.dtype = OPQ_DTYPE_FLOAT, .ndim = 2, .shape = {64, 256},
+                                  .data = x, .nbytes = sizeof(x)};
+    in[1].t = (struct opq_tensor){.dtype = OPQ_DTYPE_FLOAT, .ndim = 1, .shape = {256},
+                                  .data = g, .nbytes = sizeof(g)};
+    static float out1[64 * 256];
+    for (int t = 1; t <= 2; t++) {
+        opq_ctx_set_threads(ctx, t);
+        struct opq_exec *ex = NULL;
+        assert_int_equal(opq_exec_plan(ctx, m, in, 2, NULL, &ex), OPQ_OK);
+        struct opq_tensor y;
+        assert_int_equal(opq_exec_run(ex, in, 2, &y, 1), OPQ_OK);
+        if (t == 1)
+            memcpy(out1, y.data, sizeof(out1));
+        else
+            assert_memory_equal(out1, y.data, sizeof(out1));
+        opq_exec_free(ex);
+    }
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_run_and_reuse),   cmocka_unit_test(test_range_and_capture),
+        cmocka_unit_test(test_backward),        cmocka_unit_test(test_dynamic_reshape),
+        cmocka_unit_test(test_unsupported),     cmocka_unit_test(test_threads_same_result),
+    };
+    return cmocka_run_group_tests_name("exec", tests, NULL, NULL);
+}

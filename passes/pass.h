@@ -18,11 +18,18 @@
 #include "graph.h"
 
 // PUBLIC: options of a pipeline run. Zero-initialize and set what you need.
+struct opq_quant_opts;
+struct opq_report;
+
 struct opq_pipeline_opts {
     int      bits_w;  // weight bits for quantizing passes (0: the pass's default)
     int      bits_a;  // activation bits (0: the pass's default)
     uint64_t seed;    // for passes with randomness (seeded PCG32, never rand())
     bool     verify;  // opq_graph_verify() after every pass (forced on without NDEBUG)
+    // Quantizing passes: their options (required by them) and where to put their report
+    // (optional; the caller frees it with opq_report_free).
+    const struct opq_quant_opts *quant;
+    struct opq_report          **report;
 };
 
 // Counters a pass fills in; the pipeline logs them (info level) and sums them.
@@ -70,6 +77,8 @@ const struct opq_pass *opq_pass_find(const char *name);
 int         opq_method_count(void);
 const char *opq_method_name(int i);
 const char *opq_method_doc(int i);
+// True if the method quantizes (and so needs calibration data).
+bool        opq_method_quantizes(const char *name);
 
 // ---- pipeline (PUBLIC) ----------------------------------------------------------------------------
 

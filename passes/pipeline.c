@@ -23,7 +23,20 @@ struct method {
 static const struct method methods[] = {
     {"none", "no quantization: only the function-preserving clean-up passes",
      {"remove-identity", "cleanup-dead", NULL}},
+    {"rtn", "calibrated round-to-nearest quantization (the default)",
+     {"remove-identity", "cleanup-dead", "quantize", NULL}},
 };
+
+bool opq_method_quantizes(const char *name) {
+    for (size_t i = 0; i < ARRAY_SIZE(methods); i++) {
+        if (strcmp(methods[i].name, name) != 0)
+            continue;
+        for (int k = 0; methods[i].passes[k]; k++)
+            if (strcmp(methods[i].passes[k], "quantize") == 0)
+                return true;
+    }
+    return false;
+}
 
 int opq_pass_count(void) {
     return (int)ARRAY_SIZE(registry);
@@ -115,6 +128,8 @@ static void list_names(char *buf, size_t cap, bool of_methods) {
     int    n   = of_methods ? opq_method_count() : opq_pass_count();
     for (int i = 0; i < n && len < cap; i++) {
         const char *name = of_methods ? opq_method_name(i) : opq_pass_at(i)->name;
+        if (!name)
+            break;
         int         w    = snprintf(buf + len, cap - len, "%s%s", i ? ", " : "", name);
         if (w < 0)
             break;

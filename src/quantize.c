@@ -14,6 +14,7 @@
 #include "quant/placement.h"
 #include "quant/qdq.h"
 #include "quant/reparam.h"
+#include "quant/trt_check.h"
 #include "strmap.h"
 
 void opq_quant_opts_default(struct opq_quant_opts *o) {
@@ -865,6 +866,14 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     if ((st = opq_graph_cleanup(g)) != OPQ_OK || (st = opq_graph_sort(g)) != OPQ_OK ||
         (st = opq_graph_verify(g)) != OPQ_OK)
         goto out;
+    // What --target trt writes must build in TensorRT: a broken rule here is our bug.
+    if (trt && opq_trt_check(ctx, model) != OPQ_OK) {
+        char msg[OPQ_ERRMSG_MAX];
+        snprintf(msg, sizeof(msg), "%s", opq_ctx_errmsg(ctx));
+        opq_ctx_clear_error(ctx);
+        st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "--target trt output failed its check: %s", msg);
+        goto out;
+    }
     phase_end(rep, "encode", t0);
 
     // 5. Report on held-out samples.

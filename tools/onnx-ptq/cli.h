@@ -29,4 +29,16 @@ int cmd_run(struct opq_ctx *ctx, int argc, char **argv);
 int cmd_eval(struct opq_ctx *ctx, int argc, char **argv);
 int cmd_inspect(struct opq_ctx *ctx, int argc, char **argv); // inspect.c
 
+// Quantization options (quant_opts.c). cli_quant_option: 1 if `opt` was one (value applied),
+// 0 if not, -1 after printing a usage error. report_path receives --report's value.
+struct opq_quant_opts;
+struct opq_report;
+extern const char cli_quant_usage[];
+bool cli_quant_takes_value(const char *opt);
+int  cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
+                      const char **report_path);
+void cli_report_print(const struct opq_report *r);
+// Installs the progress display unless quiet.
+void cli_progress_install(struct opq_ctx *ctx, bool quiet);
+
 #endif

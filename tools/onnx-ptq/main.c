@@ -14,6 +14,7 @@
 
 #include "cli.h"
 #include "pass.h"
+#include "quantize.h"
 
 #ifndef OPQ_VERSION_STRING
 #define OPQ_VERSION_STRING "unknown"
@@ -63,19 +64,20 @@ static void log_sink(void *user, enum opq_log_level lvl, const char *msg) {
 }
 
 static const char usage_text[] =
-    "usage: onnx-ptq IN.onnx OUT.onnx [options]   rewrite a model through a pass pipeline\n"
+    "usage: onnx-ptq IN.onnx OUT.onnx [options]   quantize a model (or run another pipeline)\n"
     "       onnx-ptq inspect MODEL.onnx           print a model summary\n"
     "       onnx-ptq run MODEL.onnx [options]     execute a model (onnx-ptq run --help)\n"
     "       onnx-ptq eval MODEL.onnx [options]    evaluate a model (onnx-ptq eval --help)\n"
     "A file named like a subcommand is given as ./run.\n"
     "\n"
     "options of the main form:\n"
-    "  --method NAME     pass preset to run (default: none); see --list-passes\n"
+    "  --method NAME     pass preset to run (default: rtn); see --list-passes\n"
     "  --passes A,B,...  run these passes in this order instead of a method\n"
     "  --verify          check the graph's invariants after every pass\n"
     "  --force           overwrite OUT if it exists (never when OUT is IN)\n"
     "  --external-data   write weights to OUT.data next to OUT\n"
     "  --seed N          seed of passes that use randomness (default 0)\n"
+    "%s"
     "common options:\n"
     "  --threads N       worker threads (default 1)\n"
     "  -q, --quiet       only errors\n"
@@ -93,6 +95,9 @@ struct main_opts {
     bool                     force;
     bool                     external_data;
     struct opq_pipeline_opts pipe;
+    struct opq_quant_opts    quant;
+    const char              *report_path;
+    int                      log_level;
 };
 
 static void list_passes(void) {
@@ -184,6 +189,14 @@ static const char *opt_value(int argc, char **argv, int *i, const char *name, bo
     return argv[++*i];
 }
 
+// The option name of "--name" or "--name=value" (a static buffer, valid until the next call).
+static const char *option_name(const char *a) {
+    static char buf[64];
+    size_t      nl = strcspn(a, "=");
+    snprintf(buf, sizeof(buf), "%.*s", (int)(nl < 63 ? nl : 63), a);
+    return buf;
+}
+
 // Parses the main form. Returns -1 to continue, else an exit code (help, version, errors).
 static int parse_main(int argc, char **argv, struct main_opts *o, struct global_opts *g) {
     bool only_positional = false;
@@ -207,7 +220,7 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             continue;
         }
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            fputs(usage_text, stdout);
+            printf(usage_text, cli_quant_usage);
             return CLI_EXIT_OK;
         }
         if (strcmp(a, "--version") == 0) {
@@ -233,6 +246,13 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             if (err)
                 return CLI_EXIT_USAGE;
             o->method = v;
+        } else if (cli_quant_takes_value(option_name(a))) {
+            const char *name = option_name(a);
+            v = opt_value(argc, argv, &i, name, &err);
+            if (err || !v)
+                return CLI_EXIT_USAGE;
+            if (cli_quant_option(name, v, &o->quant, &o->report_path) < 0)
+                return CLI_EXIT_USAGE;
         } else if ((v = opt_value(argc, argv, &i, "--passes", &err)) || err) {
             if (err)
                 return CLI_EXIT_USAGE;
@@ -337,13 +357,26 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
     if (o->passes && (rc = split_passes(o->passes, names, 64, &n_names)) >= 0)
         goto out;
     // Check names before the (possibly long) load.
-    const char     *method = o->method ? o->method : "none";
+    const char     *method = o->method ? o->method : "rtn";
     enum opq_status st     = o->passes ? opq_pipeline_check_names(ctx, names, n_names)
                                        : opq_pipeline_check_method(ctx, method);
     if (st != OPQ_OK) {
         rc = cli_fail(ctx, st, o->passes ? "--passes" : "--method");
         goto out;
     }
+    bool quantizes = o->passes ? false : opq_method_quantizes(method);
+    for (int i = 0; i < n_names; i++)
+        quantizes |= strcmp(names[i], "quantize") == 0;
+    if (quantizes && !o->quant.calib.path) {
+        cli_error("no calibration data: give --calib FILE.npy|FILE.npz|FOLDER (or --calib random "
+                  "for a smoke test without real data; --method none skips quantization)");
+        rc = CLI_EXIT_USAGE;
+        goto out;
+    }
+    struct opq_report *report = NULL;
+    o->pipe.quant  = &o->quant;
+    o->pipe.report = &report;
+    cli_progress_install(ctx, o->log_level <= OPQ_LOG_ERROR);
     st = opq_model_load(ctx, o->in, &model);
     if (st != OPQ_OK) {
         rc = cli_fail(ctx, st, o->in);
@@ -355,6 +388,17 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         rc = cli_fail(ctx, st, o->in);
         goto out;
     }
+    if (report && o->log_level >= OPQ_LOG_INFO)
+        cli_report_print(report);
+    if (report && o->report_path) {
+        st = opq_report_write_json(ctx, report, o->report_path);
+        if (st != OPQ_OK) {
+            opq_report_free(report);
+            rc = cli_fail(ctx, st, o->report_path);
+            goto out;
+        }
+    }
+    opq_report_free(report);
     struct opq_save_opts so = {.external_data = o->external_data};
     st                      = opq_model_save(ctx, model, o->out, &so);
     if (st != OPQ_OK) {
@@ -391,6 +435,7 @@ static int strip_globals(int argc, char **argv, struct global_opts *g) {
 int main(int argc, char **argv) {
     struct global_opts g   = {.log_level = OPQ_LOG_INFO, .threads = 1};
     struct main_opts   o   = {0};
+    opq_quant_opts_default(&o.quant);
     int                rc  = CLI_EXIT_INTERNAL;
     struct opq_ctx    *ctx = opq_ctx_new();
     if (!ctx) {
@@ -414,7 +459,9 @@ int main(int argc, char **argv) {
     opq_ctx_set_log(ctx, log_sink, NULL, (enum opq_log_level)g.log_level);
     opq_ctx_set_threads(ctx, (int)g.threads);
     opq_ctx_set_seed(ctx, g.seed);
-    o.pipe.seed = g.seed;
+    o.pipe.seed      = g.seed;
+    o.quant.calib.seed = g.seed;
+    o.log_level      = g.log_level;
     if (strcmp(sub, "run") == 0)
         rc = cmd_run(ctx, sub_argc, argv + 1);
     else if (strcmp(sub, "eval") == 0)

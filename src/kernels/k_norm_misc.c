@@ -126,18 +126,48 @@ const struct opq_kernel opq_kernel_globalaveragepool = {
 
 // ---- Clip -------------------------------------------------------------------------------------
 
+// float32, or int8/uint8: the integer forms carry the exact low-bit emulation
+// QuantizeLinear(int8) -> Clip(qmin, qmax) -> DequantizeLinear that onnx-ptq writes below opset 21.
+static bool clip_int(enum opq_dtype dt) {
+    return dt == OPQ_DTYPE_INT8 || dt == OPQ_DTYPE_UINT8;
+}
+
 static enum opq_status clip_infer(struct opq_kctx *k, const struct opq_node *n,
                                   const struct opq_tensor *const *in, struct opq_tensor *out) {
-    if (!in[0] || in[0]->dtype != OPQ_DTYPE_FLOAT)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "Clip node '%s': needs float32",
-                             ku_name(n));
+    if (!in[0] || (in[0]->dtype != OPQ_DTYPE_FLOAT && !clip_int(in[0]->dtype)))
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "Clip node '%s': needs float32, int8 or uint8", ku_name(n));
     for (int j = 1; j < 3 && j < n->n_inputs; j++)
-        if (in[j] && (in[j]->dtype != OPQ_DTYPE_FLOAT || ku_numel(in[j]) != 1))
-            return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "Clip node '%s': %s must be a float32 "
-                                 "scalar", ku_name(n), j == 1 ? "min" : "max");
-    out[0].dtype = OPQ_DTYPE_FLOAT;
+        if (in[j] && (in[j]->dtype != in[0]->dtype || ku_numel(in[j]) != 1))
+            return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "Clip node '%s': %s must be a %s scalar",
+                                 ku_name(n), j == 1 ? "min" : "max",
+                                 opq_dtype_name(in[0]->dtype));
+    if (clip_int(in[0]->dtype) && k->opset < 12)
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "Clip node '%s': integer Clip needs opset 12", ku_name(n));
+    out[0].dtype = in[0]->dtype;
     ku_copy_shape(&out[0], in[0]);
     return OPQ_OK;
+}
+
+// Integer Clip: bounds default to the type's range.
+static void clip_forward_int(const struct opq_node *n, const struct opq_tensor *const *in,
+                             struct opq_tensor *out) {
+    bool    s8  = in[0]->dtype == OPQ_DTYPE_INT8;
+    int     lo  = s8 ? -128 : 0, hi = s8 ? 127 : 255;
+    int64_t cnt = ku_numel(in[0]);
+    if (n->n_inputs > 1 && in[1])
+        lo = s8 ? *(const int8_t *)in[1]->data : *(const uint8_t *)in[1]->data;
+    if (n->n_inputs > 2 && in[2])
+        hi = s8 ? *(const int8_t *)in[2]->data : *(const uint8_t *)in[2]->data;
+    for (int64_t i = 0; i < cnt; i++) {
+        int v = s8 ? ((const int8_t *)in[0]->data)[i] : ((const uint8_t *)in[0]->data)[i];
+        v     = v < lo ? lo : (v > hi ? hi : v);
+        if (s8)
+            ((int8_t *)out[0].data)[i] = (int8_t)v;
+        else
+            ((uint8_t *)out[0].data)[i] = (uint8_t)v;
+    }
 }
 
 static void clip_bounds(struct opq_kctx *k, const struct opq_node *n,
@@ -153,6 +183,10 @@ static void clip_bounds(struct opq_kctx *k, const struct opq_node *n,
 
 static enum opq_status clip_forward(struct opq_kctx *k, const struct opq_node *n,
                                     const struct opq_tensor *const *in, struct opq_tensor *out) {
+    if (clip_int(in[0]->dtype)) {
+        clip_forward_int(n, in, out);
+        return OPQ_OK;
+    }
     float lo;
     float hi;
     clip_bounds(k, n, in, &lo, &hi);
@@ -171,6 +205,9 @@ static enum opq_status clip_backward(struct opq_kctx *k, const struct opq_node *
                                      const struct opq_tensor *out, const struct opq_tensor *dout,
                                      struct opq_tensor *din) {
     (void)out;
+    if (clip_int(in[0]->dtype))
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "Clip node '%s': integer Clip has no gradient", ku_name(n));
     float lo;
     float hi;
     clip_bounds(k, n, in, &lo, &hi);

@@ -1,11 +1,158 @@
 /* blas.c: single-precision GEMM over cblas_sgemm (OpenBLAS) or a reference loop. This is the
- * only file that knows which BLAS is linked (OPQ_BLAS_OPENBLAS comes from CMake). */
+ * only file that knows which BLAS is linked (OPQ_BLAS_OPENBLAS comes from CMake).
+ *
+ * On x86-64 CPUs with AVX-512 an own packed GEMM is used instead of OpenBLAS (whose kernel
+ * choice may be pinned to AVX2 ones, e.g. OPENBLAS_CORETYPE=Haswell, or mis-detected on AMD Zen
+ * 4): BLIS-style blocking (KC x NC panels of op(B), MC x KC blocks of op(A), both packed) around
+ * a 12 x 32 register-blocked micro-kernel (24 zmm accumulators), masked stores at the N edge
+ * and zero-padded A rows at the M edge. Each C element is summed in the same order whatever
+ * M/N range a thread computes, so results do not depend on the thread count. */
 #include "blas.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #include "base.h"
+#include "threadpool.h"
 
 #ifdef OPQ_BLAS_OPENBLAS
 #include <cblas.h>
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define OPQ_HAVE_AVX512_GEMM 1
+#define T512 __attribute__((target("avx512f")))
+
+#define MR 12  // micro-kernel rows
+#define NR 32  // micro-kernel columns (two zmm)
+#define KC 256 // packed depth
+#define MC 144 // rows of A packed at once (L2)
+#define NC 512 // columns of B packed at once (L2/L3)
+
+// pack op(A)[i0:i0+mc, p0:p0+kc] as MR-row slivers, k-major: pa[(s*kc + k)*MR + r]
+T512 static void pack_a(bool ta, const float *a, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
+                        int64_t kc, float *pa) {
+    for (int64_t s = 0; s < mc; s += MR) {
+        int64_t rows = mc - s < MR ? mc - s : MR;
+        float *dst = pa + s * kc;
+        for (int64_t k = 0; k < kc; k++) {
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t i = i0 + s + r, p = p0 + k;
+                dst[k * MR + r] = ta ? a[p * lda + i] : a[i * lda + p];
+            }
+            for (int64_t r = rows; r < MR; r++)
+                dst[k * MR + r] = 0.0f;
+        }
+    }
+}
+
+// pack op(B)[p0:p0+kc, j0:j0+nc] as NR-column slivers: pb[(s*kc + k)*NR + c]
+T512 static void pack_b(bool tb, const float *b, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                        int64_t nc, float *pb) {
+    for (int64_t s = 0; s < nc; s += NR) {
+        int64_t cols = nc - s < NR ? nc - s : NR;
+        float *dst = pb + s * kc;
+        if (!tb && cols == NR) {
+            for (int64_t k = 0; k < kc; k++) {
+                const float *src = b + (p0 + k) * ldb + j0 + s;
+                _mm512_storeu_ps(dst + k * NR, _mm512_loadu_ps(src));
+                _mm512_storeu_ps(dst + k * NR + 16, _mm512_loadu_ps(src + 16));
+            }
+            continue;
+        }
+        for (int64_t k = 0; k < kc; k++) {
+            for (int64_t c = 0; c < cols; c++) {
+                int64_t p = p0 + k, j = j0 + s + c;
+                dst[k * NR + c] = tb ? b[j * ldb + p] : b[p * ldb + j];
+            }
+            for (int64_t c = cols; c < NR; c++)
+                dst[k * NR + c] = 0.0f;
+        }
+    }
+}
+
+// acc = pa(MR x kc) * pb(kc x NR); C[rows, cols] = alpha*acc + beta*C
+T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, int64_t ldc,
+                        int64_t rows, int64_t cols, float alpha, float beta) {
+    __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+    __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+    __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+    __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+    __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
+    __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+    __m512 c60 = _mm512_setzero_ps(), c61 = _mm512_setzero_ps();
+    __m512 c70 = _mm512_setzero_ps(), c71 = _mm512_setzero_ps();
+    __m512 c80 = _mm512_setzero_ps(), c81 = _mm512_setzero_ps();
+    __m512 c90 = _mm512_setzero_ps(), c91 = _mm512_setzero_ps();
+    __m512 ca0 = _mm512_setzero_ps(), ca1 = _mm512_setzero_ps();
+    __m512 cb0 = _mm512_setzero_ps(), cb1 = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_loadu_ps(pb + k * NR);
+        __m512 b1 = _mm512_loadu_ps(pb + k * NR + 16);
+        const float *ak = pa + k * MR;
+        __m512 a;
+#define ROW(r, x0, x1)                                                                             \
+    a = _mm512_set1_ps(ak[r]);                                                                     \
+    x0 = _mm512_fmadd_ps(a, b0, x0);                                                               \
+    x1 = _mm512_fmadd_ps(a, b1, x1);
+        ROW(0, c00, c01)
+        ROW(1, c10, c11) ROW(2, c20, c21) ROW(3, c30, c31) ROW(4, c40, c41) ROW(5, c50, c51)
+            ROW(6, c60, c61) ROW(7, c70, c71) ROW(8, c80, c81) ROW(9, c90, c91) ROW(10, ca0, ca1)
+                ROW(11, cb0, cb1)
+#undef ROW
+    }
+    __m512 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51},
+                         {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91}, {ca0, ca1}, {cb0, cb1}};
+    __mmask16 m0 = cols >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << cols) - 1);
+    __mmask16 m1 = cols >= 32  ? (__mmask16)0xffff
+                   : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1)
+                               : (__mmask16)0;
+    __m512 va = _mm512_set1_ps(alpha);
+    __m512 vb = _mm512_set1_ps(beta);
+    for (int64_t r = 0; r < rows; r++) {
+        float *cr = c + r * ldc;
+        __m512 x0 = _mm512_mul_ps(acc[r][0], va);
+        __m512 x1 = _mm512_mul_ps(acc[r][1], va);
+        if (beta != 0.0f) {
+            x0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m0, cr), vb, x0);
+            x1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m1, cr + 16), vb, x1);
+        }
+        _mm512_mask_storeu_ps(cr, m0, x0);
+        _mm512_mask_storeu_ps(cr + 16, m1, x1);
+    }
+}
+
+T512 static void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
+                              const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
+                              float *c, int64_t ldc, float *work) {
+    float *pb = work; // KC*NC + MC*KC floats
+    float *pa = work + KC * NC;
+    for (int64_t j0 = 0; j0 < n; j0 += NC) {
+        int64_t nc = n - j0 < NC ? n - j0 : NC;
+        for (int64_t p0 = 0; p0 < k; p0 += KC) {
+            int64_t kc = k - p0 < KC ? k - p0 : KC;
+            float be = p0 == 0 ? beta : 1.0f;
+            pack_b(tb, b, ldb, p0, kc, j0, nc, pb);
+            for (int64_t i0 = 0; i0 < m; i0 += MC) {
+                int64_t mc = m - i0 < MC ? m - i0 : MC;
+                pack_a(ta, a, lda, i0, mc, p0, kc, pa);
+                for (int64_t j = 0; j < nc; j += NR)
+                    for (int64_t i = 0; i < mc; i += MR)
+                        kernel(kc, pa + i * kc, pb + j * kc, c + (i0 + i) * ldc + j0 + j, ldc,
+                               mc - i < MR ? mc - i : MR, nc - j < NR ? nc - j : NR, alpha, be);
+            }
+        }
+    }
+}
+
+static bool use_avx512(void) {
+    return __builtin_cpu_supports("avx512f");
+}
+#else
+static bool use_avx512(void) {
+    return false;
+}
 #endif
 
 void opq_gemm_ref(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
@@ -22,7 +169,7 @@ void opq_gemm_ref(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
             float *cv = &c[i * ldc + j];
             // beta == 0 must ignore C (it may hold NaN garbage), as BLAS does
             double prev = beta == 0.0f ? 0.0 : (double)beta * (double)*cv;
-            *cv         = (float)((double)alpha * acc + prev);
+            *cv = (float)((double)alpha * acc + prev);
         }
     }
 }
@@ -32,7 +179,6 @@ void opq_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
                int64_t ldc) {
     if (m <= 0 || n <= 0)
         return;
-#ifdef OPQ_BLAS_OPENBLAS
     if (k <= 0) {
         // BLAS leaves C scaled by beta when K == 0; do it here so every backend agrees.
         for (int64_t i = 0; i < m; i++)
@@ -40,6 +186,15 @@ void opq_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
                 c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
         return;
     }
+#ifdef OPQ_HAVE_AVX512_GEMM
+    if (use_avx512()) {
+        // packing space on the stack (672 KiB): no allocation, no page faults after first use
+        _Alignas(64) float work[KC * NC + MC * KC];
+        sgemm_avx512(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, work);
+        return;
+    }
+#endif
+#ifdef OPQ_BLAS_OPENBLAS
     OPQ_ASSERT(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX);
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                 trans_b ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n, (blasint)k, alpha, a,
@@ -47,6 +202,46 @@ void opq_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, floa
 #else
     opq_gemm_ref(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
+}
+
+struct gemm_job {
+    bool ta, tb, split_rows;
+    int64_t m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+};
+
+// Chunk [i0, i1) of 16-wide blocks of rows (or columns) of C.
+static void gemm_part(void *user, int64_t i0, int64_t i1) {
+    const struct gemm_job *j = user;
+    int64_t total = j->split_rows ? j->m : j->n;
+    int64_t lo = i0 * 16;
+    int64_t hi = i1 * 16 < total ? i1 * 16 : total;
+    if (lo >= hi)
+        return;
+    if (j->split_rows)
+        opq_sgemm(j->ta, j->tb, hi - lo, j->n, j->k, j->alpha,
+                  j->ta ? j->a + lo : j->a + lo * j->lda, j->lda, j->b, j->ldb, j->beta,
+                  j->c + lo * j->ldc, j->ldc);
+    else
+        opq_sgemm(j->ta, j->tb, j->m, hi - lo, j->k, j->alpha, j->a, j->lda,
+                  j->tb ? j->b + lo * j->ldb : j->b + lo, j->ldb, j->beta, j->c + lo, j->ldc);
+}
+
+void opq_sgemm_mt(struct opq_threadpool *pool, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                  int64_t k, float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
+                  float beta, float *c, int64_t ldc) {
+    int nt = opq_threadpool_size(pool);
+    // small products are not worth a fork/join
+    if (nt <= 1 || (double)m * (double)n * (double)k < 4e6) {
+        opq_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    struct gemm_job j = {
+        trans_a, trans_b, m >= n || m >= 64 * nt, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
+    int64_t blocks = ((j.split_rows ? m : n) + 15) / 16;
+    opq_parallel_for(pool, blocks, 1, gemm_part, &j);
 }
 
 void opq_blas_set_threads(int n_threads) {

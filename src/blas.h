@@ -18,7 +18,17 @@ void opq_gemm_ref(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
                   const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
                   int64_t ldc);
 
-// Threads the BLAS backend may use for one call (no-op for the reference backend).
+struct opq_threadpool;
+
+// opq_sgemm split over the pool's threads (by rows of C, or by columns when C is short), each
+// part a single-threaded BLAS call. Deterministic for a fixed thread count.
+void opq_sgemm_mt(struct opq_threadpool *pool, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                  int64_t k, float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
+                  float beta, float *c, int64_t ldc);
+
+// Threads the BLAS backend may use for one call (no-op for the reference backend). The
+// executor sets 1 and parallelises with its own pool, so BLAS and kernel threads never
+// oversubscribe the cores.
 void opq_blas_set_threads(int n_threads);
 // "openblas" or "ref".
 const char *opq_blas_name(void);

@@ -23,48 +23,51 @@
 #include "threadpool.h"
 
 #define KEEP_FOREVER INT_MAX
-// Plan-time folding of computed values: non-float results up to this size (shape arithmetic)...
+// With fold_small_only, plan-time folding is limited to non-float results up to this size
+// (shape arithmetic)...
 #define FOLD_MAX_INT_BYTES ((size_t)1 << 20)
 // ...and tiny float results.
 #define FOLD_MAX_FLOAT_BYTES ((size_t)256)
 
 struct slot {
-    struct opq_tensor t;     // planned dtype/shape; data: constant, buffer or borrowed
-    int               buf;   // activation buffer, -1 if none
-    int               def;   // producing node index, -1 for inputs and constants
-    int               last;  // last reading node index (KEEP_FOREVER: never released)
-    bool              known; // shape known (defined so far during planning)
-    bool              is_const;
-    bool              is_input; // graph input fed by the caller
-    bool              valid;    // data computed/provided in this or (kept slots) an earlier run
-    bool              capture;
+    struct opq_tensor t; // planned dtype/shape; data: constant, buffer or borrowed
+    int buf;             // activation buffer, -1 if none
+    int def;             // producing node index, -1 for inputs and constants
+    int last;            // last reading node index (KEEP_FOREVER: never released)
+    bool known;          // shape known (defined so far during planning)
+    bool is_const;
+    bool is_input; // graph input fed by the caller
+    bool valid;    // data computed/provided in this or (kept slots) an earlier run
+    bool capture;
 };
 
 struct opq_exec {
-    struct opq_ctx          *ctx;
-    struct opq_model        *model;
-    struct opq_graph        *g;
-    int64_t                  opset;
-    struct opq_threadpool   *pool;
-    struct opq_arena        *arena;   // plan lifetime: buffers, folded constants, tables
-    struct opq_arena        *scratch; // kernels' temporaries, reset after every node
-    struct opq_arena        *bwd;     // one backward call
-    struct slot             *slots;
-    int                      n_slots;
-    const struct opq_kernel **kern;   // per node; NULL for dead or folded nodes
-    bool                    *folded;  // per node
-    const struct opq_tensor **ins;    // per-node call arrays (sized for the widest node)
-    struct opq_tensor       *outs;
-    struct opq_tensor       *douts;
-    struct opq_tensor       *dins;
-    void                   **bufs;
-    size_t                  *buf_size;
-    int                      n_bufs;
-    size_t                   value_bytes;
-    int                      n_folded;
-    opq_capture_fn           cap_fn;
-    void                    *cap_user;
-    bool                     cap_all;
+    struct opq_ctx *ctx;
+    struct opq_model *model;
+    struct opq_graph *g;
+    int64_t opset;
+    struct opq_threadpool *pool;
+    struct opq_arena *arena;   // plan lifetime: buffers, folded constants, tables
+    struct opq_arena *scratch; // kernels' temporaries, reset after every node
+    struct opq_arena *bwd;     // one backward call (gradients live here until the next)
+    struct opq_arena *bind;    // one run's bookkeeping
+    struct slot *slots;
+    int n_slots;
+    const struct opq_kernel **kern; // per node; NULL for dead or folded nodes
+    bool *folded;                   // per node
+    const struct opq_tensor **ins;  // per-node call arrays (sized for the widest node)
+    struct opq_tensor *outs;
+    struct opq_tensor *douts;
+    struct opq_tensor *dins;
+    void **bufs;
+    size_t *buf_size;
+    int n_bufs;
+    size_t value_bytes;
+    int n_folded;
+    opq_capture_fn cap_fn;
+    void *cap_user;
+    bool cap_all;
+    bool fold_small_only;
 };
 
 // "op 'name'" for messages; nameless nodes are named by their first output.
@@ -83,8 +86,11 @@ static struct slot *slot_of(struct opq_exec *e, const struct opq_value *v) {
 
 static struct opq_kctx kctx_of(struct opq_exec *e) {
     struct opq_kctx k = {
-        .ctx = e->ctx, .scratch = e->scratch, .n_threads = opq_threadpool_size(e->pool),
-        .opset = e->opset, .pool = e->pool,
+        .ctx = e->ctx,
+        .scratch = e->scratch,
+        .n_threads = opq_threadpool_size(e->pool),
+        .opset = e->opset,
+        .pool = e->pool,
     };
     return k;
 }
@@ -105,8 +111,8 @@ static enum opq_status plan_inputs(struct opq_exec *e, const struct opq_named_te
                                  shapes[i].name ? shapes[i].name : "(null)");
     }
     for (int i = 0; i < g->n_inputs; i++) {
-        struct opq_value        *v    = g->inputs[i];
-        struct slot             *s    = slot_of(e, v);
+        struct opq_value *v = g->inputs[i];
+        struct slot *s = slot_of(e, v);
         const struct opq_tensor *given = NULL;
         for (int j = 0; j < n_shapes; j++)
             if (strcmp(shapes[j].name, v->name) == 0)
@@ -115,8 +121,8 @@ static enum opq_status plan_inputs(struct opq_exec *e, const struct opq_named_te
             continue; // an initializer also listed as input (IR < 4): its default value
         s->is_const = false;
         s->is_input = true;
-        s->t        = v->t;
-        s->t.data   = NULL;
+        s->t = v->t;
+        s->t.data = NULL;
         if (given) {
             if (v->t.dtype != OPQ_DTYPE_UNDEF && given->dtype != v->t.dtype)
                 return opq_set_error(e->ctx, OPQ_ERR_SHAPE, "input '%s': dtype %s, model says %s",
@@ -128,11 +134,10 @@ static enum opq_status plan_inputs(struct opq_exec *e, const struct opq_named_te
             for (int d = 0; v->t.ndim >= 0 && d < given->ndim; d++)
                 if (v->t.shape[d] >= 0 && given->shape[d] != v->t.shape[d])
                     return opq_set_error(e->ctx, OPQ_ERR_SHAPE,
-                                         "input '%s': dim %d is %lld, model says %lld", v->name,
-                                         d, (long long)given->shape[d],
-                                         (long long)v->t.shape[d]);
+                                         "input '%s': dim %d is %lld, model says %lld", v->name, d,
+                                         (long long)given->shape[d], (long long)v->t.shape[d]);
             s->t.dtype = given->dtype;
-            s->t.ndim  = given->ndim;
+            s->t.ndim = given->ndim;
             memcpy(s->t.shape, given->shape, sizeof(s->t.shape));
         } else {
             if (s->t.ndim < 0)
@@ -159,7 +164,6 @@ static enum opq_status plan_inputs(struct opq_exec *e, const struct opq_named_te
     }
     return OPQ_OK;
 }
-
 
 // Fills e->ins / e->outs for node n from the slots (outs are copies; omitted outputs get
 // data NULL). `data` selects where activation data comes from (NULL: the slots).
@@ -192,7 +196,7 @@ static bool node_foldable(struct opq_exec *e, const struct opq_node *n) {
         if (!slot_of(e, v)->is_const && !shape_only)
             return false;
     }
-    for (int j = 0; j < n->n_outputs; j++) {
+    for (int j = 0; j < n->n_outputs && e->fold_small_only; j++) {
         const struct opq_tensor *t = &e->outs[j];
         if (n->outputs[j] && t->nbytes > (is_float(t) ? FOLD_MAX_FLOAT_BYTES : FOLD_MAX_INT_BYTES))
             return false;
@@ -203,11 +207,10 @@ static bool node_foldable(struct opq_exec *e, const struct opq_node *n) {
 static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) {
     const struct opq_kernel *kern = opq_kernel_for(n->op);
     if (!kern || !kern->forward || !kern->infer)
-        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
-                             "node '%s': op %s%s%s (opset %lld) is not supported", node_name(n),
-                             n->domain && n->domain[0] ? n->domain : "",
-                             n->domain && n->domain[0] ? "::" : "", n->op_type,
-                             (long long)e->opset);
+        return opq_set_error(
+            e->ctx, OPQ_ERR_UNSUPPORTED, "node '%s': op %s%s%s (opset %lld) is not supported",
+            node_name(n), n->domain && n->domain[0] ? n->domain : "",
+            n->domain && n->domain[0] ? "::" : "", n->op_type, (long long)e->opset);
     if (kern->min_opset > 0 && e->opset < kern->min_opset)
         return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
                              "node '%s': %s at opset %lld is not supported (needs opset >= %d)",
@@ -226,7 +229,7 @@ static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) 
             return opq_set_error(e->ctx, OPQ_ERR_INVALID_MODEL,
                                  "node '%s': output '%s' is defined twice", node_name(n),
                                  n->outputs[j]->name);
-    struct opq_kctx k  = kctx_of(e);
+    struct opq_kctx k = kctx_of(e);
     enum opq_status st = OPQ_OK;
     if (kern->parse) {
         st = kern->parse(&k, e->g, n);
@@ -254,11 +257,11 @@ static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) 
                                node_name(n), n->op_type, n->outputs[j]->name);
             goto out;
         }
-        t->data        = NULL;
+        t->data = NULL;
         struct slot *s = slot_of(e, n->outputs[j]);
-        s->t           = *t;
-        s->known       = true;
-        s->def         = i;
+        s->t = *t;
+        s->known = true;
+        s->def = i;
     }
     if (node_foldable(e, n)) {
         for (int j = 0; j < n->n_outputs; j++) {
@@ -278,10 +281,10 @@ static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) 
             if (!n->outputs[j])
                 continue;
             struct slot *s = slot_of(e, n->outputs[j]);
-            s->t.data      = e->outs[j].data;
-            s->is_const    = true;
-            s->valid       = true;
-            s->def         = -1;
+            s->t.data = e->outs[j].data;
+            s->is_const = true;
+            s->valid = true;
+            s->def = -1;
         }
         e->folded[i] = true;
         e->n_folded++;
@@ -320,7 +323,7 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
             e->slots[i].last = KEEP_FOREVER;
 
     // at most one buffer per value
-    bool   *busy = opq_arena_alloc(e->scratch, sizeof(*busy) * ((size_t)g->n_values + 1));
+    bool *busy = opq_arena_alloc(e->scratch, sizeof(*busy) * ((size_t)g->n_values + 1));
     size_t *size = opq_arena_alloc(e->scratch, sizeof(*size) * ((size_t)g->n_values + 1));
     if (!busy || !size)
         return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning buffers");
@@ -332,11 +335,11 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
         for (int j = 0; j < n->n_outputs; j++) {
             if (!n->outputs[j])
                 continue;
-            struct slot *s    = slot_of(e, n->outputs[j]);
-            size_t       need = s->t.nbytes ? s->t.nbytes : 1;
+            struct slot *s = slot_of(e, n->outputs[j]);
+            size_t need = s->t.nbytes ? s->t.nbytes : 1;
             e->value_bytes += s->t.nbytes;
             int best = -1;
-            int big  = -1;
+            int big = -1;
             for (int b = 0; b < nb; b++) {
                 if (busy[b])
                     continue;
@@ -346,15 +349,15 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
                     big = b;
             }
             if (best < 0 && big >= 0) {
-                best       = big;
+                best = big;
                 size[best] = need;
             }
             if (best < 0) {
-                best       = nb++;
+                best = nb++;
                 size[best] = need;
             }
             busy[best] = true;
-            s->buf     = best;
+            s->buf = best;
         }
         // release what this node read for the last time, and outputs nobody reads
         for (int j = 0; j < n->n_inputs; j++) {
@@ -368,14 +371,14 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
                 busy[s->buf] = false;
         }
     }
-    e->n_bufs   = nb;
-    e->bufs     = opq_arena_alloc(e->arena, sizeof(*e->bufs) * (size_t)(nb + 1));
+    e->n_bufs = nb;
+    e->bufs = opq_arena_alloc(e->arena, sizeof(*e->bufs) * (size_t)(nb + 1));
     e->buf_size = opq_arena_alloc(e->arena, sizeof(*e->buf_size) * (size_t)(nb + 1));
     if (!e->bufs || !e->buf_size)
         return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning buffers");
     for (int b = 0; b < nb; b++) {
         e->buf_size[b] = size[b];
-        e->bufs[b]     = opq_arena_alloc_raw(e->arena, size[b]);
+        e->bufs[b] = opq_arena_alloc_raw(e->arena, size[b]);
         if (!e->bufs[b])
             return opq_set_error(e->ctx, OPQ_ERR_NOMEM,
                                  "out of memory allocating activations (%zu bytes)", size[b]);
@@ -390,25 +393,27 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
 enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
                               const struct opq_named_tensor *shapes, int n_shapes,
                               const struct opq_exec_opts *opts, struct opq_exec **out) {
-    enum opq_status   st = OPQ_OK;
-    struct opq_graph *g  = model->graph;
-    *out                 = NULL;
-    struct opq_exec *e   = opq_calloc(ctx, 1, sizeof(*e));
+    enum opq_status st = OPQ_OK;
+    struct opq_graph *g = model->graph;
+    *out = NULL;
+    struct opq_exec *e = opq_calloc(ctx, 1, sizeof(*e));
     if (!e)
         return opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory creating the executor");
-    e->ctx     = ctx;
-    e->model   = model;
-    e->g       = g;
-    e->opset   = opq_model_opset(model, "");
-    e->arena   = opq_arena_new(ctx);
+    e->ctx = ctx;
+    e->model = model;
+    e->g = g;
+    e->opset = opq_model_opset(model, "");
+    e->fold_small_only = opts && opts->fold_small_only;
+    e->arena = opq_arena_new(ctx);
     e->scratch = opq_arena_new(ctx);
-    e->bwd     = opq_arena_new(ctx);
-    if (!e->arena || !e->scratch || !e->bwd) {
+    e->bwd = opq_arena_new(ctx);
+    e->bind = opq_arena_new(ctx);
+    if (!e->arena || !e->scratch || !e->bwd || !e->bind) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory creating the executor");
         goto out_fail;
     }
     int nt = opq_ctx_threads(ctx);
-    opq_blas_set_threads(nt);
+    opq_blas_set_threads(1); // the pool parallelises GEMMs itself (see blas.h)
     if (nt > 1) {
         e->pool = opq_threadpool_new(ctx, nt);
         if (!e->pool) {
@@ -419,8 +424,8 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
     int max_io = 1;
     for (int i = 0; i < g->n_nodes; i++) {
         if (g->nodes[i]->index != i) {
-            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "node %d has index %d", i,
-                               g->nodes[i]->index);
+            st =
+                opq_set_error(ctx, OPQ_ERR_INTERNAL, "node %d has index %d", i, g->nodes[i]->index);
             goto out_fail;
         }
         if (g->nodes[i]->n_inputs > max_io)
@@ -429,29 +434,29 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
             max_io = g->nodes[i]->n_outputs;
     }
     e->n_slots = g->n_values;
-    e->slots   = opq_arena_alloc(e->arena, sizeof(*e->slots) * (size_t)(g->n_values + 1));
-    e->kern    = opq_arena_alloc(e->arena, sizeof(*e->kern) * (size_t)(g->n_nodes + 1));
-    e->folded  = opq_arena_alloc(e->arena, sizeof(*e->folded) * (size_t)(g->n_nodes + 1));
-    e->ins     = opq_arena_alloc(e->arena, sizeof(*e->ins) * (size_t)max_io);
-    e->outs    = opq_arena_alloc(e->arena, sizeof(*e->outs) * (size_t)max_io);
-    e->douts   = opq_arena_alloc(e->arena, sizeof(*e->douts) * (size_t)max_io);
-    e->dins    = opq_arena_alloc(e->arena, sizeof(*e->dins) * (size_t)max_io);
+    e->slots = opq_arena_alloc(e->arena, sizeof(*e->slots) * (size_t)(g->n_values + 1));
+    e->kern = opq_arena_alloc(e->arena, sizeof(*e->kern) * (size_t)(g->n_nodes + 1));
+    e->folded = opq_arena_alloc(e->arena, sizeof(*e->folded) * (size_t)(g->n_nodes + 1));
+    e->ins = opq_arena_alloc(e->arena, sizeof(*e->ins) * (size_t)max_io);
+    e->outs = opq_arena_alloc(e->arena, sizeof(*e->outs) * (size_t)max_io);
+    e->douts = opq_arena_alloc(e->arena, sizeof(*e->douts) * (size_t)max_io);
+    e->dins = opq_arena_alloc(e->arena, sizeof(*e->dins) * (size_t)max_io);
     if (!e->slots || !e->kern || !e->folded || !e->ins || !e->outs || !e->douts || !e->dins) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory planning");
         goto out_fail;
     }
     for (int i = 0; i < g->n_values; i++) {
         const struct opq_value *v = g->values[i];
-        struct slot            *s = &e->slots[i];
+        struct slot *s = &e->slots[i];
         if (v->index != i) {
             st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "value '%s' has index %d, not %d", v->name,
                                v->index, i);
             goto out_fail;
         }
-        s->buf  = -1;
-        s->def  = -1;
+        s->buf = -1;
+        s->def = -1;
         s->last = -1;
-        s->t    = v->t;
+        s->t = v->t;
         if ((v->kind & OPQ_VK_INIT) && !v->t.data && v->t.nbytes == 0 && v->t.ndim >= 0) {
             s->t.data = opq_arena_alloc(e->arena, 1); // an empty initializer: valid pointer
             if (!s->t.data) {
@@ -459,12 +464,12 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
                 goto out_fail;
             }
             s->is_const = true;
-            s->known    = true;
-            s->valid    = true;
+            s->known = true;
+            s->valid = true;
         } else if ((v->kind & OPQ_VK_INIT) && v->t.data) {
             s->is_const = true;
-            s->known    = true;
-            s->valid    = true;
+            s->known = true;
+            s->valid = true;
         } else {
             s->t.data = NULL;
         }
@@ -503,6 +508,7 @@ void opq_exec_free(struct opq_exec *e) {
     opq_arena_free(e->arena);
     opq_arena_free(e->scratch);
     opq_arena_free(e->bwd);
+    opq_arena_free(e->bind);
     opq_free(e->ctx, e);
 }
 
@@ -511,8 +517,8 @@ void opq_exec_get_stats(const struct opq_exec *e, struct opq_exec_stats *st) {
     for (int b = 0; b < e->n_bufs; b++)
         st->buffer_bytes += e->buf_size[b];
     st->value_bytes = e->value_bytes;
-    st->n_buffers   = e->n_bufs;
-    st->n_folded    = e->n_folded;
+    st->n_buffers = e->n_bufs;
+    st->n_folded = e->n_folded;
 }
 
 int opq_exec_producer_index(const struct opq_exec *e, const char *name) {
@@ -531,9 +537,9 @@ enum opq_status opq_exec_set_capture(struct opq_exec *e, const char *const *name
                                      opq_capture_fn fn, void *user) {
     for (int i = 0; i < e->n_slots; i++)
         e->slots[i].capture = false;
-    e->cap_fn   = fn;
+    e->cap_fn = fn;
     e->cap_user = user;
-    e->cap_all  = fn && n_names < 0;
+    e->cap_all = fn && n_names < 0;
     for (int i = 0; fn && i < n_names; i++) {
         struct opq_value *v = opq_graph_value(e->g, names[i]);
         if (!v)
@@ -558,8 +564,7 @@ static bool same_shape(const struct opq_tensor *a, const struct opq_tensor *b) {
 static void shape_str(const struct opq_tensor *t, char *buf, size_t cap) {
     size_t len = (size_t)snprintf(buf, cap, "%s[", opq_dtype_name(t->dtype));
     for (int d = 0; d < t->ndim && len < cap; d++)
-        len += (size_t)snprintf(buf + len, cap - len, d ? ",%lld" : "%lld",
-                                (long long)t->shape[d]);
+        len += (size_t)snprintf(buf + len, cap - len, d ? ",%lld" : "%lld", (long long)t->shape[d]);
     if (len < cap)
         snprintf(buf + len, cap - len, "]");
 }
@@ -585,7 +590,7 @@ static void refresh_constants(struct opq_exec *e) {
     // initializer data may have been replaced between runs (reconstruction updates weights)
     for (int i = 0; i < e->g->n_inits; i++) {
         const struct opq_value *v = e->g->inits[i];
-        struct slot            *s = slot_of(e, v);
+        struct slot *s = slot_of(e, v);
         if (s->is_const && s->def < 0 && !s->is_input && v->t.data && (v->kind & OPQ_VK_INIT))
             s->t.data = v->t.data;
     }
@@ -598,7 +603,7 @@ static void refresh_constants(struct opq_exec *e) {
 
 struct borrow {
     struct slot *s;
-    void        *old;
+    void *old;
 };
 
 // Binds caller tensors: buffered values are copied into their buffer (safe: see plan), others
@@ -614,8 +619,8 @@ static enum opq_status bind_given(struct opq_exec *e, const struct opq_named_ten
         if (st != OPQ_OK)
             return st;
         struct slot *s = slot_of(e, v);
-        saved[i].s     = s;
-        saved[i].old   = s->t.data;
+        saved[i].s = s;
+        saved[i].old = s->t.data;
         if (s->buf >= 0) {
             memcpy(s->t.data, given[i].t.data, s->t.nbytes);
             saved[i].s = NULL;
@@ -634,9 +639,9 @@ static void unbind(struct borrow *saved, int n) {
 }
 
 static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
-    struct opq_graph *g  = e->g;
-    struct opq_kctx   k  = kctx_of(e);
-    enum opq_status   st = OPQ_OK;
+    struct opq_graph *g = e->g;
+    struct opq_kctx k = kctx_of(e);
+    enum opq_status st = OPQ_OK;
     for (int i = first; i <= last; i++) {
         struct opq_node *n = g->nodes[i];
         if (!e->kern[i] || e->folded[i])
@@ -662,7 +667,7 @@ static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
             if (!v)
                 continue;
             struct slot *s = slot_of(e, v);
-            s->valid       = true;
+            s->valid = true;
             if (e->cap_fn && (e->cap_all || s->capture)) {
                 st = e->cap_fn(e->cap_user, v->name, &s->t);
                 if (st != OPQ_OK)
@@ -679,14 +684,14 @@ enum opq_status opq_exec_run_range(struct opq_exec *e, int first, int last,
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
                              last, e->g->n_nodes - 1);
     refresh_constants(e);
-    struct borrow *saved = opq_arena_alloc(e->bwd, sizeof(*saved) * (size_t)(n_provided + 1));
+    struct borrow *saved = opq_arena_alloc(e->bind, sizeof(*saved) * (size_t)(n_provided + 1));
     if (!saved)
         return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory");
     enum opq_status st = bind_given(e, provided, n_provided, false, saved);
     if (st == OPQ_OK)
         st = run_nodes(e, first, last);
     unbind(saved, n_provided);
-    opq_arena_reset(e->bwd);
+    opq_arena_reset(e->bind);
     return st;
 }
 
@@ -694,15 +699,15 @@ enum opq_status opq_exec_run(struct opq_exec *e, const struct opq_named_tensor *
                              int n_inputs, struct opq_tensor *outputs, int n_outputs) {
     struct opq_graph *g = e->g;
     if (n_outputs > g->n_outputs)
-        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "%d outputs asked, the model has %d",
-                             n_outputs, g->n_outputs);
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "%d outputs asked, the model has %d", n_outputs,
+                             g->n_outputs);
     refresh_constants(e);
     for (int i = 0; i < g->n_inputs; i++) {
         struct slot *s = slot_of(e, g->inputs[i]);
         if (s->is_input)
             s->valid = false;
     }
-    struct borrow *saved = opq_arena_alloc(e->bwd, sizeof(*saved) * (size_t)(n_inputs + 1));
+    struct borrow *saved = opq_arena_alloc(e->bind, sizeof(*saved) * (size_t)(n_inputs + 1));
     if (!saved)
         return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory");
     enum opq_status st = bind_given(e, inputs, n_inputs, true, saved);
@@ -716,7 +721,7 @@ enum opq_status opq_exec_run(struct opq_exec *e, const struct opq_named_tensor *
         outputs[i] = slot_of(e, g->outputs[i])->t;
     // graph inputs that are also outputs stay borrowed: keep the caller's pointer in outputs
     unbind(saved, n_inputs);
-    opq_arena_reset(e->bwd);
+    opq_arena_reset(e->bind);
     return st;
 }
 
@@ -735,17 +740,17 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
                                   const struct opq_named_tensor *provided, int n_provided,
                                   const struct opq_named_tensor *seeds, int n_seeds,
                                   const char *const *wrt, int n_wrt, struct opq_tensor *grads) {
-    struct opq_graph *g  = e->g;
-    enum opq_status   st = OPQ_OK;
+    struct opq_graph *g = e->g;
+    enum opq_status st = OPQ_OK;
     if (first < 0 || last >= g->n_nodes || first > last)
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
                              last, g->n_nodes - 1);
     refresh_constants(e);
     opq_arena_reset(e->bwd);
-    size_t              ns   = (size_t)e->n_slots + 1;
-    struct opq_tensor **fw   = opq_arena_alloc(e->bwd, sizeof(*fw) * ns);   // forward values
-    float             **gr   = opq_arena_alloc(e->bwd, sizeof(*gr) * ns);   // gradients
-    bool               *need = opq_arena_alloc(e->bwd, sizeof(*need) * ns); // on a grad path
+    size_t ns = (size_t)e->n_slots + 1;
+    struct opq_tensor **fw = opq_arena_alloc(e->bwd, sizeof(*fw) * ns); // forward values
+    float **gr = opq_arena_alloc(e->bwd, sizeof(*gr) * ns);             // gradients
+    bool *need = opq_arena_alloc(e->bwd, sizeof(*need) * ns);           // on a grad path
     if (!fw || !gr || !need)
         return bwd_nomem(e);
     // 1. values available to the range: provided, constant or valid
@@ -796,7 +801,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             struct opq_tensor *t = opq_arena_alloc(e->bwd, sizeof(*t));
             if (!t)
                 return bwd_nomem(e);
-            *t      = slot_of(e, v)->t;
+            *t = slot_of(e, v)->t;
             t->data = opq_arena_alloc_raw(e->bwd, t->nbytes);
             if (!t->data)
                 return bwd_nomem(e);
@@ -817,14 +822,12 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
     for (int i = 0; i < n_seeds; i++) {
         struct opq_value *v = opq_graph_value(g, seeds[i].name);
         if (!v)
-            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s': no such value",
-                                 seeds[i].name);
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s': no such value", seeds[i].name);
         st = check_given(e, v, &seeds[i].t);
         if (st != OPQ_OK)
             return st;
         if (!is_float(&seeds[i].t))
-            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s' must be float32",
-                                 seeds[i].name);
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s' must be float32", seeds[i].name);
         size_t nb = seeds[i].t.nbytes;
         if (gr[v->index]) {
             add_into(gr[v->index], seeds[i].t.data, nb / sizeof(float));
@@ -853,7 +856,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
                                  node_name(n), n->op_type);
         node_io(e, n, fw);
         for (int j = 0; j < n->n_outputs; j++) {
-            e->douts[j]      = e->outs[j];
+            e->douts[j] = e->outs[j];
             e->douts[j].data = n->outputs[j] ? gr[n->outputs[j]->index] : NULL;
         }
         for (int j = 0; j < n->n_inputs; j++) {
@@ -861,7 +864,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             memset(&e->dins[j], 0, sizeof(e->dins[j]));
             if (!v)
                 continue;
-            e->dins[j]      = *fw[v->index];
+            e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
             if (need[v->index]) {
                 e->dins[j].data = opq_arena_alloc_raw(e->bwd, e->dins[j].nbytes);
@@ -890,14 +893,14 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
     // 5. results
     for (int i = 0; i < n_wrt; i++) {
         struct opq_value *v = opq_graph_value(g, wrt[i]);
-        grads[i]            = slot_of(e, v)->t;
+        grads[i] = slot_of(e, v)->t;
         if (!gr[v->index]) {
             gr[v->index] = opq_arena_alloc(e->bwd, grads[i].nbytes);
             if (!gr[v->index])
                 return bwd_nomem(e);
         }
         grads[i].dtype = OPQ_DTYPE_FLOAT;
-        grads[i].data  = gr[v->index];
+        grads[i].data = gr[v->index];
     }
     return OPQ_OK;
 }

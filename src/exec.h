@@ -7,11 +7,16 @@
  * arithmetic whose inputs are all known (Shape -> Gather -> Concat -> Reshape with a dynamic
  * batch), and assigns activation buffers by lifetime so that peak memory stays near the live set.
  *
- * Memory: tensors handed out (outputs, opq_exec_value, gradients) point into executor-owned
- * buffers that stay valid until the next run/backward call on the same executor, or its free.
+ * Memory: tensors handed out (outputs, opq_exec_value) point into executor-owned buffers that
+ * stay valid until the next run/backward call on the same executor, or its free; gradients stay
+ * valid until the next opq_exec_backward (forward runs in between do not touch them).
+ * Threads: the executor runs ctx->n_threads threads (kernels parallel-for, GEMMs split by rows)
+ * and sets the BLAS library to one thread, so the two never oversubscribe the cores.
  * Input data passed to a run is borrowed for the duration of the call only.
- * The model must outlive the executor and must not be changed structurally while planned;
- * initializer DATA may be changed in place between runs (reconstruction does that). */
+ * The model must outlive the executor and must not be changed structurally while planned.
+ * Initializers are constants: nodes computing only from them are evaluated once at plan time.
+ * Values marked OPQ_VK_PARAM are the exception: their data may change in place between runs
+ * (reconstruction does that) and nothing depending on them is folded. */
 #ifndef OPQ_EXEC_H
 #define OPQ_EXEC_H
 
@@ -22,20 +27,23 @@ struct opq_exec;
 
 // A tensor with a value name (inputs, seeds and results of the calls below).
 struct opq_named_tensor {
-    const char       *name;
+    const char *name;
     struct opq_tensor t;
 };
 
 struct opq_exec_opts {
     // Unknown (-1 / symbolic) dims of graph inputs that `shapes` does not give become `batch`
     // when they are the leading dim; any other unknown dim is an error. 0: no default.
-    int64_t            batch;
+    int64_t batch;
     // Values whose data must survive the whole run (their buffers are never reused), e.g.
     // block inputs/outputs read back with opq_exec_value() after a run.
     const char *const *pinned;
-    int                n_pinned;
+    int n_pinned;
     // Keep every value (no buffer reuse at all): debugging and tests.
-    bool               keep_all;
+    bool keep_all;
+    // Plan-time folding is limited to shape arithmetic and tiny tensors (by default every node
+    // whose inputs are all constant is folded, except nodes reading OPQ_VK_PARAM values).
+    bool fold_small_only;
 };
 
 // Plans `model` (borrowed) for the given input shapes (data may be NULL; names must be graph
@@ -44,7 +52,7 @@ struct opq_exec_opts {
 enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
                               const struct opq_named_tensor *shapes, int n_shapes,
                               const struct opq_exec_opts *opts, struct opq_exec **out);
-void            opq_exec_free(struct opq_exec *exec);
+void opq_exec_free(struct opq_exec *exec);
 
 // Runs the whole graph. `inputs` must give every graph input without an initializer, with the
 // planned shape and dtype. outputs[i] (n_outputs <= graph outputs, graph output order) receives
@@ -66,8 +74,7 @@ const struct opq_tensor *opq_exec_value(const struct opq_exec *exec, const char 
 // for each value listed in `names` (n_names < 0: every computed value). The tensor is borrowed for
 // the call only. Replaces any previous capture; fn NULL disables. Return non-OK to abort the run
 // (that status is returned by the run).
-typedef enum opq_status (*opq_capture_fn)(void *user, const char *name,
-                                          const struct opq_tensor *t);
+typedef enum opq_status (*opq_capture_fn)(void *user, const char *name, const struct opq_tensor *t);
 enum opq_status opq_exec_set_capture(struct opq_exec *exec, const char *const *names, int n_names,
                                      opq_capture_fn fn, void *user);
 
@@ -86,8 +93,8 @@ enum opq_status opq_exec_backward(struct opq_exec *exec, int first, int last,
 struct opq_exec_stats {
     size_t buffer_bytes;
     size_t value_bytes;
-    int    n_buffers;
-    int    n_folded; // nodes evaluated at plan time
+    int n_buffers;
+    int n_folded; // nodes evaluated at plan time
 };
 void opq_exec_get_stats(const struct opq_exec *exec, struct opq_exec_stats *st);
 

@@ -35,8 +35,8 @@
 #error "onnx_io.c uses ONNX little-endian tensor bytes in place: big-endian hosts need byte swaps"
 #endif
 
-#define PB_MAX_DEPTH   100         // message nesting accepted at load (protobuf's own default)
-#define EXT_ALIGN      64          // offset alignment of tensors in external data files
+#define PB_MAX_DEPTH 100 // message nesting accepted at load (protobuf's own default)
+#define EXT_ALIGN 64     // offset alignment of tensors in external data files
 
 // Above this the protobuf is written with external data (protobuf's hard limit is 2 GiB).
 static size_t inline_limit = (size_t)INT32_MAX;
@@ -45,40 +45,40 @@ enum vi_role { ROLE_INPUT, ROLE_OUTPUT, ROLE_INFO, ROLE_COUNT };
 
 // Round-trip data of one message. Pointers refer to unpacked messages living in the model arena.
 struct opq_pb_extra {
-    size_t                        n_unknown;
+    size_t n_unknown;
     ProtobufCMessageUnknownField *unknown;
-    const char                   *doc_string;
+    const char *doc_string;
     union {
         struct {
-            Onnx__OperatorSetIdProto    **opsets;    // as loaded; re-emitted if the IR's match
-            size_t                        n_opsets;
+            Onnx__OperatorSetIdProto **opsets; // as loaded; re-emitted if the IR's match
+            size_t n_opsets;
             Onnx__StringStringEntryProto **metadata;
-            size_t                        n_metadata;
-            Onnx__TrainingInfoProto     **training;
-            size_t                        n_training;
-            Onnx__FunctionProto         **functions;
-            size_t                        n_functions;
+            size_t n_metadata;
+            Onnx__TrainingInfoProto **training;
+            size_t n_training;
+            Onnx__FunctionProto **functions;
+            size_t n_functions;
         } model;
         struct {
             Onnx__TensorAnnotation **qannot;
-            size_t                   n_qannot;
+            size_t n_qannot;
         } graph;
         struct {
             Onnx__ValueInfoProto *vi[ROLE_COUNT]; // graph.input / output / value_info entries
             // dtype and shape as loaded: the ValueInfoProtos are re-emitted verbatim while the
             // value still matches them, and rebuilt from the IR once a pass changed it
-            enum opq_dtype        dtype;
-            int                   ndim;
-            int64_t               shape[OPQ_MAX_DIMS];
-            const char           *dim_param[OPQ_MAX_DIMS];
+            enum opq_dtype dtype;
+            int ndim;
+            int64_t shape[OPQ_MAX_DIMS];
+            const char *dim_param[OPQ_MAX_DIMS];
         } value;
         struct {
             const char *name;
         } tensor;
         struct {
             const Onnx__AttributeProto *orig; // GRAPH(S)/SPARSE/TYPE_PROTO(S) values come from here
-            struct opq_pb_extra        *t;    // TENSOR
-            struct opq_pb_extra       **ts;   // TENSORS
+            struct opq_pb_extra *t;           // TENSOR
+            struct opq_pb_extra **ts;         // TENSORS
         } attr;
     };
 };
@@ -92,7 +92,7 @@ static const char *str_or_empty(const char *s) {
 // "[1,3,224,224]" into buf (truncated if needed).
 static const char *fmt_dims(char *buf, size_t n, const int64_t *dims, size_t nd) {
     size_t off = 0;
-    buf[0]     = '\0';
+    buf[0] = '\0';
     off += (size_t)snprintf(buf + off, n - off, "[");
     for (size_t i = 0; i < nd && off < n; i++)
         off += (size_t)snprintf(buf + off, n - off, "%s%" PRId64, i ? "," : "", dims[i]);
@@ -101,26 +101,29 @@ static const char *fmt_dims(char *buf, size_t n, const int64_t *dims, size_t nd)
     return buf;
 }
 
-// The folder part of a path ("." if none), arena-owned.
-static char *dir_of(struct opq_arena *a, const char *path) {
+// The folder part of a path ("." if none); caller frees with opq_free. NULL on OOM.
+static char *dir_of(struct opq_ctx *ctx, const char *path) {
     const char *slash = strrchr(path, '/');
-    if (!slash)
-        return opq_arena_strdup(a, ".");
-    if (slash == path)
-        return opq_arena_strdup(a, "/");
-    return opq_arena_strndup(a, path, (size_t)(slash - path));
+    const char *dir = slash ? path : ".";
+    size_t n = !slash ? 1 : slash == path ? 1 : (size_t)(slash - path);
+    char *d = opq_malloc(ctx, n + 1);
+    if (d) {
+        memcpy(d, dir, n);
+        d[n] = '\0';
+    }
+    return d;
 }
 
 // A protobuf-c allocator carving everything out of an arena (frees are no-ops: the arena owns
 // the unpacked messages). `oom` tells an allocation failure apart from malformed input.
 struct arena_alloc {
     struct opq_arena *arena;
-    bool              oom;
+    bool oom;
 };
 
 static void *pb_arena_alloc(void *user, size_t size) {
     struct arena_alloc *aa = user;
-    void               *p  = opq_arena_alloc_raw(aa->arena, size);
+    void *p = opq_arena_alloc_raw(aa->arena, size);
     if (!p)
         aa->oom = true;
     return p;
@@ -134,17 +137,17 @@ static void pb_arena_free(void *user, void *p) {
 // A read-only view of a whole file.
 struct mapped {
     const uint8_t *data;
-    size_t         len;
-    bool           is_map;
+    size_t len;
+    bool is_map;
 };
 
 static enum opq_status map_file(struct opq_ctx *ctx, const char *path, struct mapped *mf) {
     enum opq_status st = OPQ_OK;
-    struct stat     sb;
-    mf->data   = NULL;
-    mf->len    = 0;
+    struct stat sb;
+    mf->data = NULL;
+    mf->len = 0;
     mf->is_map = false;
-    int fd     = open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY);
     if (fd < 0)
         return opq_set_error(ctx, OPQ_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     if (fstat(fd, &sb) != 0) {
@@ -157,14 +160,14 @@ static enum opq_status map_file(struct opq_ctx *ctx, const char *path, struct ma
     }
     if (sb.st_size == 0)
         goto out_close; // empty: the caller reports it as a parse error
-    mf->len   = (size_t)sb.st_size;
+    mf->len = (size_t)sb.st_size;
     void *map = mmap(NULL, mf->len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (map == MAP_FAILED) {
         st = opq_set_error(ctx, OPQ_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
         goto out_close;
     }
     posix_madvise(map, mf->len, POSIX_MADV_SEQUENTIAL);
-    mf->data   = map;
+    mf->data = map;
     mf->is_map = true;
 out_close:
     close(fd);
@@ -174,7 +177,7 @@ out_close:
 static void unmap_file(struct mapped *mf) {
     if (mf->is_map)
         munmap((void *)mf->data, mf->len);
-    mf->data   = NULL;
+    mf->data = NULL;
     mf->is_map = false;
 }
 
@@ -244,11 +247,11 @@ static bool wire_check(const ProtobufCMessageDescriptor *d, const uint8_t *p, si
 // ---- load: tensors ------------------------------------------------------------------------------
 
 struct loader {
-    struct opq_ctx   *ctx;
-    struct opq_arena *a;    // the model arena: unpacked messages live here too
+    struct opq_ctx *ctx;
+    struct opq_arena *a; // the model arena: unpacked messages live here too
     struct opq_graph *g;
-    const char       *file; // for messages
-    const char       *dir;  // base folder of external data (NULL: external data refused)
+    const char *file; // for messages
+    const char *dir;  // base folder of external data (NULL: external data refused)
 };
 
 static struct opq_pb_extra *extra_new(struct loader *L, const ProtobufCMessage *msg,
@@ -260,7 +263,7 @@ static struct opq_pb_extra *extra_new(struct loader *L, const ProtobufCMessage *
     }
     if (msg) {
         x->n_unknown = msg->n_unknown_fields;
-        x->unknown   = msg->unknown_fields;
+        x->unknown = msg->unknown_fields;
     }
     x->doc_string = doc_string;
     return x;
@@ -270,7 +273,7 @@ static bool parse_u64(const char *s, uint64_t *out) {
     if (!s || !*s || *s < '0' || *s > '9')
         return false;
     char *end;
-    errno                = 0;
+    errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
     if (errno || *end)
         return false;
@@ -284,7 +287,7 @@ static bool location_is_safe(const char *loc) {
         return false;
     for (const char *p = loc; *p;) {
         const char *e = strchr(p, '/');
-        size_t      n = e ? (size_t)(e - p) : strlen(p);
+        size_t n = e ? (size_t)(e - p) : strlen(p);
         if (n == 2 && p[0] == '.' && p[1] == '.')
             return false;
         p += n;
@@ -297,13 +300,13 @@ static bool location_is_safe(const char *loc) {
 // Reads `nbytes` of external data for tensor `label` into the arena.
 static enum opq_status read_external(struct loader *L, const Onnx__TensorProto *tp,
                                      const char *label, size_t nbytes, void **data) {
-    enum opq_status st       = OPQ_OK;
-    const char     *location = NULL;
-    uint64_t        offset   = 0;
-    uint64_t        length   = 0;
-    bool            has_len  = false;
-    char           *path     = NULL;
-    int             fd       = -1;
+    enum opq_status st = OPQ_OK;
+    const char *location = NULL;
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    bool has_len = false;
+    char *path = NULL;
+    int fd = -1;
     for (size_t i = 0; i < tp->n_external_data; i++) {
         const Onnx__StringStringEntryProto *e = tp->external_data[i];
         const char *k = str_or_empty(e->key);
@@ -318,7 +321,7 @@ static enum opq_status read_external(struct loader *L, const Onnx__TensorProto *
             if (k[0] == 'o') {
                 offset = v;
             } else {
-                length  = v;
+                length = v;
                 has_len = true;
             }
         }
@@ -328,22 +331,24 @@ static enum opq_status read_external(struct loader *L, const Onnx__TensorProto *
                              "%s: tensor '%s': external data without a location", L->file, label);
     if (!L->dir)
         return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
-                             "%s: tensor '%s': external data '%s' needs the model's folder "
-                             "(model loaded from memory)", L->file, label, location);
+                             "%s: tensor '%s': external data '%s' needs the model's folder (model "
+                             "loaded from memory)",
+                             L->file, label, location);
     if (!location_is_safe(location))
         return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
-                             "%s: tensor '%s': external data location '%s' must be a relative "
-                             "path inside the model's folder", L->file, label, location);
+                             "%s: tensor '%s': external data location '%s' must be a relative path "
+                             "inside the model's folder",
+                             L->file, label, location);
     if (tp->data_type == OPQ_DTYPE_STRING)
         return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
                              "%s: tensor '%s': STRING tensors in external data", L->file, label);
     if (has_len && length != nbytes)
         return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
-                             "%s: tensor '%s': external data length %" PRIu64 " in '%s' disagrees "
-                             "with its shape (%zu bytes)", L->file, label, length, location,
-                             nbytes);
+                             "%s: tensor '%s': external data length %" PRIu64
+                             " in '%s' disagrees with its shape (%zu bytes)",
+                             L->file, label, length, location, nbytes);
     size_t plen = strlen(L->dir) + strlen(location) + 2;
-    path        = opq_malloc(L->ctx, plen);
+    path = opq_malloc(L->ctx, plen);
     if (!path) {
         st = opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
         goto out;
@@ -352,15 +357,16 @@ static enum opq_status read_external(struct loader *L, const Onnx__TensorProto *
     fd = open(path, O_RDONLY);
     struct stat sb;
     if (fd < 0 || fstat(fd, &sb) != 0) {
-        st = opq_set_error(L->ctx, OPQ_ERR_IO, "%s: tensor '%s': cannot open external data file "
-                           "'%s': %s", L->file, label, path, strerror(errno));
+        st = opq_set_error(L->ctx, OPQ_ERR_IO,
+                           "%s: tensor '%s': cannot open external data file '%s': %s", L->file,
+                           label, path, strerror(errno));
         goto out;
     }
     if (offset > (uint64_t)sb.st_size || nbytes > (uint64_t)sb.st_size - offset) {
         st = opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
-                           "%s: tensor '%s': external data [%" PRIu64 ", +%zu) is out of bounds "
-                           "of '%s' (%lld bytes)", L->file, label, offset, nbytes, path,
-                           (long long)sb.st_size);
+                           "%s: tensor '%s': external data [%" PRIu64
+                           ", +%zu) is out of bounds of '%s' (%lld bytes)",
+                           L->file, label, offset, nbytes, path, (long long)sb.st_size);
         goto out;
     }
     *data = opq_arena_alloc_raw(L->a, nbytes);
@@ -402,33 +408,34 @@ static void narrow_int32(void *dst, const int32_t *src, size_t n, size_t elem) {
 static enum opq_status tensor_from_pb(struct loader *L, const Onnx__TensorProto *tp,
                                       const char *label, struct opq_tensor *out,
                                       struct opq_pb_extra **xout) {
-    char   dbuf[160];
-    size_t numel  = 1;
+    char dbuf[160];
+    size_t numel = 1;
     size_t nbytes = 0;
     memset(out, 0, sizeof(*out));
     int dt = tp->has_data_type ? tp->data_type : 0;
     if (dt <= 0 || dt >= OPQ_DTYPE_COUNT)
-        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: tensor '%s': unsupported data "
-                             "type %d", L->file, label, dt);
+        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: tensor '%s': unsupported data type %d", L->file, label, dt);
     if (tp->n_dims > OPQ_MAX_DIMS)
-        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: tensor '%s': rank %zu exceeds the "
-                             "maximum of %d", L->file, label, tp->n_dims, OPQ_MAX_DIMS);
+        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: tensor '%s': rank %zu exceeds the maximum of %d", L->file, label,
+                             tp->n_dims, OPQ_MAX_DIMS);
     for (size_t i = 0; i < tp->n_dims; i++) {
         if (tp->dims[i] < 0 || !opq_mul_size(numel, (size_t)tp->dims[i], &numel))
-            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': invalid shape "
-                                 "%s", L->file, label, fmt_dims(dbuf, sizeof(dbuf), tp->dims,
-                                                               tp->n_dims));
+            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': invalid shape %s",
+                                 L->file, label,
+                                 fmt_dims(dbuf, sizeof(dbuf), tp->dims, tp->n_dims));
     }
     out->dtype = (enum opq_dtype)dt;
-    out->ndim  = (int)tp->n_dims;
+    out->ndim = (int)tp->n_dims;
     for (size_t i = 0; i < tp->n_dims; i++)
         out->shape[i] = tp->dims[i];
     fmt_dims(dbuf, sizeof(dbuf), tp->dims, tp->n_dims);
     bool is_str = dt == OPQ_DTYPE_STRING;
     if (is_str ? !opq_mul_size(numel, sizeof(struct opq_bytes), &nbytes)
                : !opq_dtype_nbytes(out->dtype, numel, &nbytes))
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': shape %s is too "
-                             "large", L->file, label, dbuf);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                             "%s: tensor '%s': shape %s is too large", L->file, label, dbuf);
     if (tp->segment)
         return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: tensor '%s': segmented tensors",
                              L->file, label);
@@ -444,13 +451,14 @@ static enum opq_status tensor_from_pb(struct loader *L, const Onnx__TensorProto 
 
     if (is_str) {
         if (tp->n_string_data != numel)
-            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': %zu strings "
-                                 "for shape %s", L->file, label, tp->n_string_data, dbuf);
+            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s: tensor '%s': %zu strings for shape %s", L->file, label,
+                                 tp->n_string_data, dbuf);
         struct opq_bytes *s = opq_arena_alloc(L->a, nbytes);
         if (!s)
             return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
         for (size_t i = 0; i < numel; i++) {
-            s[i].len  = tp->string_data[i].len;
+            s[i].len = tp->string_data[i].len;
             s[i].data = tp->string_data[i].data;
         }
         out->data = s;
@@ -460,55 +468,57 @@ static enum opq_status tensor_from_pb(struct loader *L, const Onnx__TensorProto 
                      tp->n_uint64_data;
     if (tp->raw_data.len > 0 || n_typed == 0) {
         if (tp->raw_data.len != nbytes)
-            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': %zu data bytes "
-                                 "but shape %s of %s needs %zu", L->file, label,
-                                 tp->raw_data.len, dbuf, opq_dtype_name(out->dtype), nbytes);
+            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s: tensor '%s': %zu data bytes but shape %s of %s needs %zu",
+                                 L->file, label, tp->raw_data.len, dbuf, opq_dtype_name(out->dtype),
+                                 nbytes);
         out->data = nbytes ? tp->raw_data.data : NULL; // arena memory (see pb_arena_alloc)
         return OPQ_OK;
     }
 
     // Typed fields. `have` elements of the carrier field must match `want`.
-    size_t      want  = numel;
-    size_t      have  = 0;
-    const void *src   = NULL;
+    size_t want = numel;
+    size_t have = 0;
+    const void *src = NULL;
     const char *field = NULL;
     switch (out->dtype) {
     case OPQ_DTYPE_FLOAT:
     case OPQ_DTYPE_COMPLEX64:
-        want  = out->dtype == OPQ_DTYPE_COMPLEX64 ? numel * 2 : numel;
-        have  = tp->n_float_data;
-        src   = tp->float_data;
+        want = out->dtype == OPQ_DTYPE_COMPLEX64 ? numel * 2 : numel;
+        have = tp->n_float_data;
+        src = tp->float_data;
         field = "float_data";
         break;
     case OPQ_DTYPE_DOUBLE:
     case OPQ_DTYPE_COMPLEX128:
-        want  = out->dtype == OPQ_DTYPE_COMPLEX128 ? numel * 2 : numel;
-        have  = tp->n_double_data;
-        src   = tp->double_data;
+        want = out->dtype == OPQ_DTYPE_COMPLEX128 ? numel * 2 : numel;
+        have = tp->n_double_data;
+        src = tp->double_data;
         field = "double_data";
         break;
     case OPQ_DTYPE_INT64:
-        have  = tp->n_int64_data;
-        src   = tp->int64_data;
+        have = tp->n_int64_data;
+        src = tp->int64_data;
         field = "int64_data";
         break;
     case OPQ_DTYPE_UINT32:
     case OPQ_DTYPE_UINT64:
-        have  = tp->n_uint64_data;
-        src   = tp->uint64_data;
+        have = tp->n_uint64_data;
+        src = tp->uint64_data;
         field = "uint64_data";
         break;
     default: // INT32, 8/16-bit types, FLOAT8*, BOOL and packed 4-bit travel in int32_data
-        have  = tp->n_int32_data;
-        src   = tp->int32_data;
+        have = tp->n_int32_data;
+        src = tp->int32_data;
         field = "int32_data";
         if (opq_dtype_is_packed4(out->dtype) && have != numel)
             want = nbytes; // one packed byte (two elements, low nibble first) per int32
         break;
     }
     if (have != want)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: tensor '%s': %zu values in %s "
-                             "but shape %s needs %zu", L->file, label, have, field, dbuf, want);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                             "%s: tensor '%s': %zu values in %s but shape %s needs %zu", L->file,
+                             label, have, field, dbuf, want);
     if (nbytes == 0)
         return OPQ_OK;
     // Same layout as the IR: use the arena copy protobuf-c made, in place.
@@ -550,8 +560,9 @@ static enum opq_status value_type_from_pb(struct loader *L, struct opq_value *v,
         return OPQ_OK;
     const Onnx__TypeProto__Tensor *tt = tp->tensor_type;
     if (tt->shape && tt->shape->n_dim > OPQ_MAX_DIMS)
-        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: value '%s': rank %zu exceeds the "
-                             "maximum of %d", L->file, v->name, tt->shape->n_dim, OPQ_MAX_DIMS);
+        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: value '%s': rank %zu exceeds the maximum of %d", L->file, v->name,
+                             tt->shape->n_dim, OPQ_MAX_DIMS);
     if (v->t.dtype != OPQ_DTYPE_UNDEF || v->t.ndim >= 0)
         return OPQ_OK;
     if (tt->has_elem_type && tt->elem_type > 0 && tt->elem_type < OPQ_DTYPE_COUNT)
@@ -561,7 +572,7 @@ static enum opq_status value_type_from_pb(struct loader *L, struct opq_value *v,
     v->t.ndim = (int)tt->shape->n_dim;
     for (int i = 0; i < v->t.ndim; i++) {
         const Onnx__TensorShapeProto__Dimension *d = tt->shape->dim[i];
-        v->t.shape[i]  = -1;
+        v->t.shape[i] = -1;
         v->dim_param[i] = NULL;
         if (d->value_case == ONNX__TENSOR_SHAPE_PROTO__DIMENSION__VALUE_DIM_VALUE &&
             d->dim_value >= 0)
@@ -579,7 +590,7 @@ static const char *role_name(enum vi_role r) {
 static enum opq_status value_info_from_pb(struct loader *L, const Onnx__ValueInfoProto *vi,
                                           enum vi_role role) {
     enum opq_status st;
-    const char     *name = str_or_empty(vi->name);
+    const char *name = str_or_empty(vi->name);
     if (!*name)
         return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: %s without a name", L->file,
                              role_name(role));
@@ -589,14 +600,14 @@ static enum opq_status value_info_from_pb(struct loader *L, const Onnx__ValueInf
     if (!v->pb && !(v->pb = extra_new(L, NULL, NULL)))
         return OPQ_ERR_NOMEM;
     if (v->pb->value.vi[role] && role != ROLE_OUTPUT)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: %s '%s' is listed twice",
-                             L->file, role_name(role), name);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: %s '%s' is listed twice", L->file,
+                             role_name(role), name);
     if (!v->pb->value.vi[role])
         v->pb->value.vi[role] = (Onnx__ValueInfoProto *)vi;
     st = value_type_from_pb(L, v, vi->type);
     if (st != OPQ_OK)
         return st;
-    st = role == ROLE_INPUT ? opq_graph_add_input(L->g, v)
+    st = role == ROLE_INPUT    ? opq_graph_add_input(L->g, v)
          : role == ROLE_OUTPUT ? opq_graph_add_output(L->g, v)
                                : opq_graph_add_info(L->g, v);
     if (st != OPQ_OK)
@@ -613,21 +624,21 @@ static enum opq_status initializer_from_pb(struct loader *L, const Onnx__TensorP
     if (!v)
         return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
     if (v->kind & OPQ_VK_INIT)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: initializer '%s' is defined "
-                             "twice", L->file, name);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: initializer '%s' is defined twice",
+                             L->file, name);
     struct opq_tensor t;
-    enum opq_status   st = tensor_from_pb(L, tp, name, &t, &v->pb_init);
+    enum opq_status st = tensor_from_pb(L, tp, name, &t, &v->pb_init);
     if (st != OPQ_OK)
         return st;
     // The data is already arena memory: register the initializer without a copy.
-    void  *data   = t.data;
+    void *data = t.data;
     size_t nbytes = t.nbytes;
-    t.data        = NULL;
-    t.nbytes      = 0;
-    st            = opq_graph_set_initializer(L->g, v, &t);
+    t.data = NULL;
+    t.nbytes = 0;
+    st = opq_graph_set_initializer(L->g, v, &t);
     if (st != OPQ_OK)
         return opq_set_error(L->ctx, st, "%s: out of memory", L->file);
-    v->t.data   = data;
+    v->t.data = data;
     v->t.nbytes = nbytes;
     for (int i = 0; i < OPQ_MAX_DIMS; i++)
         v->dim_param[i] = NULL;
@@ -635,7 +646,7 @@ static enum opq_status initializer_from_pb(struct loader *L, const Onnx__TensorP
 }
 
 static enum opq_attr_type attr_type_infer(const Onnx__AttributeProto *ap) {
-    if (ap->has_type)
+    if (ap->has_type && ap->type != ONNX__ATTRIBUTE_PROTO__ATTRIBUTE_TYPE__UNDEFINED)
         return (enum opq_attr_type)ap->type;
     // IR version 1 attributes carry no type: the field that is set tells it.
     if (ap->has_f)
@@ -677,14 +688,15 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
     a.name = str_or_empty(ap->name);
     a.type = attr_type_infer(ap);
     if (!*a.name)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' (%s): attribute "
-                             "without a name", L->file, n->name, n->op_type);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                             "%s: node '%s' (%s): attribute without a name", L->file, n->name,
+                             n->op_type);
     a.pb = extra_new(L, &ap->base, ap->doc_string);
     if (!a.pb)
         return OPQ_ERR_NOMEM;
-    a.pb->attr.orig  = ap;
-    a.ref_attr_name  = ap->ref_attr_name;
-    bool missing     = false;
+    a.pb->attr.orig = ap;
+    a.ref_attr_name = ap->ref_attr_name;
+    bool missing = false;
     switch (a.type) {
     case OPQ_ATTR_FLOAT:
         a.f = ap->f;
@@ -693,7 +705,7 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
         a.i = ap->i;
         break;
     case OPQ_ATTR_STRING:
-        a.s.len  = ap->s.len;
+        a.s.len = ap->s.len;
         a.s.data = ap->s.data;
         break;
     case OPQ_ATTR_TENSOR:
@@ -702,7 +714,7 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
             if (!a.t)
                 return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
             const char *label = ap->t->name && *ap->t->name ? ap->t->name : n->name;
-            st                = tensor_from_pb(L, ap->t, label, a.t, &a.pb->attr.t);
+            st = tensor_from_pb(L, ap->t, label, a.t, &a.pb->attr.t);
         }
         break;
     case OPQ_ATTR_GRAPH:
@@ -715,26 +727,26 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
         missing = !ap->tp;
         break;
     case OPQ_ATTR_FLOATS:
-        a.n      = (int)ap->n_floats;
+        a.n = (int)ap->n_floats;
         a.floats = ap->floats;
         break;
     case OPQ_ATTR_INTS:
-        a.n    = (int)ap->n_ints;
+        a.n = (int)ap->n_ints;
         a.ints = ap->ints;
         break;
     case OPQ_ATTR_STRINGS:
-        a.n       = (int)ap->n_strings;
+        a.n = (int)ap->n_strings;
         a.strings = opq_arena_alloc(L->a, (ap->n_strings + 1) * sizeof(*a.strings));
         if (!a.strings)
             return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
         for (size_t i = 0; i < ap->n_strings; i++) {
-            a.strings[i].len  = ap->strings[i].len;
+            a.strings[i].len = ap->strings[i].len;
             a.strings[i].data = ap->strings[i].data;
         }
         break;
     case OPQ_ATTR_TENSORS:
-        a.n        = (int)ap->n_tensors;
-        a.tensors  = opq_arena_alloc(L->a, (ap->n_tensors + 1) * sizeof(*a.tensors));
+        a.n = (int)ap->n_tensors;
+        a.tensors = opq_arena_alloc(L->a, (ap->n_tensors + 1) * sizeof(*a.tensors));
         a.pb->attr.ts = opq_arena_alloc(L->a, (ap->n_tensors + 1) * sizeof(*a.pb->attr.ts));
         if (!a.tensors || !a.pb->attr.ts)
             return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
@@ -742,8 +754,8 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
             a.tensors[i] = opq_arena_alloc(L->a, sizeof(*a.tensors[i]));
             if (!a.tensors[i])
                 return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
-            const char *label = ap->tensors[i]->name && *ap->tensors[i]->name
-                                    ? ap->tensors[i]->name : n->name;
+            const char *label =
+                ap->tensors[i]->name && *ap->tensors[i]->name ? ap->tensors[i]->name : n->name;
             st = tensor_from_pb(L, ap->tensors[i], label, a.tensors[i], &a.pb->attr.ts[i]);
         }
         break;
@@ -756,16 +768,20 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
     case OPQ_ATTR_TYPE_PROTOS:
         a.n = (int)ap->n_type_protos;
         break;
+    case OPQ_ATTR_UNDEFINED:
+        missing = true;
+        break;
     default:
-        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: node '%s' (%s): attribute '%s' "
-                             "has unknown type %d", L->file, n->name, n->op_type, a.name,
-                             (int)a.type);
+        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: node '%s' (%s): attribute '%s' has unknown type %d", L->file,
+                             n->name, n->op_type, a.name, (int)a.type);
     }
     if (st != OPQ_OK)
         return st;
     if (missing)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' (%s): attribute '%s' "
-                             "has no value", L->file, n->name, n->op_type, a.name);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                             "%s: node '%s' (%s): attribute '%s' has no value", L->file, n->name,
+                             n->op_type, a.name);
     st = opq_node_add_attr(L->g, n, &a);
     if (st != OPQ_OK)
         return opq_set_error(L->ctx, st, "%s: out of memory", L->file);
@@ -774,40 +790,41 @@ static enum opq_status attr_from_pb(struct loader *L, struct opq_node *n,
 
 static enum opq_status node_from_pb(struct loader *L, const Onnx__NodeProto *np,
                                     struct opq_value **ins, struct opq_value **outs) {
-    const char *name    = str_or_empty(np->name);
+    const char *name = str_or_empty(np->name);
     const char *op_type = str_or_empty(np->op_type);
     if (!*op_type)
-        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' has no op_type",
-                             L->file, name);
+        return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' has no op_type", L->file,
+                             name);
     for (size_t i = 0; i < np->n_input; i++) {
         const char *in = str_or_empty(np->input[i]);
-        ins[i]         = NULL;
+        ins[i] = NULL;
         if (*in && !(ins[i] = opq_graph_value_get_or_add(L->g, in)))
             return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
     }
     for (size_t i = 0; i < np->n_output; i++) {
         const char *on = str_or_empty(np->output[i]);
-        outs[i]        = NULL;
+        outs[i] = NULL;
         if (!*on)
             continue;
         if (!(outs[i] = opq_graph_value_get_or_add(L->g, on)))
             return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
         const struct opq_value *o = outs[i];
-        const char *what = o->producer ? "is also produced by node"
-                           : (o->kind & OPQ_VK_INIT) ? "is also an initializer"
-                           : (o->kind & OPQ_VK_INPUT) ? "is also a graph input" : NULL;
+        const char *what = o->producer                ? "is also produced by node"
+                           : (o->kind & OPQ_VK_INIT)  ? "is also an initializer"
+                           : (o->kind & OPQ_VK_INPUT) ? "is also a graph input"
+                                                      : NULL;
         for (size_t j = 0; j < i && !what; j++)
             if (outs[j] == o)
                 what = "is listed twice among its outputs";
         if (what)
-            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' (%s): output '%s' "
-                                 "%s%s%s%s", L->file, name, op_type, on, what,
-                                 o->producer ? " '" : "", o->producer ? o->producer->name : "",
-                                 o->producer ? "'" : "");
+            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s: node '%s' (%s): output '%s' %s%s%s%s", L->file, name, op_type,
+                                 on, what, o->producer ? " '" : "",
+                                 o->producer ? o->producer->name : "", o->producer ? "'" : "");
     }
     struct opq_node *n;
-    enum opq_status  st = opq_graph_add_node(L->g, op_type, np->domain, name, ins,
-                                             (int)np->n_input, outs, (int)np->n_output, &n);
+    enum opq_status st = opq_graph_add_node(L->g, op_type, np->domain, name, ins, (int)np->n_input,
+                                            outs, (int)np->n_output, &n);
     if (st != OPQ_OK)
         return opq_set_error(L->ctx, st, "%s: node '%s' (%s): cannot add it", L->file, name,
                              op_type);
@@ -820,8 +837,7 @@ static enum opq_status node_from_pb(struct loader *L, const Onnx__NodeProto *np,
 }
 
 // Prefixes the sticky message set by graph.c with the file name, so it reads like ours.
-static enum opq_status with_file_prefix(struct opq_ctx *ctx, enum opq_status st,
-                                        const char *file) {
+static enum opq_status with_file_prefix(struct opq_ctx *ctx, enum opq_status st, const char *file) {
     if (st == OPQ_OK || ctx->status != st)
         return st;
     char msg[OPQ_ERRMSG_MAX];
@@ -831,21 +847,21 @@ static enum opq_status with_file_prefix(struct opq_ctx *ctx, enum opq_status st,
 }
 
 static enum opq_status graph_from_pb(struct loader *L, const Onnx__GraphProto *gp) {
-    enum opq_status    st   = OPQ_OK;
-    struct opq_graph  *g    = L->g;
-    struct opq_value **ins  = NULL;
-    size_t             max_io = 1;
+    enum opq_status st = OPQ_OK;
+    struct opq_graph *g = L->g;
+    struct opq_value **ins = NULL;
+    size_t max_io = 1;
     if (gp->n_sparse_initializer) {
         const Onnx__SparseTensorProto *sp = gp->sparse_initializer[0];
         const char *nm = sp->values && sp->values->name ? sp->values->name : "";
-        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED, "%s: sparse initializer '%s' is not "
-                             "supported", L->file, nm);
+        return opq_set_error(L->ctx, OPQ_ERR_UNSUPPORTED,
+                             "%s: sparse initializer '%s' is not supported", L->file, nm);
     }
     g->name = gp->name ? gp->name : "";
-    g->pb   = extra_new(L, &gp->base, gp->doc_string);
+    g->pb = extra_new(L, &gp->base, gp->doc_string);
     if (!g->pb)
         return OPQ_ERR_NOMEM;
-    g->pb->graph.qannot   = gp->quantization_annotation;
+    g->pb->graph.qannot = gp->quantization_annotation;
     g->pb->graph.n_qannot = gp->n_quantization_annotation;
 
     for (size_t i = 0; i < gp->n_input && st == OPQ_OK; i++)
@@ -883,16 +899,16 @@ static enum opq_status graph_from_pb(struct loader *L, const Onnx__GraphProto *g
         for (int j = 0; j < n->n_inputs; j++) {
             const struct opq_value *v = n->inputs[j];
             if (v && !v->producer && !(v->kind & (OPQ_VK_INPUT | OPQ_VK_INIT)))
-                return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: node '%s' (%s) reads "
-                                     "undefined value '%s'", L->file, n->name, n->op_type,
-                                     v->name);
+                return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                                     "%s: node '%s' (%s) reads undefined value '%s'", L->file,
+                                     n->name, n->op_type, v->name);
         }
     }
     for (int i = 0; i < g->n_outputs; i++) {
         const struct opq_value *v = g->outputs[i];
         if (!v->producer && !(v->kind & (OPQ_VK_INPUT | OPQ_VK_INIT)))
-            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL, "%s: graph output '%s' is never "
-                                 "computed", L->file, v->name);
+            return opq_set_error(L->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s: graph output '%s' is never computed", L->file, v->name);
     }
     st = with_file_prefix(L->ctx, opq_graph_sort(g), L->file);
     if (st != OPQ_OK)
@@ -904,7 +920,7 @@ static enum opq_status graph_from_pb(struct loader *L, const Onnx__GraphProto *g
         if (!v->pb)
             continue;
         v->pb->value.dtype = v->t.dtype;
-        v->pb->value.ndim  = v->t.ndim;
+        v->pb->value.ndim = v->t.ndim;
         memcpy(v->pb->value.shape, v->t.shape, sizeof(v->t.shape));
         memcpy(v->pb->value.dim_param, v->dim_param, sizeof(v->dim_param));
     }
@@ -913,33 +929,33 @@ static enum opq_status graph_from_pb(struct loader *L, const Onnx__GraphProto *g
 
 static enum opq_status model_from_pb(struct loader *L, struct opq_model *m,
                                      const Onnx__ModelProto *mp) {
-    m->ir_version       = mp->ir_version;
-    m->producer_name    = str_or_empty(mp->producer_name);
+    m->ir_version = mp->ir_version;
+    m->producer_name = str_or_empty(mp->producer_name);
     m->producer_version = str_or_empty(mp->producer_version);
-    m->domain           = str_or_empty(mp->domain);
-    m->model_version    = mp->model_version;
-    m->pb               = extra_new(L, &mp->base, mp->doc_string);
+    m->domain = str_or_empty(mp->domain);
+    m->model_version = mp->model_version;
+    m->pb = extra_new(L, &mp->base, mp->doc_string);
     if (!m->pb)
         return OPQ_ERR_NOMEM;
-    m->pb->model.opsets      = mp->opset_import;
-    m->pb->model.n_opsets    = mp->n_opset_import;
-    m->pb->model.metadata    = mp->metadata_props;
-    m->pb->model.n_metadata  = mp->n_metadata_props;
-    m->pb->model.training    = mp->training_info;
-    m->pb->model.n_training  = mp->n_training_info;
-    m->pb->model.functions   = mp->functions;
+    m->pb->model.opsets = mp->opset_import;
+    m->pb->model.n_opsets = mp->n_opset_import;
+    m->pb->model.metadata = mp->metadata_props;
+    m->pb->model.n_metadata = mp->n_metadata_props;
+    m->pb->model.training = mp->training_info;
+    m->pb->model.n_training = mp->n_training_info;
+    m->pb->model.functions = mp->functions;
     m->pb->model.n_functions = mp->n_functions;
-    m->opsets   = opq_arena_alloc(L->a, (mp->n_opset_import + 1) * sizeof(*m->opsets));
+    m->opsets = opq_arena_alloc(L->a, (mp->n_opset_import + 1) * sizeof(*m->opsets));
     m->metadata = opq_arena_alloc(L->a, (mp->n_metadata_props + 1) * sizeof(*m->metadata));
     if (!m->opsets || !m->metadata)
         return opq_set_error(L->ctx, OPQ_ERR_NOMEM, "%s: out of memory", L->file);
     for (size_t i = 0; i < mp->n_opset_import; i++) {
-        m->opsets[i].domain  = str_or_empty(mp->opset_import[i]->domain);
+        m->opsets[i].domain = str_or_empty(mp->opset_import[i]->domain);
         m->opsets[i].version = mp->opset_import[i]->version;
     }
     m->n_opsets = (int)mp->n_opset_import;
     for (size_t i = 0; i < mp->n_metadata_props; i++) {
-        m->metadata[i].key   = str_or_empty(mp->metadata_props[i]->key);
+        m->metadata[i].key = str_or_empty(mp->metadata_props[i]->key);
         m->metadata[i].value = str_or_empty(mp->metadata_props[i]->value);
     }
     m->n_metadata = (int)mp->n_metadata_props;
@@ -949,37 +965,37 @@ static enum opq_status model_from_pb(struct loader *L, struct opq_model *m,
 static enum opq_status load_model(struct opq_ctx *ctx, const void *buf, size_t len,
                                   const char *file, const char *dir, bool from_file,
                                   struct opq_model **out) {
-    enum opq_status    st = OPQ_OK;
-    struct loader      L;
+    enum opq_status st = OPQ_OK;
+    struct loader L;
     struct arena_alloc aa;
-    *out                 = NULL;
-    struct opq_model *m  = opq_model_new(ctx);
+    *out = NULL;
+    struct opq_model *m = opq_model_new(ctx);
     if (!m)
         return opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", file);
-    L.ctx  = ctx;
-    L.a    = m->arena;
-    L.g    = m->graph;
+    L.ctx = ctx;
+    L.a = m->arena;
+    L.g = m->graph;
     L.file = opq_arena_strdup(m->arena, file);
-    L.dir  = dir ? opq_arena_strdup(m->arena, dir) : NULL;
+    L.dir = dir ? opq_arena_strdup(m->arena, dir) : NULL;
     if (!L.file || (dir && !L.dir)) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", file);
         goto out_free;
     }
     m->path = from_file ? L.file : "";
-    m->dir  = L.dir;
+    m->dir = L.dir;
     if (len == 0 || !wire_check(&onnx__model_proto__descriptor, buf, len, 0)) {
         st = opq_set_error(ctx, OPQ_ERR_PARSE, "%s: not a valid ONNX protobuf (%s)", file,
                            len ? "truncated or corrupt" : "empty file");
         goto out_free;
     }
-    aa.arena                = m->arena;
-    aa.oom                  = false;
-    ProtobufCAllocator pa   = {pb_arena_alloc, pb_arena_free, &aa};
-    Onnx__ModelProto  *mp   = onnx__model_proto__unpack(&pa, len, buf);
+    aa.arena = m->arena;
+    aa.oom = false;
+    ProtobufCAllocator pa = {pb_arena_alloc, pb_arena_free, &aa};
+    Onnx__ModelProto *mp = onnx__model_proto__unpack(&pa, len, buf);
     if (!mp) {
         st = aa.oom ? opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", file)
-                    : opq_set_error(ctx, OPQ_ERR_PARSE, "%s: not a valid ONNX protobuf "
-                                    "(truncated or corrupt)", file);
+                    : opq_set_error(ctx, OPQ_ERR_PARSE,
+                                    "%s: not a valid ONNX protobuf (truncated or corrupt)", file);
         goto out_free;
     }
     if (!mp->graph || (mp->ir_version == 0 && mp->n_opset_import == 0)) {
@@ -1016,14 +1032,12 @@ enum opq_status opq_model_load(struct opq_ctx *ctx, const char *path, struct opq
     enum opq_status st = map_file(ctx, path, &mf);
     if (st != OPQ_OK)
         return st;
-    // The folder is derived in a scratch arena so that messages and external data see it.
-    struct opq_arena *tmp = opq_arena_new(ctx);
-    char             *dir = tmp ? dir_of(tmp, path) : NULL;
+    char *dir = dir_of(ctx, path); // external data is resolved against the model's folder
     if (!dir)
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", path);
     else
         st = load_model(ctx, mf.data, mf.len, path, dir, true, out);
-    opq_arena_free(tmp);
+    opq_free(ctx, dir);
     unmap_file(&mf);
     return st;
 }
@@ -1032,21 +1046,22 @@ enum opq_status opq_tensor_load_pb(struct opq_ctx *ctx, struct opq_arena *arena,
                                    struct opq_tensor *out, const char **name) {
     struct mapped mf;
     struct loader L;
+    char *dir = NULL;
     enum opq_status st = map_file(ctx, path, &mf);
     if (st != OPQ_OK)
         return st;
-    L.ctx  = ctx;
-    L.a    = arena;
-    L.g    = NULL;
+    L.ctx = ctx;
+    L.a = arena;
+    L.g = NULL;
     L.file = path;
-    L.dir  = dir_of(arena, path);
+    L.dir = dir = dir_of(ctx, path);
     if (!L.dir) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", path);
         goto out_unmap;
     }
     if (!wire_check(&onnx__tensor_proto__descriptor, mf.data, mf.len, 0)) {
-        st = opq_set_error(ctx, OPQ_ERR_PARSE, "%s: not a valid TensorProto (truncated or "
-                           "corrupt)", path);
+        st = opq_set_error(ctx, OPQ_ERR_PARSE, "%s: not a valid TensorProto (truncated or corrupt)",
+                           path);
         goto out_unmap;
     }
     struct arena_alloc aa = {arena, false};
@@ -1054,14 +1069,15 @@ enum opq_status opq_tensor_load_pb(struct opq_ctx *ctx, struct opq_arena *arena,
     Onnx__TensorProto *tp = onnx__tensor_proto__unpack(&pa, mf.len, mf.data);
     if (!tp) {
         st = aa.oom ? opq_set_error(ctx, OPQ_ERR_NOMEM, "%s: out of memory", path)
-                    : opq_set_error(ctx, OPQ_ERR_PARSE, "%s: not a valid TensorProto "
-                                    "(truncated or corrupt)", path);
+                    : opq_set_error(ctx, OPQ_ERR_PARSE,
+                                    "%s: not a valid TensorProto (truncated or corrupt)", path);
         goto out_unmap;
     }
     st = tensor_from_pb(&L, tp, str_or_empty(tp->name), out, NULL);
     if (st == OPQ_OK && name)
         *name = str_or_empty(tp->name);
 out_unmap:
+    opq_free(ctx, dir);
     unmap_file(&mf);
     return st;
 }
@@ -1069,18 +1085,18 @@ out_unmap:
 // ---- save ---------------------------------------------------------------------------------------
 
 struct saver {
-    struct opq_ctx         *ctx;
-    struct opq_arena       *a;          // scratch: the ModelProto being assembled
+    struct opq_ctx *ctx;
+    struct opq_arena *a; // scratch: the ModelProto being assembled
     const struct opq_model *m;
-    enum opq_status         st;
+    enum opq_status st;
     // external data (opq_model_save only)
-    bool                    external;
-    size_t                  ext_min;
-    const char             *ext_location; // as written into the model
-    const char             *ext_final;    // side file path
-    char                   *ext_tmp;      // its temporary name (heap), NULL until opened
-    FILE                   *ext_f;
-    uint64_t                ext_off;
+    bool external;
+    size_t ext_min;
+    const char *ext_location; // as written into the model
+    const char *ext_final;    // side file path
+    char *ext_tmp;            // its temporary name (heap), NULL until opened
+    FILE *ext_f;
+    uint64_t ext_off;
 };
 
 static void *pb_new(struct saver *S, size_t size, const ProtobufCMessageDescriptor *d) {
@@ -1103,7 +1119,7 @@ static void *pb_array(struct saver *S, size_t n, size_t elem) {
 static void set_unknown(ProtobufCMessage *msg, const struct opq_pb_extra *x) {
     if (x && x->n_unknown) {
         msg->n_unknown_fields = (unsigned)x->n_unknown;
-        msg->unknown_fields   = x->unknown;
+        msg->unknown_fields = x->unknown;
     }
 }
 
@@ -1142,7 +1158,7 @@ static bool ext_write(struct saver *S, const void *data, size_t n, uint64_t *off
                               strerror(errno));
         return false;
     }
-    *off       = S->ext_off + pad;
+    *off = S->ext_off + pad;
     S->ext_off = *off + n;
     return true;
 }
@@ -1151,7 +1167,7 @@ static Onnx__StringStringEntryProto *kv_new(struct saver *S, const char *k, cons
     Onnx__StringStringEntryProto *e =
         PB_NEW(S, Onnx__StringStringEntryProto, onnx__string_string_entry_proto__descriptor);
     if (e) {
-        e->key   = cs(k);
+        e->key = cs(k);
         e->value = cs(v);
     }
     return e;
@@ -1162,43 +1178,42 @@ static Onnx__TensorProto *tensor_to_pb(struct saver *S, const struct opq_tensor 
                                        bool may_external) {
     size_t numel;
     size_t need = 0;
-    bool   ok   = t->ndim >= 0 && t->dtype > OPQ_DTYPE_UNDEF && t->dtype < OPQ_DTYPE_COUNT &&
-                  opq_tensor_numel(t, &numel);
+    bool ok = t->ndim >= 0 && t->dtype > OPQ_DTYPE_UNDEF && t->dtype < OPQ_DTYPE_COUNT &&
+              opq_tensor_numel(t, &numel);
     if (ok)
-        ok = t->dtype == OPQ_DTYPE_STRING
-                 ? opq_mul_size(numel, sizeof(struct opq_bytes), &need)
-                 : opq_dtype_nbytes(t->dtype, numel, &need);
+        ok = t->dtype == OPQ_DTYPE_STRING ? opq_mul_size(numel, sizeof(struct opq_bytes), &need)
+                                          : opq_dtype_nbytes(t->dtype, numel, &need);
     if (!ok || need != t->nbytes || (need && !t->data)) {
-        S->st = opq_set_error(S->ctx, OPQ_ERR_INTERNAL, "tensor '%s': %zu data bytes do not match "
-                              "its %s shape (rank %d)", name, t->nbytes, opq_dtype_name(t->dtype),
-                              t->ndim);
+        S->st = opq_set_error(S->ctx, OPQ_ERR_INTERNAL,
+                              "tensor '%s': %zu data bytes do not match its %s shape (rank %d)",
+                              name, t->nbytes, opq_dtype_name(t->dtype), t->ndim);
         return NULL;
     }
     Onnx__TensorProto *tp = PB_NEW(S, Onnx__TensorProto, onnx__tensor_proto__descriptor);
     if (!tp)
         return NULL;
-    tp->n_dims        = (size_t)t->ndim;
-    tp->dims          = (int64_t *)t->shape;
+    tp->n_dims = (size_t)t->ndim;
+    tp->dims = (int64_t *)t->shape;
     tp->has_data_type = 1;
-    tp->data_type     = (int32_t)t->dtype;
-    tp->name          = name && *name ? cs(name) : NULL;
+    tp->data_type = (int32_t)t->dtype;
+    tp->name = name && *name ? cs(name) : NULL;
     if (x) {
         tp->doc_string = cs(x->doc_string);
         set_unknown(&tp->base, x);
     }
     if (t->dtype == OPQ_DTYPE_STRING) {
         const struct opq_bytes *s = t->data;
-        tp->string_data           = pb_array(S, numel, sizeof(*tp->string_data));
+        tp->string_data = pb_array(S, numel, sizeof(*tp->string_data));
         if (!tp->string_data)
             return NULL;
         for (size_t i = 0; i < numel; i++) {
-            tp->string_data[i].len  = s[i].len;
+            tp->string_data[i].len = s[i].len;
             tp->string_data[i].data = s[i].data;
         }
         tp->n_string_data = numel;
     } else if (may_external && S->external && t->nbytes >= S->ext_min && t->nbytes > 0) {
         uint64_t off;
-        char     nums[2][24];
+        char nums[2][24];
         if (!ext_write(S, t->data, t->nbytes, &off))
             return NULL;
         snprintf(nums[0], sizeof(nums[0]), "%" PRIu64, off);
@@ -1217,12 +1232,12 @@ static Onnx__TensorProto *tensor_to_pb(struct saver *S, const struct opq_tensor 
         tp->external_data[2] = kv_new(S, "length", len_s);
         if (!tp->external_data[0] || !tp->external_data[1] || !tp->external_data[2])
             return NULL;
-        tp->n_external_data   = 3;
+        tp->n_external_data = 3;
         tp->has_data_location = 1;
-        tp->data_location     = ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL;
+        tp->data_location = ONNX__TENSOR_PROTO__DATA_LOCATION__EXTERNAL;
     } else {
-        tp->has_raw_data  = 1;
-        tp->raw_data.len  = t->nbytes;
+        tp->has_raw_data = 1;
+        tp->raw_data.len = t->nbytes;
         tp->raw_data.data = t->data; // borrowed from the IR: no copy of the weights
     }
     return tp;
@@ -1242,21 +1257,21 @@ static bool value_unchanged(const struct opq_value *v) {
 }
 
 static Onnx__TypeProto *tensor_type_to_pb(struct saver *S, const struct opq_value *v) {
-    Onnx__TypeProto         *tp = PB_NEW(S, Onnx__TypeProto, onnx__type_proto__descriptor);
-    Onnx__TypeProto__Tensor *tt = PB_NEW(S, Onnx__TypeProto__Tensor,
-                                         onnx__type_proto__tensor__descriptor);
+    Onnx__TypeProto *tp = PB_NEW(S, Onnx__TypeProto, onnx__type_proto__descriptor);
+    Onnx__TypeProto__Tensor *tt =
+        PB_NEW(S, Onnx__TypeProto__Tensor, onnx__type_proto__tensor__descriptor);
     if (!tp || !tt)
         return NULL;
-    tp->value_case  = ONNX__TYPE_PROTO__VALUE_TENSOR_TYPE;
+    tp->value_case = ONNX__TYPE_PROTO__VALUE_TENSOR_TYPE;
     tp->tensor_type = tt;
     if (v->t.dtype != OPQ_DTYPE_UNDEF) {
         tt->has_elem_type = 1;
-        tt->elem_type     = (int32_t)v->t.dtype;
+        tt->elem_type = (int32_t)v->t.dtype;
     }
     if (v->t.ndim < 0)
         return tp;
-    Onnx__TensorShapeProto *sh = PB_NEW(S, Onnx__TensorShapeProto,
-                                        onnx__tensor_shape_proto__descriptor);
+    Onnx__TensorShapeProto *sh =
+        PB_NEW(S, Onnx__TensorShapeProto, onnx__tensor_shape_proto__descriptor);
     if (!sh)
         return NULL;
     sh->dim = pb_array(S, (size_t)v->t.ndim, sizeof(*sh->dim));
@@ -1264,16 +1279,16 @@ static Onnx__TypeProto *tensor_type_to_pb(struct saver *S, const struct opq_valu
         return NULL;
     sh->n_dim = (size_t)v->t.ndim;
     for (int i = 0; i < v->t.ndim; i++) {
-        Onnx__TensorShapeProto__Dimension *d = PB_NEW(S, Onnx__TensorShapeProto__Dimension,
-                                                      onnx__tensor_shape_proto__dimension__descriptor);
+        Onnx__TensorShapeProto__Dimension *d = PB_NEW(
+            S, Onnx__TensorShapeProto__Dimension, onnx__tensor_shape_proto__dimension__descriptor);
         if (!d)
             return NULL;
         if (v->dim_param[i]) {
             d->value_case = ONNX__TENSOR_SHAPE_PROTO__DIMENSION__VALUE_DIM_PARAM;
-            d->dim_param  = cs(v->dim_param[i]);
+            d->dim_param = cs(v->dim_param[i]);
         } else if (v->t.shape[i] >= 0) {
             d->value_case = ONNX__TENSOR_SHAPE_PROTO__DIMENSION__VALUE_DIM_VALUE;
-            d->dim_value  = v->t.shape[i];
+            d->dim_value = v->t.shape[i];
         }
         sh->dim[i] = d;
     }
@@ -1293,7 +1308,7 @@ static Onnx__ValueInfoProto *value_info_to_pb(struct saver *S, const struct opq_
     if (orig) {
         vi->doc_string = orig->doc_string;
         vi->base.n_unknown_fields = orig->base.n_unknown_fields;
-        vi->base.unknown_fields   = orig->base.unknown_fields;
+        vi->base.unknown_fields = orig->base.unknown_fields;
     }
     if (v->t.dtype != OPQ_DTYPE_UNDEF || v->t.ndim >= 0) {
         if (!(vi->type = tensor_type_to_pb(S, v)))
@@ -1306,15 +1321,15 @@ static Onnx__ValueInfoProto *value_info_to_pb(struct saver *S, const struct opq_
 
 static Onnx__AttributeProto *attr_to_pb(struct saver *S, const struct opq_node *n,
                                         const struct opq_attr *a) {
-    const struct opq_pb_extra  *x    = a->pb;
+    const struct opq_pb_extra *x = a->pb;
     const Onnx__AttributeProto *orig = x ? x->attr.orig : NULL;
     Onnx__AttributeProto *ap = PB_NEW(S, Onnx__AttributeProto, onnx__attribute_proto__descriptor);
     if (!ap)
         return NULL;
-    ap->name          = cs(a->name);
+    ap->name = cs(a->name);
     ap->ref_attr_name = cs(a->ref_attr_name);
-    ap->has_type      = 1;
-    ap->type          = (Onnx__AttributeProto__AttributeType)a->type;
+    ap->has_type = 1;
+    ap->type = (Onnx__AttributeProto__AttributeType)a->type;
     if (x) {
         ap->doc_string = cs(x->doc_string);
         set_unknown(&ap->base, x);
@@ -1323,27 +1338,32 @@ static Onnx__AttributeProto *attr_to_pb(struct saver *S, const struct opq_node *
                      a->type == OPQ_ATTR_SPARSE_TENSOR || a->type == OPQ_ATTR_SPARSE_TENSORS ||
                      a->type == OPQ_ATTR_TYPE_PROTO || a->type == OPQ_ATTR_TYPE_PROTOS;
     if (from_orig && (!orig || attr_type_infer(orig) != a->type)) {
-        S->st = opq_set_error(S->ctx, OPQ_ERR_INTERNAL, "node '%s': attribute '%s' of type %d "
-                              "has no protobuf to re-emit", n->name, a->name, (int)a->type);
+        S->st = opq_set_error(S->ctx, OPQ_ERR_INTERNAL,
+                              "node '%s': attribute '%s' of type %d has no protobuf to re-emit",
+                              n->name, a->name, (int)a->type);
         return NULL;
     }
     switch (a->type) {
     case OPQ_ATTR_FLOAT:
         ap->has_f = 1;
-        ap->f     = a->f;
+        ap->f = a->f;
         break;
     case OPQ_ATTR_INT:
         ap->has_i = 1;
-        ap->i     = a->i;
+        ap->i = a->i;
         break;
     case OPQ_ATTR_STRING:
-        ap->has_s  = 1;
-        ap->s.len  = a->s.len;
+        ap->has_s = 1;
+        ap->s.len = a->s.len;
         ap->s.data = a->s.data;
         break;
     case OPQ_ATTR_TENSOR:
-        if (!a->t)
-            break;
+        if (!a->t) {
+            S->st =
+                opq_set_error(S->ctx, OPQ_ERR_INTERNAL,
+                              "node '%s': tensor attribute '%s' has no tensor", n->name, a->name);
+            return NULL;
+        }
         ap->t = tensor_to_pb(S, a->t, x && x->attr.t ? x->attr.t->tensor.name : NULL,
                              x ? x->attr.t : NULL, false);
         if (!ap->t)
@@ -1351,18 +1371,18 @@ static Onnx__AttributeProto *attr_to_pb(struct saver *S, const struct opq_node *
         break;
     case OPQ_ATTR_FLOATS:
         ap->n_floats = (size_t)a->n;
-        ap->floats   = a->floats;
+        ap->floats = a->floats;
         break;
     case OPQ_ATTR_INTS:
         ap->n_ints = (size_t)a->n;
-        ap->ints   = a->ints;
+        ap->ints = a->ints;
         break;
     case OPQ_ATTR_STRINGS:
         ap->strings = pb_array(S, (size_t)a->n, sizeof(*ap->strings));
         if (!ap->strings)
             return NULL;
         for (int i = 0; i < a->n; i++) {
-            ap->strings[i].len  = a->strings[i].len;
+            ap->strings[i].len = a->strings[i].len;
             ap->strings[i].data = a->strings[i].data;
         }
         ap->n_strings = (size_t)a->n;
@@ -1373,8 +1393,7 @@ static Onnx__AttributeProto *attr_to_pb(struct saver *S, const struct opq_node *
             return NULL;
         for (int i = 0; i < a->n; i++) {
             const struct opq_pb_extra *tx = x && x->attr.ts ? x->attr.ts[i] : NULL;
-            ap->tensors[i] = tensor_to_pb(S, a->tensors[i], tx ? tx->tensor.name : NULL, tx,
-                                          false);
+            ap->tensors[i] = tensor_to_pb(S, a->tensors[i], tx ? tx->tensor.name : NULL, tx, false);
             if (!ap->tensors[i])
                 return NULL;
         }
@@ -1385,25 +1404,26 @@ static Onnx__AttributeProto *attr_to_pb(struct saver *S, const struct opq_node *
         break;
     case OPQ_ATTR_GRAPHS:
         ap->n_graphs = orig->n_graphs;
-        ap->graphs   = orig->graphs;
+        ap->graphs = orig->graphs;
         break;
     case OPQ_ATTR_SPARSE_TENSOR:
         ap->sparse_tensor = orig->sparse_tensor;
         break;
     case OPQ_ATTR_SPARSE_TENSORS:
         ap->n_sparse_tensors = orig->n_sparse_tensors;
-        ap->sparse_tensors   = orig->sparse_tensors;
+        ap->sparse_tensors = orig->sparse_tensors;
         break;
     case OPQ_ATTR_TYPE_PROTO:
         ap->tp = orig->tp;
         break;
     case OPQ_ATTR_TYPE_PROTOS:
         ap->n_type_protos = orig->n_type_protos;
-        ap->type_protos   = orig->type_protos;
+        ap->type_protos = orig->type_protos;
         break;
     default:
-        S->st = opq_set_error(S->ctx, OPQ_ERR_INTERNAL, "node '%s': attribute '%s' has invalid "
-                              "type %d", n->name, a->name, (int)a->type);
+        S->st =
+            opq_set_error(S->ctx, OPQ_ERR_INTERNAL, "node '%s': attribute '%s' has invalid type %d",
+                          n->name, a->name, (int)a->type);
         return NULL;
     }
     return ap;
@@ -1413,7 +1433,7 @@ static Onnx__NodeProto *node_to_pb(struct saver *S, const struct opq_node *n) {
     Onnx__NodeProto *np = PB_NEW(S, Onnx__NodeProto, onnx__node_proto__descriptor);
     if (!np)
         return NULL;
-    np->input  = pb_array(S, (size_t)n->n_inputs, sizeof(*np->input));
+    np->input = pb_array(S, (size_t)n->n_inputs, sizeof(*np->input));
     np->output = pb_array(S, (size_t)n->n_outputs, sizeof(*np->output));
     np->attribute = pb_array(S, (size_t)n->n_attrs, sizeof(*np->attribute));
     if (!np->input || !np->output || !np->attribute)
@@ -1422,11 +1442,11 @@ static Onnx__NodeProto *node_to_pb(struct saver *S, const struct opq_node *n) {
         np->input[i] = cs(n->inputs[i] ? n->inputs[i]->name : "");
     for (int i = 0; i < n->n_outputs; i++)
         np->output[i] = cs(n->outputs[i] ? n->outputs[i]->name : "");
-    np->n_input  = (size_t)n->n_inputs;
+    np->n_input = (size_t)n->n_inputs;
     np->n_output = (size_t)n->n_outputs;
-    np->name     = n->name && *n->name ? cs(n->name) : NULL;
-    np->op_type  = cs(n->op_type);
-    np->domain   = n->domain && *n->domain ? cs(n->domain) : NULL;
+    np->name = n->name && *n->name ? cs(n->name) : NULL;
+    np->op_type = cs(n->op_type);
+    np->domain = n->domain && *n->domain ? cs(n->domain) : NULL;
     for (int i = 0; i < n->n_attrs; i++)
         if (!(np->attribute[i] = attr_to_pb(S, n, &n->attrs[i])))
             return NULL;
@@ -1454,7 +1474,7 @@ static Onnx__GraphProto *graph_to_pb(struct saver *S, const struct opq_graph *g)
     Onnx__GraphProto *gp = PB_NEW(S, Onnx__GraphProto, onnx__graph_proto__descriptor);
     if (!gp)
         return NULL;
-    gp->node        = pb_array(S, (size_t)g->n_nodes, sizeof(*gp->node));
+    gp->node = pb_array(S, (size_t)g->n_nodes, sizeof(*gp->node));
     gp->initializer = pb_array(S, (size_t)g->n_inits, sizeof(*gp->initializer));
     if (!gp->node || !gp->initializer)
         return NULL;
@@ -1469,20 +1489,18 @@ static Onnx__GraphProto *graph_to_pb(struct saver *S, const struct opq_graph *g)
         const struct opq_value *v = g->inits[i];
         if (!(v->kind & OPQ_VK_INIT))
             continue;
-        if (!(gp->initializer[gp->n_initializer++] = tensor_to_pb(S, &v->t, v->name, v->pb_init,
-                                                                  true)))
+        if (!(gp->initializer[gp->n_initializer++] =
+                  tensor_to_pb(S, &v->t, v->name, v->pb_init, true)))
             return NULL;
     }
     if (!value_infos_to_pb(S, g->inputs, g->n_inputs, ROLE_INPUT, &gp->input, &gp->n_input) ||
-        !value_infos_to_pb(S, g->outputs, g->n_outputs, ROLE_OUTPUT, &gp->output,
-                           &gp->n_output) ||
-        !value_infos_to_pb(S, g->infos, g->n_infos, ROLE_INFO, &gp->value_info,
-                           &gp->n_value_info))
+        !value_infos_to_pb(S, g->outputs, g->n_outputs, ROLE_OUTPUT, &gp->output, &gp->n_output) ||
+        !value_infos_to_pb(S, g->infos, g->n_infos, ROLE_INFO, &gp->value_info, &gp->n_value_info))
         return NULL;
     if (g->pb) {
-        gp->doc_string                = cs(g->pb->doc_string);
+        gp->doc_string = cs(g->pb->doc_string);
         gp->n_quantization_annotation = g->pb->graph.n_qannot;
-        gp->quantization_annotation   = g->pb->graph.qannot;
+        gp->quantization_annotation = g->pb->graph.qannot;
         set_unknown(&gp->base, g->pb);
     }
     return gp;
@@ -1515,15 +1533,15 @@ static bool metadata_unchanged(const struct opq_model *m) {
 }
 
 static Onnx__ModelProto *model_to_pb(struct saver *S) {
-    const struct opq_model *m  = S->m;
-    Onnx__ModelProto       *mp = PB_NEW(S, Onnx__ModelProto, onnx__model_proto__descriptor);
+    const struct opq_model *m = S->m;
+    Onnx__ModelProto *mp = PB_NEW(S, Onnx__ModelProto, onnx__model_proto__descriptor);
     if (!mp)
         return NULL;
     mp->has_ir_version = 1;
-    mp->ir_version     = m->ir_version ? m->ir_version : 8; // 8: the IR of opsets 15-17
+    mp->ir_version = m->ir_version ? m->ir_version : 8; // 8: the IR of opsets 15-17
     if (opsets_unchanged(m)) {
         mp->n_opset_import = m->pb->model.n_opsets;
-        mp->opset_import   = m->pb->model.opsets;
+        mp->opset_import = m->pb->model.opsets;
     } else {
         mp->opset_import = pb_array(S, (size_t)m->n_opsets, sizeof(*mp->opset_import));
         if (!mp->opset_import)
@@ -1533,22 +1551,22 @@ static Onnx__ModelProto *model_to_pb(struct saver *S) {
                 PB_NEW(S, Onnx__OperatorSetIdProto, onnx__operator_set_id_proto__descriptor);
             if (!o)
                 return NULL;
-            o->domain      = cs(str_or_empty(m->opsets[i].domain));
+            o->domain = cs(str_or_empty(m->opsets[i].domain));
             o->has_version = 1;
-            o->version     = m->opsets[i].version;
+            o->version = m->opsets[i].version;
             mp->opset_import[i] = o;
         }
         mp->n_opset_import = (size_t)m->n_opsets;
     }
-    mp->producer_name    = m->producer_name && *m->producer_name ? cs(m->producer_name) : NULL;
+    mp->producer_name = m->producer_name && *m->producer_name ? cs(m->producer_name) : NULL;
     mp->producer_version =
         m->producer_version && *m->producer_version ? cs(m->producer_version) : NULL;
-    mp->domain            = m->domain && *m->domain ? cs(m->domain) : NULL;
+    mp->domain = m->domain && *m->domain ? cs(m->domain) : NULL;
     mp->has_model_version = m->model_version != 0;
-    mp->model_version     = m->model_version;
+    mp->model_version = m->model_version;
     if (metadata_unchanged(m)) {
         mp->n_metadata_props = m->pb->model.n_metadata;
-        mp->metadata_props   = m->pb->model.metadata;
+        mp->metadata_props = m->pb->model.metadata;
     } else {
         mp->metadata_props = pb_array(S, (size_t)m->n_metadata, sizeof(*mp->metadata_props));
         if (!mp->metadata_props)
@@ -1559,11 +1577,11 @@ static Onnx__ModelProto *model_to_pb(struct saver *S) {
         mp->n_metadata_props = (size_t)m->n_metadata;
     }
     if (m->pb) {
-        mp->doc_string      = cs(m->pb->doc_string);
+        mp->doc_string = cs(m->pb->doc_string);
         mp->n_training_info = m->pb->model.n_training;
-        mp->training_info   = m->pb->model.training;
-        mp->n_functions     = m->pb->model.n_functions;
-        mp->functions       = m->pb->model.functions;
+        mp->training_info = m->pb->model.training;
+        mp->n_functions = m->pb->model.n_functions;
+        mp->functions = m->pb->model.functions;
         set_unknown(&mp->base, m->pb);
     }
     if (!(mp->graph = graph_to_pb(S, m->graph)))
@@ -1584,15 +1602,15 @@ static Onnx__ModelProto *build(struct saver *S) {
 enum opq_status opq_model_save_buffer(struct opq_ctx *ctx, const struct opq_model *model,
                                       void **buf, size_t *len) {
     enum opq_status st = OPQ_OK;
-    struct saver    S;
+    struct saver S;
     if (!model || !buf || !len)
         return opq_set_error(ctx, OPQ_ERR_USAGE, "opq_model_save_buffer: NULL argument");
     *buf = NULL;
     *len = 0;
     memset(&S, 0, sizeof(S));
     S.ctx = ctx;
-    S.m   = model;
-    S.a   = opq_arena_new(ctx);
+    S.m = model;
+    S.a = opq_arena_new(ctx);
     if (!S.a)
         return opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory serializing the model");
     Onnx__ModelProto *mp = build(&S);
@@ -1602,8 +1620,10 @@ enum opq_status opq_model_save_buffer(struct opq_ctx *ctx, const struct opq_mode
     }
     size_t size = protobuf_c_message_get_packed_size(&mp->base);
     if (size > inline_limit) {
-        st = opq_set_error(ctx, OPQ_ERR_UNSUPPORTED, "model of %zu bytes exceeds the 2 GiB "
-                           "protobuf limit: save it to a file with external data", size);
+        st = opq_set_error(ctx, OPQ_ERR_UNSUPPORTED,
+                           "model of %zu bytes exceeds the 2 GiB protobuf limit: save it to a file "
+                           "with external data",
+                           size);
         goto out_free_arena;
     }
     uint8_t *out = opq_malloc(ctx, size ? size : 1);
@@ -1632,8 +1652,8 @@ void opq_io_set_inline_limit(size_t bytes) {
 // A ProtobufCBuffer that streams into a FILE (no in-memory copy of the output).
 struct file_sink {
     ProtobufCBuffer base;
-    FILE           *f;
-    bool            failed;
+    FILE *f;
+    bool failed;
 };
 
 static void file_sink_append(ProtobufCBuffer *b, size_t len, const uint8_t *data) {
@@ -1643,10 +1663,9 @@ static void file_sink_append(ProtobufCBuffer *b, size_t len, const uint8_t *data
 }
 
 // Closes f, reporting any buffered write error against `path`.
-static enum opq_status close_checked(struct opq_ctx *ctx, FILE *f, bool failed,
-                                     const char *path) {
+static enum opq_status close_checked(struct opq_ctx *ctx, FILE *f, bool failed, const char *path) {
     bool bad = failed || fflush(f) != 0 || ferror(f);
-    int  err = errno;
+    int err = errno;
     if (fclose(f) != 0 && !bad) {
         bad = true;
         err = errno;
@@ -1659,35 +1678,35 @@ static enum opq_status close_checked(struct opq_ctx *ctx, FILE *f, bool failed,
 
 enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *model, const char *path,
                                const struct opq_save_opts *opts) {
-    enum opq_status st      = OPQ_OK;
-    struct saver    S;
-    char           *tmp     = NULL;
-    char           *extpath = NULL;
-    FILE           *f       = NULL;
-    int             fd      = -1;
+    enum opq_status st = OPQ_OK;
+    struct saver S;
+    char *tmp = NULL;
+    char *extpath = NULL;
+    FILE *f = NULL;
+    int fd = -1;
     if (!model || !path || !*path)
         return opq_set_error(ctx, OPQ_ERR_USAGE, "opq_model_save: NULL argument");
     memset(&S, 0, sizeof(S));
-    S.ctx      = ctx;
-    S.m        = model;
+    S.ctx = ctx;
+    S.m = model;
     S.external = opts && opts->external_data;
-    S.ext_min  = opts && opts->external_min_bytes ? opts->external_min_bytes : 1024;
-    S.a        = opq_arena_new(ctx);
+    S.ext_min = opts && opts->external_min_bytes ? opts->external_min_bytes : 1024;
+    S.a = opq_arena_new(ctx);
     if (!S.a)
         return opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory serializing the model");
 
     // Side-file name: given, or "<model file name>.data", next to the model.
-    const char *base  = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
-    size_t      dlen  = (size_t)(base - path);
+    const char *base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path;
+    size_t dlen = (size_t)(base - path);
     const char *ename = opts && opts->external_name ? opts->external_name : NULL;
     if (ename && !location_is_safe(ename)) {
-        st = opq_set_error(ctx, OPQ_ERR_USAGE, "external data name '%s' must be a relative path "
-                           "without '..'", ename);
+        st = opq_set_error(ctx, OPQ_ERR_USAGE,
+                           "external data name '%s' must be a relative path without '..'", ename);
         goto out;
     }
     size_t elen = dlen + (ename ? strlen(ename) : strlen(base) + 5) + 1;
-    extpath     = opq_malloc(ctx, elen);
-    tmp         = opq_malloc(ctx, strlen(path) + 16);
+    extpath = opq_malloc(ctx, elen);
+    tmp = opq_malloc(ctx, strlen(path) + 16);
     if (!extpath || !tmp) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory saving '%s'", path);
         goto out;
@@ -1697,7 +1716,7 @@ enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *mode
         snprintf(extpath, elen, "%.*s%s", (int)dlen, path, ename);
     else
         snprintf(extpath, elen, "%s.data", path);
-    S.ext_final    = extpath;
+    S.ext_final = extpath;
     S.ext_location = extpath + dlen;
 
     Onnx__ModelProto *mp = NULL;
@@ -1708,11 +1727,12 @@ enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *mode
         }
         size_t size = protobuf_c_message_get_packed_size(&mp->base);
         if (size > inline_limit) {
-            opq_log(ctx, OPQ_LOG_WARN, "%s: the model needs %zu bytes, more than the 2 GiB "
-                    "protobuf limit: writing weights to external data file '%s'", path, size,
-                    S.ext_location);
+            opq_log(ctx, OPQ_LOG_WARN,
+                    "%s: the model needs %zu bytes, more than the 2 GiB protobuf limit: writing "
+                    "weights to external data file '%s'",
+                    path, size, S.ext_location);
             S.external = true;
-            mp         = NULL;
+            mp = NULL;
         }
     }
     if (!mp && !(mp = build(&S))) {
@@ -1720,7 +1740,7 @@ enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *mode
         goto out;
     }
     if (S.ext_f) {
-        st    = close_checked(ctx, S.ext_f, false, S.ext_final);
+        st = close_checked(ctx, S.ext_f, false, S.ext_final);
         S.ext_f = NULL;
         if (st != OPQ_OK)
             goto out;
@@ -1743,7 +1763,7 @@ enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *mode
     struct file_sink sink = {{file_sink_append}, f, false};
     protobuf_c_message_pack_to_buffer(&mp->base, &sink.base);
     st = close_checked(ctx, f, sink.failed, path);
-    f  = NULL;
+    f = NULL;
     if (st != OPQ_OK)
         goto out;
     if (S.ext_tmp && rename(S.ext_tmp, S.ext_final) != 0) {

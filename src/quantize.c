@@ -642,8 +642,7 @@ out:
     return st;
 }
 
-static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m,
-                                  const struct opq_quant_opts *o) {
+enum opq_status opq_quant_opts_check(struct opq_ctx *ctx, const struct opq_quant_opts *o) {
     if (o->wbits < 2 || o->wbits > 8 || o->abits < 2 || o->abits > 8)
         return opq_set_error(ctx, OPQ_ERR_USAGE, "--wbits and --abits take 2..8 (got %d and %d)",
                              o->wbits, o->abits);
@@ -657,13 +656,23 @@ static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m
             return opq_set_error(ctx, OPQ_ERR_USAGE,
                                  "--target trt: TensorRT needs symmetric weights");
     }
+    if (o->batch < 1)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "--batch must be at least 1");
+    if (!o->calib.path || !*o->calib.path)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "no calibration data given");
+    return OPQ_OK;
+}
+
+static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m,
+                                  const struct opq_quant_opts *o) {
+    enum opq_status st = opq_quant_opts_check(ctx, o);
+    if (st != OPQ_OK)
+        return st;
     int64_t opset = opq_model_opset(m, "");
     if (opset < 13 || opset > 21)
         return opq_set_error(ctx, OPQ_ERR_UNSUPPORTED,
                              "%s: default-domain opset %lld; onnx-ptq quantizes opsets 13 to 21",
                              m->path, (long long)opset);
-    if (o->batch < 1)
-        return opq_set_error(ctx, OPQ_ERR_USAGE, "--batch must be at least 1");
     return OPQ_OK;
 }
 

@@ -35,6 +35,10 @@ struct opq_quant_opts {
 // default calibrator, ORT target, reparameterization where it helps, batch 16.
 void opq_quant_opts_default(struct opq_quant_opts *o);
 
+// Checks the options that do not depend on the model (bit widths, target rules, batch, that
+// calibration data is named), so a program can refuse bad combinations before loading.
+enum opq_status opq_quant_opts_check(struct opq_ctx *ctx, const struct opq_quant_opts *o);
+
 struct opq_report_tensor {
     const char *name;
     bool        weight;

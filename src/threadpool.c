@@ -1,42 +1,64 @@
-/* threadpool.c: persistent workers woken by a condition variable per job (see threadpool.h). */
+/* threadpool.c: persistent workers with a dynamically shared chunk counter (see threadpool.h).
+ *
+ * A job is split into fixed chunks (boundaries depend only on n and the chunk count); the caller
+ * and the workers claim chunk indices from one atomic counter, so when a thread is descheduled
+ * (a shared, loaded machine) the others finish its share instead of waiting for it. The counter
+ * carries the job's generation in its high 32 bits: a worker that woke for an old job fails its
+ * compare-and-swap and never runs chunks of a newer one with stale arguments. */
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "base.h"
 
+#define CHUNKS_PER_THREAD 4
+
+struct job {
+    opq_range_fn fn;
+    void *user;
+    int64_t n;
+    uint32_t n_chunks;
+    uint32_t gen;
+};
+
 struct opq_threadpool {
     struct opq_ctx *ctx;
-    int             n_threads;
-    pthread_t      *workers; // n_threads - 1
-    int             n_started;
+    int n_threads;
+    pthread_t *workers; // n_threads - 1
+    int n_started;
     pthread_mutex_t mu;
-    pthread_cond_t  wake;
-    pthread_cond_t  done;
-    uint64_t        generation; // bumped per job
-    int             pending;    // workers still running the current job
-    bool            quit;
-    // current job
-    opq_range_fn fn;
-    void        *user;
-    int64_t      n;
-    int          n_chunks;
+    pthread_cond_t wake;
+    pthread_cond_t done_cv;
+    uint64_t generation; // bumped per job (under mu)
+    bool quit;
+    struct job job;        // current job (written under mu before the bump)
+    _Atomic uint64_t next; // (generation << 32) | next chunk index
+    _Atomic uint32_t done; // chunks finished in the current job
 };
 
-struct worker_arg {
-    struct opq_threadpool *pool;
-    int                    id; // 1..n_threads-1
-};
-
-static void chunk_bounds(int64_t n, int n_chunks, int i, int64_t *b, int64_t *e) {
-    *b = n * i / n_chunks;
-    *e = n * (i + 1) / n_chunks;
+static void run_chunks(struct opq_threadpool *pool, const struct job *j) {
+    for (;;) {
+        uint64_t cur = atomic_load(&pool->next);
+        if ((uint32_t)(cur >> 32) != j->gen || (uint32_t)cur >= j->n_chunks)
+            return;
+        if (!atomic_compare_exchange_weak(&pool->next, &cur, cur + 1))
+            continue;
+        uint32_t i = (uint32_t)cur;
+        int64_t b = j->n * (int64_t)i / j->n_chunks;
+        int64_t e = j->n * (int64_t)(i + 1) / j->n_chunks;
+        j->fn(j->user, b, e);
+        if (atomic_fetch_add(&pool->done, 1) + 1 == j->n_chunks) {
+            pthread_mutex_lock(&pool->mu);
+            pthread_cond_signal(&pool->done_cv);
+            pthread_mutex_unlock(&pool->mu);
+        }
+    }
 }
 
 static void *worker_main(void *p) {
-    struct opq_threadpool *pool = ((struct worker_arg *)p)->pool;
-    int                    id   = ((struct worker_arg *)p)->id;
-    uint64_t               seen = 0;
+    struct opq_threadpool *pool = p;
+    uint64_t seen = 0;
     pthread_mutex_lock(&pool->mu);
     for (;;) {
         while (!pool->quit && pool->generation == seen)
@@ -44,49 +66,38 @@ static void *worker_main(void *p) {
         if (pool->quit)
             break;
         seen = pool->generation;
-        if (id < pool->n_chunks) {
-            opq_range_fn fn   = pool->fn;
-            void        *user = pool->user;
-            int64_t      b;
-            int64_t      e;
-            chunk_bounds(pool->n, pool->n_chunks, id, &b, &e);
-            pthread_mutex_unlock(&pool->mu);
-            fn(user, b, e);
-            pthread_mutex_lock(&pool->mu);
-            if (--pool->pending == 0)
-                pthread_cond_signal(&pool->done);
-        }
+        struct job j = pool->job;
+        pthread_mutex_unlock(&pool->mu);
+        run_chunks(pool, &j);
+        pthread_mutex_lock(&pool->mu);
     }
     pthread_mutex_unlock(&pool->mu);
     return NULL;
 }
 
-// Worker args live right after the pthread_t array, in the same allocation.
 struct opq_threadpool *opq_threadpool_new(struct opq_ctx *ctx, int n_threads) {
     struct opq_threadpool *pool = opq_calloc(ctx, 1, sizeof(*pool));
     if (!pool) {
         opq_set_error(ctx, OPQ_ERR_NOMEM, "thread pool: out of memory");
         return NULL;
     }
-    pool->ctx       = ctx;
+    pool->ctx = ctx;
     pool->n_threads = n_threads < 1 ? 1 : n_threads;
     pthread_mutex_init(&pool->mu, NULL);
     pthread_cond_init(&pool->wake, NULL);
-    pthread_cond_init(&pool->done, NULL);
+    pthread_cond_init(&pool->done_cv, NULL);
+    atomic_init(&pool->next, 0);
+    atomic_init(&pool->done, 0);
     int nw = pool->n_threads - 1;
     if (nw == 0)
         return pool;
-    size_t bytes = (size_t)nw * (sizeof(pthread_t) + sizeof(struct worker_arg));
-    pool->workers = opq_malloc(ctx, bytes);
+    pool->workers = opq_malloc(ctx, (size_t)nw * sizeof(pthread_t));
     if (!pool->workers) {
         opq_set_error(ctx, OPQ_ERR_NOMEM, "thread pool: out of memory");
         goto out_fail;
     }
-    struct worker_arg *args = (struct worker_arg *)(pool->workers + nw);
     for (int i = 0; i < nw; i++) {
-        args[i].pool = pool;
-        args[i].id   = i + 1;
-        if (pthread_create(&pool->workers[i], NULL, worker_main, &args[i]) != 0) {
+        if (pthread_create(&pool->workers[i], NULL, worker_main, pool) != 0) {
             opq_set_error(ctx, OPQ_ERR_INTERNAL, "thread pool: cannot start thread %d", i + 1);
             goto out_fail;
         }
@@ -109,7 +120,7 @@ void opq_threadpool_free(struct opq_threadpool *pool) {
         pthread_join(pool->workers[i], NULL);
     pthread_mutex_destroy(&pool->mu);
     pthread_cond_destroy(&pool->wake);
-    pthread_cond_destroy(&pool->done);
+    pthread_cond_destroy(&pool->done_cv);
     opq_free(pool->ctx, pool->workers);
     opq_free(pool->ctx, pool);
 }
@@ -124,28 +135,24 @@ void opq_parallel_for(struct opq_threadpool *pool, int64_t n, int64_t grain, opq
         return;
     if (grain < 1)
         grain = 1;
-    int64_t chunks = pool ? pool->n_threads : 1;
+    int64_t chunks = pool ? (int64_t)pool->n_threads * CHUNKS_PER_THREAD : 1;
     if (chunks > n / grain)
         chunks = n / grain;
-    if (chunks <= 1) {
+    if (chunks <= 1 || !pool || pool->n_threads == 1) {
         fn(user, 0, n);
         return;
     }
     pthread_mutex_lock(&pool->mu);
-    pool->fn       = fn;
-    pool->user     = user;
-    pool->n        = n;
-    pool->n_chunks = (int)chunks;
-    pool->pending  = (int)chunks - 1;
     pool->generation++;
+    struct job j = {fn, user, n, (uint32_t)chunks, (uint32_t)pool->generation};
+    pool->job = j;
+    atomic_store(&pool->done, 0);
+    atomic_store(&pool->next, (uint64_t)j.gen << 32);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mu);
-    int64_t b;
-    int64_t e;
-    chunk_bounds(n, (int)chunks, 0, &b, &e);
-    fn(user, b, e);
+    run_chunks(pool, &j);
     pthread_mutex_lock(&pool->mu);
-    while (pool->pending > 0)
-        pthread_cond_wait(&pool->done, &pool->mu);
+    while (atomic_load(&pool->done) < j.n_chunks)
+        pthread_cond_wait(&pool->done_cv, &pool->mu);
     pthread_mutex_unlock(&pool->mu);
 }

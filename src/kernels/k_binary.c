@@ -25,13 +25,13 @@ static enum opq_status binary_infer(struct opq_kctx *k, const struct opq_node *n
     bool pow = n->op == OPQ_OP_POW;
     enum opq_dtype da = in[0]->dtype;
     enum opq_dtype db = in[1]->dtype;
-    bool ok = pow ? (da == OPQ_DTYPE_FLOAT && (db == OPQ_DTYPE_FLOAT || db == OPQ_DTYPE_INT64 ||
-                                              db == OPQ_DTYPE_INT32))
-                  : (da == db && (da == OPQ_DTYPE_FLOAT || da == OPQ_DTYPE_INT64 ||
-                                  da == OPQ_DTYPE_INT32));
+    bool ok = pow ? (da == OPQ_DTYPE_FLOAT &&
+                     (db == OPQ_DTYPE_FLOAT || db == OPQ_DTYPE_INT64 || db == OPQ_DTYPE_INT32))
+                  : (da == db &&
+                     (da == OPQ_DTYPE_FLOAT || da == OPQ_DTYPE_INT64 || da == OPQ_DTYPE_INT32));
     if (!ok)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': dtypes %s, %s",
-                             n->op_type, ku_name(n), opq_dtype_name(da), opq_dtype_name(db));
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': dtypes %s, %s", n->op_type,
+                             ku_name(n), opq_dtype_name(da), opq_dtype_name(db));
     if (opq_broadcast_shape(in[0], in[1], &out[0]) != OPQ_OK)
         return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "%s node '%s': shapes cannot broadcast",
                              n->op_type, ku_name(n));
@@ -41,73 +41,106 @@ static enum opq_status binary_infer(struct opq_kctx *k, const struct opq_node *n
 
 static inline float fop(enum bop op, float a, float b) {
     switch (op) {
-    case BOP_ADD: return a + b;
-    case BOP_SUB: return a - b;
-    case BOP_MUL: return a * b;
-    case BOP_DIV: return a / b;
-    case BOP_POW: return powf(a, b);
+    case BOP_ADD:
+        return a + b;
+    case BOP_SUB:
+        return a - b;
+    case BOP_MUL:
+        return a * b;
+    case BOP_DIV:
+        return a / b;
+    case BOP_POW:
+        return powf(a, b);
     }
     return 0.0f;
 }
 
 // One strided loop per op so the compiler vectorises the common contiguous cases.
-#define BIN_LOOP(T, EXPR)                                                                         \
-    do {                                                                                          \
-        for (int64_t i = 0; i < cnt; i++) {                                                       \
-            T a = pa[i * sa];                                                                     \
-            T b = pb[i * sb];                                                                     \
-            py[i] = (EXPR);                                                                       \
-        }                                                                                         \
+#define BIN_LOOP(T, EXPR)                                                                          \
+    do {                                                                                           \
+        for (int64_t i = 0; i < cnt; i++) {                                                        \
+            T a = pa[i * sa];                                                                      \
+            T b = pb[i * sb];                                                                      \
+            py[i] = (EXPR);                                                                        \
+        }                                                                                          \
     } while (0)
 
-static void run_f32(enum bop op, const float *pa, int64_t sa, const float *pb, int64_t sb,
-                    float *py, int64_t cnt) {
+KU_HOT static void run_f32(enum bop op, const float *pa, int64_t sa, const float *pb, int64_t sb,
+                           float *py, int64_t cnt) {
     switch (op) {
-    case BOP_ADD: BIN_LOOP(float, a + b); break;
-    case BOP_SUB: BIN_LOOP(float, a - b); break;
-    case BOP_MUL: BIN_LOOP(float, a * b); break;
-    case BOP_DIV: BIN_LOOP(float, a / b); break;
-    case BOP_POW: BIN_LOOP(float, powf(a, b)); break;
+    case BOP_ADD:
+        BIN_LOOP(float, a + b);
+        break;
+    case BOP_SUB:
+        BIN_LOOP(float, a - b);
+        break;
+    case BOP_MUL:
+        BIN_LOOP(float, a *b);
+        break;
+    case BOP_DIV:
+        BIN_LOOP(float, a / b);
+        break;
+    case BOP_POW:
+        BIN_LOOP(float, powf(a, b));
+        break;
     }
 }
 
 static void run_i64(enum bop op, const int64_t *pa, int64_t sa, const int64_t *pb, int64_t sb,
                     int64_t *py, int64_t cnt) {
     switch (op) {
-    case BOP_ADD: BIN_LOOP(int64_t, (int64_t)((uint64_t)a + (uint64_t)b)); break;
-    case BOP_SUB: BIN_LOOP(int64_t, (int64_t)((uint64_t)a - (uint64_t)b)); break;
-    case BOP_MUL: BIN_LOOP(int64_t, (int64_t)((uint64_t)a * (uint64_t)b)); break;
-    case BOP_DIV: BIN_LOOP(int64_t, b == 0 || (a == INT64_MIN && b == -1) ? 0 : a / b); break;
-    case BOP_POW: break;
+    case BOP_ADD:
+        BIN_LOOP(int64_t, (int64_t)((uint64_t)a + (uint64_t)b));
+        break;
+    case BOP_SUB:
+        BIN_LOOP(int64_t, (int64_t)((uint64_t)a - (uint64_t)b));
+        break;
+    case BOP_MUL:
+        BIN_LOOP(int64_t, (int64_t)((uint64_t)a * (uint64_t)b));
+        break;
+    case BOP_DIV:
+        BIN_LOOP(int64_t, b == 0 || (a == INT64_MIN && b == -1) ? 0 : a / b);
+        break;
+    case BOP_POW:
+        break;
     }
 }
 
 static void run_i32(enum bop op, const int32_t *pa, int64_t sa, const int32_t *pb, int64_t sb,
                     int32_t *py, int64_t cnt) {
     switch (op) {
-    case BOP_ADD: BIN_LOOP(int32_t, (int32_t)((uint32_t)a + (uint32_t)b)); break;
-    case BOP_SUB: BIN_LOOP(int32_t, (int32_t)((uint32_t)a - (uint32_t)b)); break;
-    case BOP_MUL: BIN_LOOP(int32_t, (int32_t)((uint32_t)a * (uint32_t)b)); break;
-    case BOP_DIV: BIN_LOOP(int32_t, b == 0 || (a == INT32_MIN && b == -1) ? 0 : a / b); break;
-    case BOP_POW: break;
+    case BOP_ADD:
+        BIN_LOOP(int32_t, (int32_t)((uint32_t)a + (uint32_t)b));
+        break;
+    case BOP_SUB:
+        BIN_LOOP(int32_t, (int32_t)((uint32_t)a - (uint32_t)b));
+        break;
+    case BOP_MUL:
+        BIN_LOOP(int32_t, (int32_t)((uint32_t)a * (uint32_t)b));
+        break;
+    case BOP_DIV:
+        BIN_LOOP(int32_t, b == 0 || (a == INT32_MIN && b == -1) ? 0 : a / b);
+        break;
+    case BOP_POW:
+        break;
     }
 }
 
 struct bin_job {
-    enum bop                 op;
+    enum bop op;
     const struct opq_tensor *a, *b, *y;
-    const void              *pa, *pb; // pb converted to float for Pow with an int exponent
-    void                    *py;
-    int64_t                  sa[OPQ_MAX_DIMS], sb[OPQ_MAX_DIMS];
-    int64_t                  inner;
-    size_t                   es;
+    const void *pa, *pb; // pb converted to float for Pow with an int exponent
+    void *py;
+    int64_t sa[OPQ_MAX_DIMS], sb[OPQ_MAX_DIMS];
+    int64_t inner;
+    size_t es;
 };
 
 static void bin_rows(void *user, int64_t r0, int64_t r1) {
     struct bin_job *j = user;
-    int             r = j->y->ndim;
-    int64_t         ia = r ? j->sa[r - 1] : 0;
-    int64_t         ib = r ? j->sb[r - 1] : 0;
+    int r = j->y->ndim;
+    int64_t ia = r ? j->sa[r - 1] : 0;
+    int64_t ib = r ? j->sb[r - 1] : 0;
     for (int64_t row = r0; row < r1; row++) {
         int64_t oa = ku_row_offset(j->y, j->sa, row);
         int64_t ob = ku_row_offset(j->y, j->sb, row);
@@ -132,21 +165,21 @@ static void bin_rows(void *user, int64_t r0, int64_t r1) {
 static void bin_flat(void *user, int64_t i0, int64_t i1) {
     // same shape or scalar operand: sa/sb[0] hold the flat strides (0 or 1)
     struct bin_job *j = user;
-    int64_t         cnt = i1 - i0;
-    int64_t         sa = j->sa[0];
-    int64_t         sb = j->sb[0];
+    int64_t cnt = i1 - i0;
+    int64_t sa = j->sa[0];
+    int64_t sb = j->sb[0];
     switch (j->y->dtype) {
     case OPQ_DTYPE_FLOAT:
         run_f32(j->op, (const float *)j->pa + i0 * sa, sa, (const float *)j->pb + i0 * sb, sb,
                 (float *)j->py + i0, cnt);
         break;
     case OPQ_DTYPE_INT64:
-        run_i64(j->op, (const int64_t *)j->pa + i0 * sa, sa, (const int64_t *)j->pb + i0 * sb,
-                sb, (int64_t *)j->py + i0, cnt);
+        run_i64(j->op, (const int64_t *)j->pa + i0 * sa, sa, (const int64_t *)j->pb + i0 * sb, sb,
+                (int64_t *)j->py + i0, cnt);
         break;
     default:
-        run_i32(j->op, (const int32_t *)j->pa + i0 * sa, sa, (const int32_t *)j->pb + i0 * sb,
-                sb, (int32_t *)j->py + i0, cnt);
+        run_i32(j->op, (const int32_t *)j->pa + i0 * sa, sa, (const int32_t *)j->pb + i0 * sb, sb,
+                (int32_t *)j->py + i0, cnt);
         break;
     }
 }
@@ -156,7 +189,7 @@ static const float *exp_as_float(struct opq_kctx *k, const struct opq_tensor *b)
     if (b->dtype == OPQ_DTYPE_FLOAT)
         return b->data;
     int64_t n = ku_numel(b);
-    float  *f = opq_arena_alloc_raw(k->scratch, (size_t)n * sizeof(float) + 1);
+    float *f = opq_arena_alloc_raw(k->scratch, (size_t)n * sizeof(float) + 1);
     if (!f)
         return NULL;
     for (int64_t i = 0; i < n; i++)
@@ -171,17 +204,21 @@ static enum opq_status binary_forward(struct opq_kctx *k, const struct opq_node 
     struct opq_tensor *y = &out[0];
     if (!y->data)
         return OPQ_OK;
-    struct bin_job j = {.op = op, .a = in[0], .b = in[1], .y = y, .pa = in[0]->data,
-                        .pb = in[1]->data, .py = y->data};
+    struct bin_job j = {.op = op,
+                        .a = in[0],
+                        .b = in[1],
+                        .y = y,
+                        .pa = in[0]->data,
+                        .pb = in[1]->data,
+                        .py = y->data};
     if (op == BOP_POW) {
         j.pb = exp_as_float(k, in[1]);
         if (!j.pb)
-            return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Pow node '%s': out of memory",
-                                 ku_name(n));
+            return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Pow node '%s': out of memory", ku_name(n));
     }
     int64_t total = ku_numel(y);
-    int64_t na    = ku_numel(in[0]);
-    int64_t nb    = ku_numel(in[1]);
+    int64_t na = ku_numel(in[0]);
+    int64_t nb = ku_numel(in[1]);
     if (total == 0)
         return OPQ_OK;
     if ((na == total || na == 1) && (nb == total || nb == 1)) {
@@ -200,11 +237,11 @@ static enum opq_status binary_forward(struct opq_kctx *k, const struct opq_node 
 }
 
 // d (shape of `in`) = sum over broadcast dims of g (shape of y). Double accumulation.
-static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n,
-                                 const float *g, const struct opq_tensor *y,
-                                 const struct opq_tensor *in, float *d) {
+static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, const float *g,
+                                 const struct opq_tensor *y, const struct opq_tensor *in,
+                                 float *d) {
     int64_t total = ku_numel(y);
-    int64_t nin   = ku_numel(in);
+    int64_t nin = ku_numel(in);
     if (nin == total) {
         memcpy(d, g, (size_t)total * sizeof(float));
         return OPQ_OK;
@@ -216,9 +253,9 @@ static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n,
     int64_t s[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(in, y, s);
     int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
-    int64_t si    = y->ndim ? s[y->ndim - 1] : 0;
+    int64_t si = y->ndim ? s[y->ndim - 1] : 0;
     for (int64_t row = 0; row < total / inner; row++) {
-        double      *pa = acc + ku_row_offset(y, s, row);
+        double *pa = acc + ku_row_offset(y, s, row);
         const float *pg = g + row * inner;
         for (int64_t i = 0; i < inner; i++)
             pa[i * si] += (double)pg[i];
@@ -235,26 +272,34 @@ static void partial(enum bop op, int which, const struct opq_tensor *a, const st
     int64_t sb[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(a, y, sa);
     ku_bcast_strides(b, y, sb);
-    int64_t      inner = y->ndim ? y->shape[y->ndim - 1] : 1;
-    int64_t      ia    = y->ndim ? sa[y->ndim - 1] : 0;
-    int64_t      ib    = y->ndim ? sb[y->ndim - 1] : 0;
-    int64_t      total = ku_numel(y);
-    const float *A     = a->data;
-    const float *Y     = y->data;
+    int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
+    int64_t ia = y->ndim ? sa[y->ndim - 1] : 0;
+    int64_t ib = y->ndim ? sb[y->ndim - 1] : 0;
+    int64_t total = ku_numel(y);
+    const float *A = a->data;
+    const float *Y = y->data;
     for (int64_t row = 0; row < total / inner; row++) {
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = pb + ku_row_offset(y, sb, row);
-        int64_t      o  = row * inner;
+        int64_t o = row * inner;
         for (int64_t i = 0; i < inner; i++) {
             float av = ra[i * ia];
             float bv = rb[i * ib];
-            float g  = dy[o + i];
-            float r  = 0.0f;
+            float g = dy[o + i];
+            float r = 0.0f;
             switch (op) {
-            case BOP_ADD: r = g; break;
-            case BOP_SUB: r = which ? -g : g; break;
-            case BOP_MUL: r = which ? g * av : g * bv; break;
-            case BOP_DIV: r = which ? -g * av / (bv * bv) : g / bv; break;
+            case BOP_ADD:
+                r = g;
+                break;
+            case BOP_SUB:
+                r = which ? -g : g;
+                break;
+            case BOP_MUL:
+                r = which ? g * av : g * bv;
+                break;
+            case BOP_DIV:
+                r = which ? -g * av / (bv * bv) : g / bv;
+                break;
             case BOP_POW:
                 if (which)
                     r = av > 0.0f ? g * Y[o + i] * logf(av) : 0.0f;
@@ -275,9 +320,9 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
     if (y->dtype != OPQ_DTYPE_FLOAT)
         return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': backward needs float",
                              n->op_type, ku_name(n));
-    int64_t      total = ku_numel(y);
-    const float *pb    = exp_as_float(k, in[1]);
-    float       *t     = opq_arena_alloc_raw(k->scratch, (size_t)total * sizeof(float) + 1);
+    int64_t total = ku_numel(y);
+    const float *pb = exp_as_float(k, in[1]);
+    float *t = opq_arena_alloc_raw(k->scratch, (size_t)total * sizeof(float) + 1);
     if (!t || !pb)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
                              ku_name(n));
@@ -296,22 +341,22 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
     return OPQ_OK;
 }
 
-#define BINARY_KERNEL(prefix, OP)                                                                 \
-    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,         \
-                                            const struct opq_tensor *const *in,                   \
-                                            struct opq_tensor *out) {                             \
-        return binary_forward(k, n, in, out, OP);                                                 \
-    }                                                                                             \
-    static enum opq_status prefix##_backward(                                                     \
-        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,         \
-        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {    \
-        return binary_backward(k, n, in, out, dout, din, OP);                                     \
-    }                                                                                             \
-    const struct opq_kernel opq_kernel_##prefix = {                                               \
-        .min_opset = 7,                                                                           \
-        .infer     = binary_infer,                                                                \
-        .forward   = prefix##_forward,                                                            \
-        .backward  = prefix##_backward,                                                           \
+#define BINARY_KERNEL(prefix, OP)                                                                  \
+    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,          \
+                                            const struct opq_tensor *const *in,                    \
+                                            struct opq_tensor *out) {                              \
+        return binary_forward(k, n, in, out, OP);                                                  \
+    }                                                                                              \
+    static enum opq_status prefix##_backward(                                                      \
+        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,          \
+        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {     \
+        return binary_backward(k, n, in, out, dout, din, OP);                                      \
+    }                                                                                              \
+    const struct opq_kernel opq_kernel_##prefix = {                                                \
+        .min_opset = 7,                                                                            \
+        .infer = binary_infer,                                                                     \
+        .forward = prefix##_forward,                                                               \
+        .backward = prefix##_backward,                                                             \
     };
 
 BINARY_KERNEL(add, BOP_ADD)

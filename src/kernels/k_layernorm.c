@@ -13,7 +13,7 @@
 
 struct ln_params {
     int64_t axis;
-    float   eps;
+    float eps;
 };
 
 static enum opq_status ln_parse(struct opq_kctx *k, struct opq_graph *g, struct opq_node *n) {
@@ -21,8 +21,8 @@ static enum opq_status ln_parse(struct opq_kctx *k, struct opq_graph *g, struct 
     if (!p)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "LayerNormalization node '%s': out of memory",
                              ku_name(n));
-    p->axis   = opq_node_attr_int(n, "axis", -1);
-    p->eps    = opq_node_attr_float(n, "epsilon", 1e-5f);
+    p->axis = opq_node_attr_int(n, "axis", -1);
+    p->eps = opq_node_attr_float(n, "epsilon", 1e-5f);
     n->params = p;
     return OPQ_OK;
 }
@@ -31,12 +31,13 @@ static enum opq_status ln_parse(struct opq_kctx *k, struct opq_graph *g, struct 
 static enum opq_status ln_geom(struct opq_kctx *k, const struct opq_node *n,
                                const struct opq_tensor *const *in, int *axis, int64_t *rows,
                                int64_t *cols) {
-    const struct ln_params  *p = n->params;
+    const struct ln_params *p = n->params;
     const struct opq_tensor *x = in[0];
     if (!opq_axis_norm(p->axis, x->ndim, axis))
-        return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL, "LayerNormalization node '%s': axis "
-                             "%lld out of range for rank %d", ku_name(n), (long long)p->axis,
-                             x->ndim);
+        return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL,
+                             "LayerNormalization node '%s': axis "
+                             "%lld out of range for rank %d",
+                             ku_name(n), (long long)p->axis, x->ndim);
     *rows = 1;
     *cols = 1;
     for (int d = 0; d < x->ndim; d++)
@@ -48,8 +49,8 @@ static enum opq_status ln_geom(struct opq_kctx *k, const struct opq_node *n,
         if (in[j]->dtype != OPQ_DTYPE_FLOAT || (c != *cols && c != 1))
             return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
                                  "LayerNormalization node '%s': %s must be float32 with 1 or "
-                                 "%lld elements", ku_name(n), j == 1 ? "Scale" : "B",
-                                 (long long)*cols);
+                                 "%lld elements",
+                                 ku_name(n), j == 1 ? "Scale" : "B", (long long)*cols);
     }
     return OPQ_OK;
 }
@@ -57,9 +58,11 @@ static enum opq_status ln_geom(struct opq_kctx *k, const struct opq_node *n,
 static enum opq_status ln_infer(struct opq_kctx *k, const struct opq_node *n,
                                 const struct opq_tensor *const *in, struct opq_tensor *out) {
     if (n->n_inputs < 2 || !in[0] || !in[1] || in[0]->dtype != OPQ_DTYPE_FLOAT)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "LayerNormalization node '%s': needs "
-                             "float32 X and Scale", ku_name(n));
-    int     axis;
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "LayerNormalization node '%s': needs "
+                             "float32 X and Scale",
+                             ku_name(n));
+    int axis;
     int64_t rows;
     int64_t cols;
     enum opq_status st = ln_geom(k, n, in, &axis, &rows, &cols);
@@ -77,11 +80,11 @@ static enum opq_status ln_infer(struct opq_kctx *k, const struct opq_node *n,
 }
 
 struct ln_job {
-    int64_t      cols;
-    float        eps;
+    int64_t cols;
+    float eps;
     const float *x, *scale, *bias;
-    int64_t      s_step, b_step; // 1, or 0 for a one-element Scale/B
-    float       *y, *mean, *inv;
+    int64_t s_step, b_step; // 1, or 0 for a one-element Scale/B
+    float *y, *mean, *inv;
 };
 
 static void ln_stats(const float *x, int64_t c, float eps, double *mu, double *r) {
@@ -95,16 +98,16 @@ static void ln_stats(const float *x, int64_t c, float eps, double *mu, double *r
         v += d * d;
     }
     *mu = m;
-    *r  = 1.0 / sqrt(v / (double)c + (double)eps);
+    *r = 1.0 / sqrt(v / (double)c + (double)eps);
 }
 
-static void ln_rows(void *user, int64_t r0, int64_t r1) {
+KU_HOT static void ln_rows(void *user, int64_t r0, int64_t r1) {
     const struct ln_job *j = user;
-    int64_t              c = j->cols;
+    int64_t c = j->cols;
     for (int64_t r = r0; r < r1; r++) {
         const float *x = j->x + r * c;
-        double       mu;
-        double       ri;
+        double mu;
+        double ri;
         ln_stats(x, c, j->eps, &mu, &ri);
         float fm = (float)mu;
         float fr = (float)ri;
@@ -112,7 +115,7 @@ static void ln_rows(void *user, int64_t r0, int64_t r1) {
             float *y = j->y + r * c;
             for (int64_t i = 0; i < c; i++) {
                 float v = (x[i] - fm) * fr * j->scale[i * j->s_step];
-                y[i]    = j->bias ? v + j->bias[i * j->b_step] : v;
+                y[i] = j->bias ? v + j->bias[i * j->b_step] : v;
             }
         }
         if (j->mean)
@@ -124,7 +127,7 @@ static void ln_rows(void *user, int64_t r0, int64_t r1) {
 
 static enum opq_status ln_forward(struct opq_kctx *k, const struct opq_node *n,
                                   const struct opq_tensor *const *in, struct opq_tensor *out) {
-    int     axis;
+    int axis;
     int64_t rows;
     int64_t cols;
     enum opq_status st = ln_geom(k, n, in, &axis, &rows, &cols);
@@ -132,10 +135,15 @@ static enum opq_status ln_forward(struct opq_kctx *k, const struct opq_node *n,
         return st;
     const struct opq_tensor *b = n->n_inputs > 2 ? in[2] : NULL;
     struct ln_job j = {
-        .cols = cols, .eps = ((const struct ln_params *)n->params)->eps, .x = in[0]->data,
-        .scale = in[1]->data, .bias = b ? b->data : NULL,
-        .s_step = ku_numel(in[1]) == 1 ? 0 : 1, .b_step = b && ku_numel(b) == 1 ? 0 : 1,
-        .y = out[0].data, .mean = n->n_outputs > 1 ? out[1].data : NULL,
+        .cols = cols,
+        .eps = ((const struct ln_params *)n->params)->eps,
+        .x = in[0]->data,
+        .scale = in[1]->data,
+        .bias = b ? b->data : NULL,
+        .s_step = ku_numel(in[1]) == 1 ? 0 : 1,
+        .b_step = b && ku_numel(b) == 1 ? 0 : 1,
+        .y = out[0].data,
+        .mean = n->n_outputs > 1 ? out[1].data : NULL,
         .inv = n->n_outputs > 2 ? out[2].data : NULL,
     };
     ku_parallel(k, rows, 16384 / cols + 1, ln_rows, &j);
@@ -143,40 +151,41 @@ static enum opq_status ln_forward(struct opq_kctx *k, const struct opq_node *n,
 }
 
 static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
-                                   const struct opq_tensor *const *in,
-                                   const struct opq_tensor *out, const struct opq_tensor *dout,
-                                   struct opq_tensor *din) {
+                                   const struct opq_tensor *const *in, const struct opq_tensor *out,
+                                   const struct opq_tensor *dout, struct opq_tensor *din) {
     (void)out;
-    int     axis;
+    int axis;
     int64_t rows;
     int64_t cols;
     enum opq_status st = ln_geom(k, n, in, &axis, &rows, &cols);
     if (st != OPQ_OK)
         return st;
-    const struct ln_params *p   = n->params;
-    const float            *x   = in[0]->data;
-    const float            *sc  = in[1]->data;
-    int64_t                 ss  = ku_numel(in[1]) == 1 ? 0 : 1;
-    const float            *dy  = dout[0].data;
-    float                  *dx  = din[0].data;
-    bool                    has_b = n->n_inputs > 2 && in[2];
+    const struct ln_params *p = n->params;
+    const float *x = in[0]->data;
+    const float *sc = in[1]->data;
+    int64_t ss = ku_numel(in[1]) == 1 ? 0 : 1;
+    const float *dy = dout[0].data;
+    float *dx = din[0].data;
+    bool has_b = n->n_inputs > 2 && in[2];
     double *dsc = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
-    double *db  = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
-    double *g   = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
+    double *db = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
+    double *g = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
     if (!dsc || !db || !g)
-        return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "LayerNormalization node '%s': out of "
-                             "memory", ku_name(n));
+        return opq_set_error(k->ctx, OPQ_ERR_NOMEM,
+                             "LayerNormalization node '%s': out of "
+                             "memory",
+                             ku_name(n));
     for (int64_t r = 0; dy && r < rows; r++) {
         const float *xr = x + r * cols;
         const float *gr = dy + r * cols;
-        double       mu;
-        double       ri;
+        double mu;
+        double ri;
         ln_stats(xr, cols, p->eps, &mu, &ri);
-        double mg  = 0.0;
+        double mg = 0.0;
         double mgx = 0.0;
         for (int64_t i = 0; i < cols; i++) {
             double xh = ((double)xr[i] - mu) * ri;
-            g[i]      = (double)gr[i] * (double)sc[i * ss];
+            g[i] = (double)gr[i] * (double)sc[i * ss];
             mg += g[i];
             mgx += g[i] * xh;
             dsc[i] += (double)gr[i] * xh;
@@ -186,7 +195,7 @@ static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
         mgx /= (double)cols;
         if (dx) {
             for (int64_t i = 0; i < cols; i++) {
-                double xh         = ((double)xr[i] - mu) * ri;
+                double xh = ((double)xr[i] - mu) * ri;
                 dx[r * cols + i] = (float)(ri * (g[i] - mg - xh * mgx));
             }
         }
@@ -196,7 +205,7 @@ static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
     for (int j = 1; j <= 2; j++) {
         if (j == 2 && !has_b)
             break;
-        float        *d   = din[j].data;
+        float *d = din[j].data;
         const double *acc = j == 1 ? dsc : db;
         if (!d)
             continue;
@@ -215,8 +224,8 @@ static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
 
 const struct opq_kernel opq_kernel_layernorm = {
     .min_opset = 17,
-    .parse     = ln_parse,
-    .infer     = ln_infer,
-    .forward   = ln_forward,
-    .backward  = ln_backward,
+    .parse = ln_parse,
+    .infer = ln_infer,
+    .forward = ln_forward,
+    .backward = ln_backward,
 };

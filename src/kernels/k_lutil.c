@@ -8,6 +8,15 @@
 #include "graph.h"
 #include "k_lutil.h"
 
+const char *opq_kl_label(const struct opq_node *n) {
+    if (n->name && n->name[0])
+        return n->name;
+    for (int i = 0; n->outputs && i < n->n_outputs; i++)
+        if (n->outputs[i] && n->outputs[i]->name)
+            return n->outputs[i]->name;
+    return "";
+}
+
 size_t opq_kl_numel(const struct opq_tensor *t) {
     size_t n = 0;
     return opq_tensor_numel(t, &n) ? n : 0;
@@ -32,11 +41,12 @@ enum opq_status opq_kl_finish(struct opq_kctx *k, const struct opq_node *n, stru
 
 enum opq_status opq_kl_need_data(struct opq_kctx *k, const struct opq_node *n,
                                  const struct opq_tensor *t, const char *what) {
-    if (t && t->data)
-        return OPQ_OK;
+    size_t cnt = 1;
+    if (t && (t->data || (opq_tensor_numel(t, &cnt) && cnt == 0)))
+        return OPQ_OK; // an empty list needs no bytes
     return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
-                         OPQ_KL_NODE_FMT ": %s input computed at run time is not supported "
-                         "(shape input computed at run time is not supported)",
+                         OPQ_KL_NODE_FMT ": shape input computed at run time is not supported "
+                         "('%s' must be constant or computable at plan time)",
                          OPQ_KL_NODE(n), what);
 }
 

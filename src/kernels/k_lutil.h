@@ -8,9 +8,11 @@
 
 #include "kernel.h"
 
-// "<op_type> '<name>'" for messages (name may be empty).
+// "<op_type> '<name>'" for messages; nameless nodes are named by their first output.
 #define OPQ_KL_NODE_FMT "%s '%s'"
-#define OPQ_KL_NODE(n)  (n)->op_type, (n)->name
+#define OPQ_KL_NODE(n)  (n)->op_type, opq_kl_label(n)
+
+const char *opq_kl_label(const struct opq_node *n);
 
 // Element count of a tensor whose shape is fully known (0 if any dim is unknown).
 size_t opq_kl_numel(const struct opq_tensor *t);

@@ -16,21 +16,28 @@
 static enum opq_status bn_infer(struct opq_kctx *k, const struct opq_node *n,
                                 const struct opq_tensor *const *in, struct opq_tensor *out) {
     if (opq_node_attr_int(n, "training_mode", 0) != 0 || n->n_inputs < 5)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "BatchNormalization node '%s': only "
-                             "inference mode with 5 inputs is supported", ku_name(n));
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "BatchNormalization node '%s': only "
+                             "inference mode with 5 inputs is supported",
+                             ku_name(n));
     for (int j = 1; j < n->n_outputs; j++)
         if (n->outputs[j])
-            return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "BatchNormalization node '%s': "
-                                 "running statistics outputs are not supported", ku_name(n));
+            return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "BatchNormalization node '%s': "
+                                 "running statistics outputs are not supported",
+                                 ku_name(n));
     const struct opq_tensor *x = in[0];
     if (!x || x->dtype != OPQ_DTYPE_FLOAT || x->ndim < 2)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "BatchNormalization node '%s': X must "
-                             "be float32 of rank >= 2", ku_name(n));
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "BatchNormalization node '%s': X must "
+                             "be float32 of rank >= 2",
+                             ku_name(n));
     for (int j = 1; j < 5; j++)
         if (!in[j] || in[j]->dtype != OPQ_DTYPE_FLOAT || ku_numel(in[j]) != x->shape[1])
-            return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "BatchNormalization node '%s': input %d "
-                                 "must hold %lld float32 values", ku_name(n), j,
-                                 (long long)x->shape[1]);
+            return opq_set_error(k->ctx, OPQ_ERR_SHAPE,
+                                 "BatchNormalization node '%s': input %d "
+                                 "must hold %lld float32 values",
+                                 ku_name(n), j, (long long)x->shape[1]);
     out[0].dtype = OPQ_DTYPE_FLOAT;
     ku_copy_shape(&out[0], x);
     return OPQ_OK;
@@ -39,22 +46,22 @@ static enum opq_status bn_infer(struct opq_kctx *k, const struct opq_node *n,
 static enum opq_status bn_forward(struct opq_kctx *k, const struct opq_node *n,
                                   const struct opq_tensor *const *in, struct opq_tensor *out) {
     (void)k;
-    float        eps   = opq_node_attr_float(n, "epsilon", 1e-5f);
-    const float *x     = in[0]->data;
-    const float *sc    = in[1]->data;
-    const float *bias  = in[2]->data;
-    const float *mean  = in[3]->data;
-    const float *var   = in[4]->data;
-    float       *y     = out[0].data;
-    int64_t      nb    = in[0]->shape[0];
-    int64_t      c     = in[0]->shape[1];
-    int64_t      inner = c ? ku_numel(in[0]) / (nb * c) : 0;
+    float eps = opq_node_attr_float(n, "epsilon", 1e-5f);
+    const float *x = in[0]->data;
+    const float *sc = in[1]->data;
+    const float *bias = in[2]->data;
+    const float *mean = in[3]->data;
+    const float *var = in[4]->data;
+    float *y = out[0].data;
+    int64_t nb = in[0]->shape[0];
+    int64_t c = in[0]->shape[1];
+    int64_t inner = c ? ku_numel(in[0]) / (nb * c) : 0;
     for (int64_t i = 0; i < nb; i++)
         for (int64_t ch = 0; ch < c; ch++) {
             float a = sc[ch] / sqrtf(var[ch] + eps);
             float b = bias[ch] - mean[ch] * a;
             const float *xs = x + (i * c + ch) * inner;
-            float       *ys = y + (i * c + ch) * inner;
+            float *ys = y + (i * c + ch) * inner;
             for (int64_t q = 0; q < inner; q++)
                 ys[q] = xs[q] * a + b;
         }
@@ -63,8 +70,8 @@ static enum opq_status bn_forward(struct opq_kctx *k, const struct opq_node *n,
 
 const struct opq_kernel opq_kernel_batchnorm = {
     .min_opset = 9,
-    .infer     = bn_infer,
-    .forward   = bn_forward,
+    .infer = bn_infer,
+    .forward = bn_forward,
 };
 
 // ---- GlobalAveragePool ----------------------------------------------------------------------
@@ -72,8 +79,10 @@ const struct opq_kernel opq_kernel_batchnorm = {
 static enum opq_status gap_infer(struct opq_kctx *k, const struct opq_node *n,
                                  const struct opq_tensor *const *in, struct opq_tensor *out) {
     if (!in[0] || in[0]->dtype != OPQ_DTYPE_FLOAT || in[0]->ndim < 3)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "GlobalAveragePool node '%s': X must "
-                             "be float32 of rank >= 3", ku_name(n));
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "GlobalAveragePool node '%s': X must "
+                             "be float32 of rank >= 3",
+                             ku_name(n));
     out[0].dtype = OPQ_DTYPE_FLOAT;
     ku_copy_shape(&out[0], in[0]);
     for (int d = 2; d < out[0].ndim; d++)
@@ -85,10 +94,10 @@ static enum opq_status gap_forward(struct opq_kctx *k, const struct opq_node *n,
                                    const struct opq_tensor *const *in, struct opq_tensor *out) {
     (void)k;
     (void)n;
-    int64_t      rows  = in[0]->shape[0] * in[0]->shape[1];
-    int64_t      inner = rows ? ku_numel(in[0]) / rows : 0;
-    const float *x     = in[0]->data;
-    float       *y     = out[0].data;
+    int64_t rows = in[0]->shape[0] * in[0]->shape[1];
+    int64_t inner = rows ? ku_numel(in[0]) / rows : 0;
+    const float *x = in[0]->data;
+    float *y = out[0].data;
     for (int64_t r = 0; r < rows; r++) {
         double s = 0.0;
         for (int64_t q = 0; q < inner; q++)
@@ -107,10 +116,10 @@ static enum opq_status gap_backward(struct opq_kctx *k, const struct opq_node *n
     (void)out;
     if (!din[0].data)
         return OPQ_OK;
-    int64_t      rows  = in[0]->shape[0] * in[0]->shape[1];
-    int64_t      inner = rows ? ku_numel(in[0]) / rows : 0;
-    const float *dy    = dout[0].data;
-    float       *dx    = din[0].data;
+    int64_t rows = in[0]->shape[0] * in[0]->shape[1];
+    int64_t inner = rows ? ku_numel(in[0]) / rows : 0;
+    const float *dy = dout[0].data;
+    float *dx = din[0].data;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t q = 0; q < inner; q++)
             dx[r * inner + q] = dy ? dy[r] / (float)inner : 0.0f;
@@ -119,9 +128,9 @@ static enum opq_status gap_backward(struct opq_kctx *k, const struct opq_node *n
 
 const struct opq_kernel opq_kernel_globalaveragepool = {
     .min_opset = 1,
-    .infer     = gap_infer,
-    .forward   = gap_forward,
-    .backward  = gap_backward,
+    .infer = gap_infer,
+    .forward = gap_forward,
+    .backward = gap_backward,
 };
 
 // ---- Clip -------------------------------------------------------------------------------------
@@ -140,8 +149,7 @@ static enum opq_status clip_infer(struct opq_kctx *k, const struct opq_node *n,
     for (int j = 1; j < 3 && j < n->n_inputs; j++)
         if (in[j] && (in[j]->dtype != in[0]->dtype || ku_numel(in[j]) != 1))
             return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "Clip node '%s': %s must be a %s scalar",
-                                 ku_name(n), j == 1 ? "min" : "max",
-                                 opq_dtype_name(in[0]->dtype));
+                                 ku_name(n), j == 1 ? "min" : "max", opq_dtype_name(in[0]->dtype));
     if (clip_int(in[0]->dtype) && k->opset < 12)
         return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
                              "Clip node '%s': integer Clip needs opset 12", ku_name(n));
@@ -153,8 +161,8 @@ static enum opq_status clip_infer(struct opq_kctx *k, const struct opq_node *n,
 // Integer Clip: bounds default to the type's range.
 static void clip_forward_int(const struct opq_node *n, const struct opq_tensor *const *in,
                              struct opq_tensor *out) {
-    bool    s8  = in[0]->dtype == OPQ_DTYPE_INT8;
-    int     lo  = s8 ? -128 : 0, hi = s8 ? 127 : 255;
+    bool s8 = in[0]->dtype == OPQ_DTYPE_INT8;
+    int lo = s8 ? -128 : 0, hi = s8 ? 127 : 255;
     int64_t cnt = ku_numel(in[0]);
     if (n->n_inputs > 1 && in[1])
         lo = s8 ? *(const int8_t *)in[1]->data : *(const uint8_t *)in[1]->data;
@@ -162,7 +170,7 @@ static void clip_forward_int(const struct opq_node *n, const struct opq_tensor *
         hi = s8 ? *(const int8_t *)in[2]->data : *(const uint8_t *)in[2]->data;
     for (int64_t i = 0; i < cnt; i++) {
         int v = s8 ? ((const int8_t *)in[0]->data)[i] : ((const uint8_t *)in[0]->data)[i];
-        v     = v < lo ? lo : (v > hi ? hi : v);
+        v = v < lo ? lo : (v > hi ? hi : v);
         if (s8)
             ((int8_t *)out[0].data)[i] = (int8_t)v;
         else
@@ -190,12 +198,12 @@ static enum opq_status clip_forward(struct opq_kctx *k, const struct opq_node *n
     float lo;
     float hi;
     clip_bounds(k, n, in, &lo, &hi);
-    const float *x   = in[0]->data;
-    float       *y   = out[0].data;
-    int64_t      cnt = ku_numel(in[0]);
+    const float *x = in[0]->data;
+    float *y = out[0].data;
+    int64_t cnt = ku_numel(in[0]);
     for (int64_t i = 0; i < cnt; i++) {
         float v = x[i] < lo ? lo : x[i];
-        y[i]    = v > hi ? hi : v;
+        y[i] = v > hi ? hi : v;
     }
     return OPQ_OK;
 }
@@ -217,10 +225,10 @@ static enum opq_status clip_backward(struct opq_kctx *k, const struct opq_node *
             memset(din[j].data, 0, din[j].nbytes);
     if (!din[0].data)
         return OPQ_OK;
-    const float *x   = in[0]->data;
-    const float *dy  = dout[0].data;
-    float       *dx  = din[0].data;
-    int64_t      cnt = ku_numel(in[0]);
+    const float *x = in[0]->data;
+    const float *dy = dout[0].data;
+    float *dx = din[0].data;
+    int64_t cnt = ku_numel(in[0]);
     for (int64_t i = 0; i < cnt; i++)
         dx[i] = dy && x[i] >= lo && x[i] <= hi ? dy[i] : 0.0f;
     return OPQ_OK;
@@ -228,9 +236,9 @@ static enum opq_status clip_backward(struct opq_kctx *k, const struct opq_node *
 
 const struct opq_kernel opq_kernel_clip = {
     .min_opset = 6,
-    .infer     = clip_infer,
-    .forward   = clip_forward,
-    .backward  = clip_backward,
+    .infer = clip_infer,
+    .forward = clip_forward,
+    .backward = clip_backward,
 };
 
 // ---- Min / Max --------------------------------------------------------------------------------
@@ -247,8 +255,10 @@ static enum opq_status minmax_infer(struct opq_kctx *k, const struct opq_node *n
     struct opq_tensor acc = *in[0];
     for (int j = 1; j < n->n_inputs; j++) {
         if (!in[j] || in[j]->dtype != dt)
-            return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "%s node '%s': inputs must share one "
-                                 "dtype", n->op_type, ku_name(n));
+            return opq_set_error(k->ctx, OPQ_ERR_SHAPE,
+                                 "%s node '%s': inputs must share one "
+                                 "dtype",
+                                 n->op_type, ku_name(n));
         struct opq_tensor r = acc;
         if (opq_broadcast_shape(&acc, in[j], &r) != OPQ_OK)
             return opq_set_error(k->ctx, OPQ_ERR_SHAPE, "%s node '%s': shapes cannot broadcast",
@@ -264,9 +274,9 @@ static enum opq_status minmax_forward(struct opq_kctx *k, const struct opq_node 
                                       const struct opq_tensor *const *in, struct opq_tensor *out,
                                       bool is_max) {
     (void)k;
-    struct opq_tensor *y   = &out[0];
-    int64_t            cnt = ku_numel(y);
-    int64_t            inner = y->ndim ? y->shape[y->ndim - 1] : 1;
+    struct opq_tensor *y = &out[0];
+    int64_t cnt = ku_numel(y);
+    int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
     for (int j = 0; j < n->n_inputs; j++) {
         int64_t s[OPQ_MAX_DIMS] = {0};
         ku_bcast_strides(in[j], y, s);
@@ -274,20 +284,20 @@ static enum opq_status minmax_forward(struct opq_kctx *k, const struct opq_node 
         for (int64_t row = 0; inner && row < cnt / inner; row++) {
             int64_t off = ku_row_offset(y, s, row);
             for (int64_t q = 0; q < inner; q++) {
-                int64_t o  = row * inner + q;
+                int64_t o = row * inner + q;
                 int64_t ii = off + q * si;
                 if (y->dtype == OPQ_DTYPE_FLOAT) {
-                    float  v  = ((const float *)in[j]->data)[ii];
+                    float v = ((const float *)in[j]->data)[ii];
                     float *py = (float *)y->data + o;
                     if (j == 0 || isnan(v) || (is_max ? v > *py : v < *py))
                         *py = isnan(*py) && j ? *py : v;
                 } else if (y->dtype == OPQ_DTYPE_INT64) {
-                    int64_t  v  = ((const int64_t *)in[j]->data)[ii];
+                    int64_t v = ((const int64_t *)in[j]->data)[ii];
                     int64_t *py = (int64_t *)y->data + o;
                     if (j == 0 || (is_max ? v > *py : v < *py))
                         *py = v;
                 } else {
-                    int32_t  v  = ((const int32_t *)in[j]->data)[ii];
+                    int32_t v = ((const int32_t *)in[j]->data)[ii];
                     int32_t *py = (int32_t *)y->data + o;
                     if (j == 0 || (is_max ? v > *py : v < *py))
                         *py = v;
@@ -310,12 +320,12 @@ static enum opq_status max_forward(struct opq_kctx *k, const struct opq_node *n,
 
 const struct opq_kernel opq_kernel_min = {
     .min_opset = 8,
-    .infer     = minmax_infer,
-    .forward   = min_forward,
+    .infer = minmax_infer,
+    .forward = min_forward,
 };
 
 const struct opq_kernel opq_kernel_max = {
     .min_opset = 8,
-    .infer     = minmax_infer,
-    .forward   = max_forward,
+    .infer = minmax_infer,
+    .forward = max_forward,
 };

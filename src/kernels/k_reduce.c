@@ -12,10 +12,10 @@
 enum rop { ROP_MEAN, ROP_SUM, ROP_MAX };
 
 struct red_params {
-    bool    axes_from_input;
-    bool    keepdims;
-    bool    noop_empty;
-    int     n_axes;
+    bool axes_from_input;
+    bool keepdims;
+    bool noop_empty;
+    int n_axes;
     int64_t axes[OPQ_MAX_DIMS];
 };
 
@@ -26,8 +26,8 @@ static enum opq_status red_parse(struct opq_kctx *k, struct opq_graph *g, struct
                              ku_name(n));
     int64_t input_from = n->op == OPQ_OP_REDUCESUM ? 13 : 18;
     p->axes_from_input = k->opset >= input_from;
-    p->keepdims        = opq_node_attr_int(n, "keepdims", 1) != 0;
-    p->noop_empty      = opq_node_attr_int(n, "noop_with_empty_axes", 0) != 0;
+    p->keepdims = opq_node_attr_int(n, "keepdims", 1) != 0;
+    p->noop_empty = opq_node_attr_int(n, "noop_with_empty_axes", 0) != 0;
     const struct opq_attr *a = opq_node_attr(n, "axes");
     if (a) {
         if (a->type != OPQ_ATTR_INTS || a->n > OPQ_MAX_DIMS)
@@ -45,20 +45,23 @@ static enum opq_status red_parse(struct opq_kctx *k, struct opq_graph *g, struct
 static enum opq_status red_mask(struct opq_kctx *k, const struct opq_node *n,
                                 const struct opq_tensor *const *in, bool *mask, bool *noop) {
     const struct red_params *p = n->params;
-    int                      r = in[0]->ndim;
-    int64_t                  axes[OPQ_MAX_DIMS];
-    int                      na = p->n_axes;
+    int r = in[0]->ndim;
+    int64_t axes[OPQ_MAX_DIMS];
+    int na = p->n_axes;
     memcpy(axes, p->axes, sizeof(axes));
     if (p->axes_from_input && n->n_inputs > 1 && in[1]) {
         const struct opq_tensor *t = in[1];
         if (!t->data)
-            return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': axes computed at "
-                                 "run time are not supported", n->op_type, ku_name(n));
+            return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "%s node '%s': axes computed at "
+                                 "run time are not supported",
+                                 n->op_type, ku_name(n));
         int64_t cnt = ku_numel(t);
         if (t->dtype != OPQ_DTYPE_INT64 || cnt > OPQ_MAX_DIMS)
-            return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL, "%s node '%s': axes must be "
-                                 "int64 with at most %d values", n->op_type, ku_name(n),
-                                 OPQ_MAX_DIMS);
+            return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s node '%s': axes must be "
+                                 "int64 with at most %d values",
+                                 n->op_type, ku_name(n), OPQ_MAX_DIMS);
         na = (int)cnt;
         memcpy(axes, t->data, (size_t)cnt * sizeof(int64_t));
     }
@@ -68,9 +71,10 @@ static enum opq_status red_mask(struct opq_kctx *k, const struct opq_node *n,
     for (int i = 0; i < na; i++) {
         int ax;
         if (!opq_axis_norm(axes[i], r, &ax))
-            return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL, "%s node '%s': axis %lld out of "
-                                 "range for rank %d", n->op_type, ku_name(n),
-                                 (long long)axes[i], r);
+            return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL,
+                                 "%s node '%s': axis %lld out of "
+                                 "range for rank %d",
+                                 n->op_type, ku_name(n), (long long)axes[i], r);
         mask[ax] = true;
     }
     return OPQ_OK;
@@ -79,7 +83,7 @@ static enum opq_status red_mask(struct opq_kctx *k, const struct opq_node *n,
 static enum opq_status red_infer(struct opq_kctx *k, const struct opq_node *n,
                                  const struct opq_tensor *const *in, struct opq_tensor *out) {
     const struct red_params *p = n->params;
-    enum opq_dtype           dt = in[0] ? in[0]->dtype : OPQ_DTYPE_UNDEF;
+    enum opq_dtype dt = in[0] ? in[0]->dtype : OPQ_DTYPE_UNDEF;
     if (dt != OPQ_DTYPE_FLOAT && !(dt == OPQ_DTYPE_INT64 && n->op != OPQ_OP_REDUCEMEAN))
         return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': dtype %s", n->op_type,
                              ku_name(n), opq_dtype_name(dt));
@@ -89,7 +93,7 @@ static enum opq_status red_infer(struct opq_kctx *k, const struct opq_node *n,
     if (st != OPQ_OK)
         return st;
     out[0].dtype = dt;
-    out[0].ndim  = 0;
+    out[0].ndim = 0;
     for (int d = 0; d < in[0]->ndim; d++) {
         if (!mask[d])
             out[0].shape[out[0].ndim++] = in[0]->shape[d];
@@ -113,23 +117,23 @@ static enum opq_status red_forward(struct opq_kctx *k, const struct opq_node *n,
                                    const struct opq_tensor *const *in, struct opq_tensor *out,
                                    enum rop op) {
     const struct opq_tensor *x = in[0];
-    bool                     mask[OPQ_MAX_DIMS];
-    bool                     noop;
-    enum opq_status          st = red_mask(k, n, in, mask, &noop);
+    bool mask[OPQ_MAX_DIMS];
+    bool noop;
+    enum opq_status st = red_mask(k, n, in, mask, &noop);
     if (st != OPQ_OK || !out[0].data)
         return st;
     if (noop) {
         memcpy(out[0].data, x->data, out[0].nbytes);
         return OPQ_OK;
     }
-    int64_t nx   = ku_numel(x);
-    int64_t ny   = ku_numel(&out[0]);
-    int64_t cnt  = ny ? nx / ny : 0;
+    int64_t nx = ku_numel(x);
+    int64_t ny = ku_numel(&out[0]);
+    int64_t cnt = ny ? nx / ny : 0;
     int64_t os[OPQ_MAX_DIMS] = {0};
     out_strides(x, mask, os);
     // the trailing reduced dims form contiguous runs of `inner` elements
     int64_t inner = 1;
-    int     t     = x->ndim;
+    int t = x->ndim;
     while (t > 0 && mask[t - 1])
         inner *= x->shape[--t];
     double *acc = opq_arena_alloc(k->scratch, (size_t)ny * sizeof(double) + 1);
@@ -182,18 +186,18 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
                                     const struct opq_tensor *out, const struct opq_tensor *dout,
                                     struct opq_tensor *din, enum rop op) {
     const struct opq_tensor *x = in[0];
-    bool                     mask[OPQ_MAX_DIMS];
-    bool                     noop;
-    enum opq_status          st = red_mask(k, n, in, mask, &noop);
+    bool mask[OPQ_MAX_DIMS];
+    bool noop;
+    enum opq_status st = red_mask(k, n, in, mask, &noop);
     if (st != OPQ_OK || !din[0].data)
         return st;
     if (x->dtype != OPQ_DTYPE_FLOAT)
         return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': backward needs float",
                              n->op_type, ku_name(n));
-    float       *dx = din[0].data;
+    float *dx = din[0].data;
     const float *dy = dout[0].data;
-    int64_t      nx = ku_numel(x);
-    int64_t      ny = ku_numel(&out[0]);
+    int64_t nx = ku_numel(x);
+    int64_t ny = ku_numel(&out[0]);
     if (!dy) {
         memset(dx, 0, din[0].nbytes);
         return OPQ_OK;
@@ -221,17 +225,17 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     return OPQ_OK;
 }
 
-#define RED_FORWARD(prefix, OP)                                                                   \
-    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,         \
-                                            const struct opq_tensor *const *in,                   \
-                                            struct opq_tensor *out) {                             \
-        return red_forward(k, n, in, out, OP);                                                    \
+#define RED_FORWARD(prefix, OP)                                                                    \
+    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,          \
+                                            const struct opq_tensor *const *in,                    \
+                                            struct opq_tensor *out) {                              \
+        return red_forward(k, n, in, out, OP);                                                     \
     }
-#define RED_BACKWARD(prefix, OP)                                                                  \
-    static enum opq_status prefix##_backward(                                                     \
-        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,         \
-        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {    \
-        return red_backward(k, n, in, out, dout, din, OP);                                        \
+#define RED_BACKWARD(prefix, OP)                                                                   \
+    static enum opq_status prefix##_backward(                                                      \
+        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,          \
+        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {     \
+        return red_backward(k, n, in, out, dout, din, OP);                                         \
     }
 
 RED_FORWARD(reducemean, ROP_MEAN)
@@ -241,13 +245,19 @@ RED_BACKWARD(reducemean, ROP_MEAN)
 RED_BACKWARD(reducesum, ROP_SUM)
 
 const struct opq_kernel opq_kernel_reducemean = {
-    .parse = red_parse, .infer = red_infer, .forward = reducemean_forward,
+    .parse = red_parse,
+    .infer = red_infer,
+    .forward = reducemean_forward,
     .backward = reducemean_backward,
 };
 const struct opq_kernel opq_kernel_reducesum = {
-    .parse = red_parse, .infer = red_infer, .forward = reducesum_forward,
+    .parse = red_parse,
+    .infer = red_infer,
+    .forward = reducesum_forward,
     .backward = reducesum_backward,
 };
 const struct opq_kernel opq_kernel_reducemax = {
-    .parse = red_parse, .infer = red_infer, .forward = reducemax_forward,
+    .parse = red_parse,
+    .infer = red_infer,
+    .forward = reducemax_forward,
 };

@@ -18,9 +18,8 @@ struct sm_geom {
 static enum opq_status softmax_parse(struct opq_kctx *k, struct opq_graph *g, struct opq_node *n) {
     struct softmax_params *p = opq_arena_alloc(g->arena, sizeof(*p));
     if (!p)
-        return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Softmax node '%s': out of memory",
-                             ku_name(n));
-    p->axis   = opq_node_attr_int(n, "axis", k->opset >= 13 ? -1 : 1);
+        return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Softmax node '%s': out of memory", ku_name(n));
+    p->axis = opq_node_attr_int(n, "axis", k->opset >= 13 ? -1 : 1);
     n->params = p;
     return OPQ_OK;
 }
@@ -28,13 +27,15 @@ static enum opq_status softmax_parse(struct opq_kctx *k, struct opq_graph *g, st
 static enum opq_status sm_geometry(struct opq_kctx *k, const struct opq_node *n,
                                    const struct opq_tensor *x, struct sm_geom *gm) {
     const struct softmax_params *p = n->params;
-    int                          r = x->ndim;
-    int                          ax;
+    int r = x->ndim;
+    int ax;
     if (!opq_axis_norm(p->axis, r == 0 ? 1 : r, &ax))
-        return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL, "Softmax node '%s': axis %lld out "
-                             "of range for rank %d", ku_name(n), (long long)p->axis, r);
+        return opq_set_error(k->ctx, OPQ_ERR_INVALID_MODEL,
+                             "Softmax node '%s': axis %lld out "
+                             "of range for rank %d",
+                             ku_name(n), (long long)p->axis, r);
     gm->outer = 1;
-    gm->n     = 1;
+    gm->n = 1;
     gm->inner = 1;
     for (int d = 0; d < r; d++) {
         if (d < ax)
@@ -50,8 +51,10 @@ static enum opq_status sm_geometry(struct opq_kctx *k, const struct opq_node *n,
 static enum opq_status softmax_infer(struct opq_kctx *k, const struct opq_node *n,
                                      const struct opq_tensor *const *in, struct opq_tensor *out) {
     if (!in[0] || in[0]->dtype != OPQ_DTYPE_FLOAT)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "Softmax node '%s': needs a float32 "
-                             "input", ku_name(n));
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED,
+                             "Softmax node '%s': needs a float32 "
+                             "input",
+                             ku_name(n));
     struct sm_geom gm;
     enum opq_status st = sm_geometry(k, n, in[0], &gm);
     if (st != OPQ_OK)
@@ -63,27 +66,34 @@ static enum opq_status softmax_infer(struct opq_kctx *k, const struct opq_node *
 
 struct sm_job {
     struct sm_geom gm;
-    const float   *x;
-    float         *y;
+    const float *x;
+    float *y;
 };
 
 // Rows are (outer, inner) pairs; the common inner == 1 case walks contiguous memory.
-static void sm_rows(void *user, int64_t r0, int64_t r1) {
+KU_HOT static void sm_rows(void *user, int64_t r0, int64_t r1) {
     const struct sm_job *j = user;
-    int64_t              n = j->gm.n;
-    int64_t              s = j->gm.inner;
+    int64_t n = j->gm.n;
+    int64_t s = j->gm.inner;
     for (int64_t r = r0; r < r1; r++) {
-        int64_t      base = (r / s) * n * s + r % s;
-        const float *x    = j->x + base;
-        float       *y    = j->y + base;
-        float        m    = x[0];
+        int64_t base = (r / s) * n * s + r % s;
+        const float *x = j->x + base;
+        float *y = j->y + base;
+        float m = x[0];
         for (int64_t a = 1; a < n; a++)
             m = x[a * s] > m ? x[a * s] : m;
         double sum = 0.0;
-        for (int64_t a = 0; a < n; a++) {
-            float e  = expf(x[a * s] - m);
-            y[a * s] = e;
-            sum += (double)e;
+        if (s == 1) { // contiguous row: a vectorisable exp pass, then the double sum
+            for (int64_t a = 0; a < n; a++)
+                y[a] = ku_expf(x[a] - m);
+            for (int64_t a = 0; a < n; a++)
+                sum += (double)y[a];
+        } else {
+            for (int64_t a = 0; a < n; a++) {
+                float e = ku_expf(x[a * s] - m);
+                y[a * s] = e;
+                sum += (double)e;
+            }
         }
         float inv = (float)(1.0 / sum);
         for (int64_t a = 0; a < n; a++)
@@ -104,30 +114,30 @@ static enum opq_status softmax_forward(struct opq_kctx *k, const struct opq_node
 
 static enum opq_status softmax_backward(struct opq_kctx *k, const struct opq_node *n,
                                         const struct opq_tensor *const *in,
-                                        const struct opq_tensor *out,
-                                        const struct opq_tensor *dout, struct opq_tensor *din) {
+                                        const struct opq_tensor *out, const struct opq_tensor *dout,
+                                        struct opq_tensor *din) {
     if (!din[0].data)
         return OPQ_OK;
     if (!dout[0].data) {
         memset(din[0].data, 0, din[0].nbytes);
         return OPQ_OK;
     }
-    struct sm_geom  gm;
+    struct sm_geom gm;
     enum opq_status st = sm_geometry(k, n, in[0], &gm);
     if (st != OPQ_OK)
         return st;
     const float *y = out[0].data;
     const float *g = dout[0].data;
-    float       *d = din[0].data;
-    int64_t      s = gm.inner;
+    float *d = din[0].data;
+    int64_t s = gm.inner;
     for (int64_t r = 0; r < gm.outer * gm.inner; r++) {
         int64_t base = (r / s) * gm.n * s + r % s;
-        double  dot  = 0.0;
+        double dot = 0.0;
         for (int64_t a = 0; a < gm.n; a++)
             dot += (double)g[base + a * s] * (double)y[base + a * s];
         for (int64_t a = 0; a < gm.n; a++) {
             int64_t i = base + a * s;
-            d[i]      = y[i] * (float)((double)g[i] - dot);
+            d[i] = y[i] * (float)((double)g[i] - dot);
         }
     }
     return OPQ_OK;
@@ -135,8 +145,8 @@ static enum opq_status softmax_backward(struct opq_kctx *k, const struct opq_nod
 
 const struct opq_kernel opq_kernel_softmax = {
     .min_opset = 1,
-    .parse     = softmax_parse,
-    .infer     = softmax_infer,
-    .forward   = softmax_forward,
-    .backward  = softmax_backward,
+    .parse = softmax_parse,
+    .infer = softmax_infer,
+    .forward = softmax_forward,
+    .backward = softmax_backward,
 };

@@ -12,12 +12,23 @@
 
 #include "k_math.h"
 
-enum uop { UOP_SQRT, UOP_RECIP, UOP_NEG, UOP_EXP, UOP_ERF, UOP_TANH, UOP_SIGMOID, UOP_RELU,
-           UOP_ABS, UOP_GELU, UOP_GELU_TANH };
+enum uop {
+    UOP_SQRT,
+    UOP_RECIP,
+    UOP_NEG,
+    UOP_EXP,
+    UOP_ERF,
+    UOP_TANH,
+    UOP_SIGMOID,
+    UOP_RELU,
+    UOP_ABS,
+    UOP_GELU,
+    UOP_GELU_TANH
+};
 
 #define SQRT_2_OVER_PI 0.7978845608028654f
-#define INV_SQRT2      0.7071067811865476f
-#define INV_SQRT_2PI   0.3989422804014327f
+#define INV_SQRT2 0.7071067811865476f
+#define INV_SQRT_2PI 0.3989422804014327f
 #define TWO_OVER_SQRTPI 1.1283791670955126f
 
 static bool int_ok(enum opq_op op) {
@@ -40,7 +51,7 @@ static enum opq_status unary_infer(struct opq_kctx *k, const struct opq_node *n,
 }
 
 static inline float gelu_erf(float x) {
-    return 0.5f * x * (1.0f + erff(x * INV_SQRT2));
+    return 0.5f * x * (1.0f + ku_erff(x * INV_SQRT2));
 }
 
 static inline float gelu_tanh(float x) {
@@ -49,22 +60,40 @@ static inline float gelu_tanh(float x) {
 }
 
 struct un_job {
-    enum uop     op;
+    enum uop op;
     const float *x;
-    float       *y;
+    float *y;
 };
 
-static void un_range(void *user, int64_t i0, int64_t i1) {
+KU_HOT static void un_range(void *user, int64_t i0, int64_t i1) {
     const struct un_job *j = user;
-    const float         *x = j->x;
-    float               *y = j->y;
+    const float *x = j->x;
+    float *y = j->y;
     switch (j->op) {
-    case UOP_SQRT: for (int64_t i = i0; i < i1; i++) y[i] = sqrtf(x[i]); break;
-    case UOP_RECIP: for (int64_t i = i0; i < i1; i++) y[i] = 1.0f / x[i]; break;
-    case UOP_NEG: for (int64_t i = i0; i < i1; i++) y[i] = -x[i]; break;
-    case UOP_EXP: for (int64_t i = i0; i < i1; i++) y[i] = expf(x[i]); break;
-    case UOP_ERF: for (int64_t i = i0; i < i1; i++) y[i] = erff(x[i]); break;
-    case UOP_TANH: for (int64_t i = i0; i < i1; i++) y[i] = tanhf(x[i]); break;
+    case UOP_SQRT:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = sqrtf(x[i]);
+        break;
+    case UOP_RECIP:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = 1.0f / x[i];
+        break;
+    case UOP_NEG:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = -x[i];
+        break;
+    case UOP_EXP:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = ku_expf(x[i]);
+        break;
+    case UOP_ERF:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = ku_erff(x[i]);
+        break;
+    case UOP_TANH:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = tanhf(x[i]);
+        break;
     case UOP_SIGMOID:
         for (int64_t i = i0; i < i1; i++) {
             // split by sign so exp never overflows
@@ -73,14 +102,26 @@ static void un_range(void *user, int64_t i0, int64_t i1) {
                 y[i] = 1.0f / (1.0f + expf(-v));
             } else {
                 float e = expf(v);
-                y[i]    = e / (1.0f + e);
+                y[i] = e / (1.0f + e);
             }
         }
         break;
-    case UOP_RELU: for (int64_t i = i0; i < i1; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f; break;
-    case UOP_ABS: for (int64_t i = i0; i < i1; i++) y[i] = fabsf(x[i]); break;
-    case UOP_GELU: for (int64_t i = i0; i < i1; i++) y[i] = gelu_erf(x[i]); break;
-    case UOP_GELU_TANH: for (int64_t i = i0; i < i1; i++) y[i] = gelu_tanh(x[i]); break;
+    case UOP_RELU:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+        break;
+    case UOP_ABS:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = fabsf(x[i]);
+        break;
+    case UOP_GELU:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = gelu_erf(x[i]);
+        break;
+    case UOP_GELU_TANH:
+        for (int64_t i = i0; i < i1; i++)
+            y[i] = gelu_tanh(x[i]);
+        break;
     }
 }
 
@@ -88,18 +129,18 @@ static void int_forward(enum uop op, const struct opq_tensor *x, struct opq_tens
     int64_t n = ku_numel(x);
     if (x->dtype == OPQ_DTYPE_INT64) {
         const int64_t *a = x->data;
-        int64_t       *b = y->data;
+        int64_t *b = y->data;
         for (int64_t i = 0; i < n; i++)
-            b[i] = op == UOP_NEG ? (int64_t)(0u - (uint64_t)a[i])
-                 : op == UOP_ABS ? (a[i] < 0 ? (int64_t)(0u - (uint64_t)a[i]) : a[i])
-                                 : (a[i] > 0 ? a[i] : 0);
+            b[i] = op == UOP_NEG   ? (int64_t)(0u - (uint64_t)a[i])
+                   : op == UOP_ABS ? (a[i] < 0 ? (int64_t)(0u - (uint64_t)a[i]) : a[i])
+                                   : (a[i] > 0 ? a[i] : 0);
     } else {
         const int32_t *a = x->data;
-        int32_t       *b = y->data;
+        int32_t *b = y->data;
         for (int64_t i = 0; i < n; i++)
-            b[i] = op == UOP_NEG ? (int32_t)(0u - (uint32_t)a[i])
-                 : op == UOP_ABS ? (a[i] < 0 ? (int32_t)(0u - (uint32_t)a[i]) : a[i])
-                                 : (a[i] > 0 ? a[i] : 0);
+            b[i] = op == UOP_NEG   ? (int32_t)(0u - (uint32_t)a[i])
+                   : op == UOP_ABS ? (a[i] < 0 ? (int32_t)(0u - (uint32_t)a[i]) : a[i])
+                                   : (a[i] > 0 ? a[i] : 0);
     }
 }
 
@@ -122,7 +163,7 @@ static float dgelu_erf(float x) {
 }
 
 static float dgelu_tanh(float x) {
-    float u  = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+    float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
     float th = tanhf(u);
     return 0.5f * (1.0f + th) +
            0.5f * x * (1.0f - th * th) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
@@ -130,19 +171,18 @@ static float dgelu_tanh(float x) {
 
 static enum opq_status unary_backward(struct opq_kctx *k, const struct opq_node *n,
                                       const struct opq_tensor *const *in,
-                                      const struct opq_tensor *out,
-                                      const struct opq_tensor *dout, struct opq_tensor *din,
-                                      enum uop op) {
+                                      const struct opq_tensor *out, const struct opq_tensor *dout,
+                                      struct opq_tensor *din, enum uop op) {
     if (!din[0].data)
         return OPQ_OK;
     if (in[0]->dtype != OPQ_DTYPE_FLOAT)
         return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': backward needs float",
                              n->op_type, ku_name(n));
-    int64_t      cnt = ku_numel(in[0]);
-    const float *x   = in[0]->data;
-    const float *y   = out[0].data;
-    const float *g   = dout[0].data;
-    float       *d   = din[0].data;
+    int64_t cnt = ku_numel(in[0]);
+    const float *x = in[0]->data;
+    const float *y = out[0].data;
+    const float *g = dout[0].data;
+    float *d = din[0].data;
     if (!g) {
         memset(d, 0, din[0].nbytes);
         return OPQ_OK;
@@ -150,40 +190,62 @@ static enum opq_status unary_backward(struct opq_kctx *k, const struct opq_node 
     for (int64_t i = 0; i < cnt; i++) {
         float r = 0.0f;
         switch (op) {
-        case UOP_SQRT: r = g[i] * 0.5f / y[i]; break;
-        case UOP_RECIP: r = -g[i] * y[i] * y[i]; break;
-        case UOP_NEG: r = -g[i]; break;
-        case UOP_EXP: r = g[i] * y[i]; break;
-        case UOP_ERF: r = g[i] * TWO_OVER_SQRTPI * expf(-x[i] * x[i]); break;
-        case UOP_TANH: r = g[i] * (1.0f - y[i] * y[i]); break;
-        case UOP_SIGMOID: r = g[i] * y[i] * (1.0f - y[i]); break;
-        case UOP_RELU: r = x[i] > 0.0f ? g[i] : 0.0f; break;
-        case UOP_ABS: r = x[i] > 0.0f ? g[i] : x[i] < 0.0f ? -g[i] : 0.0f; break;
-        case UOP_GELU: r = g[i] * dgelu_erf(x[i]); break;
-        case UOP_GELU_TANH: r = g[i] * dgelu_tanh(x[i]); break;
+        case UOP_SQRT:
+            r = g[i] * 0.5f / y[i];
+            break;
+        case UOP_RECIP:
+            r = -g[i] * y[i] * y[i];
+            break;
+        case UOP_NEG:
+            r = -g[i];
+            break;
+        case UOP_EXP:
+            r = g[i] * y[i];
+            break;
+        case UOP_ERF:
+            r = g[i] * TWO_OVER_SQRTPI * expf(-x[i] * x[i]);
+            break;
+        case UOP_TANH:
+            r = g[i] * (1.0f - y[i] * y[i]);
+            break;
+        case UOP_SIGMOID:
+            r = g[i] * y[i] * (1.0f - y[i]);
+            break;
+        case UOP_RELU:
+            r = x[i] > 0.0f ? g[i] : 0.0f;
+            break;
+        case UOP_ABS:
+            r = x[i] > 0.0f ? g[i] : x[i] < 0.0f ? -g[i] : 0.0f;
+            break;
+        case UOP_GELU:
+            r = g[i] * dgelu_erf(x[i]);
+            break;
+        case UOP_GELU_TANH:
+            r = g[i] * dgelu_tanh(x[i]);
+            break;
         }
         d[i] = r;
     }
     return OPQ_OK;
 }
 
-#define UNARY_KERNEL(prefix, OP, MINSET)                                                          \
-    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,         \
-                                            const struct opq_tensor *const *in,                   \
-                                            struct opq_tensor *out) {                             \
-        (void)n;                                                                                  \
-        return unary_forward(k, in, out, OP);                                                     \
-    }                                                                                             \
-    static enum opq_status prefix##_backward(                                                     \
-        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,         \
-        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {    \
-        return unary_backward(k, n, in, out, dout, din, OP);                                      \
-    }                                                                                             \
-    const struct opq_kernel opq_kernel_##prefix = {                                               \
-        .min_opset = MINSET,                                                                      \
-        .infer     = unary_infer,                                                                 \
-        .forward   = prefix##_forward,                                                            \
-        .backward  = prefix##_backward,                                                           \
+#define UNARY_KERNEL(prefix, OP, MINSET)                                                           \
+    static enum opq_status prefix##_forward(struct opq_kctx *k, const struct opq_node *n,          \
+                                            const struct opq_tensor *const *in,                    \
+                                            struct opq_tensor *out) {                              \
+        (void)n;                                                                                   \
+        return unary_forward(k, in, out, OP);                                                      \
+    }                                                                                              \
+    static enum opq_status prefix##_backward(                                                      \
+        struct opq_kctx *k, const struct opq_node *n, const struct opq_tensor *const *in,          \
+        const struct opq_tensor *out, const struct opq_tensor *dout, struct opq_tensor *din) {     \
+        return unary_backward(k, n, in, out, dout, din, OP);                                       \
+    }                                                                                              \
+    const struct opq_kernel opq_kernel_##prefix = {                                                \
+        .min_opset = MINSET,                                                                       \
+        .infer = unary_infer,                                                                      \
+        .forward = prefix##_forward,                                                               \
+        .backward = prefix##_backward,                                                             \
     };
 
 UNARY_KERNEL(sqrt, UOP_SQRT, 6)
@@ -199,8 +261,8 @@ UNARY_KERNEL(abs, UOP_ABS, 6)
 // ---- Gelu: the approximate attribute is digested into params ---------------------------------
 
 static enum opq_status gelu_parse(struct opq_kctx *k, struct opq_graph *g, struct opq_node *n) {
-    const struct opq_attr *a  = opq_node_attr(n, "approximate");
-    enum uop              *op = opq_arena_alloc(g->arena, sizeof(*op));
+    const struct opq_attr *a = opq_node_attr(n, "approximate");
+    enum uop *op = opq_arena_alloc(g->arena, sizeof(*op));
     if (!op)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "Gelu node '%s': out of memory", ku_name(n));
     *op = UOP_GELU;
@@ -231,8 +293,8 @@ static enum opq_status gelu_backward(struct opq_kctx *k, const struct opq_node *
 
 const struct opq_kernel opq_kernel_gelu = {
     .min_opset = 20,
-    .parse     = gelu_parse,
-    .infer     = unary_infer,
-    .forward   = gelu_forward,
-    .backward  = gelu_backward,
+    .parse = gelu_parse,
+    .infer = unary_infer,
+    .forward = gelu_forward,
+    .backward = gelu_backward,
 };

@@ -6,7 +6,8 @@
 
 #include "kernel.h"
 
-static const struct opq_kernel *const kernels[] = { // ORDER: ops.def
+static const struct opq_kernel *const kernels[] = {
+    // ORDER: ops.def
     [OPQ_OP_UNKNOWN] = NULL,
 #define OPQ_OP(tag, name, prefix) [OPQ_OP_##tag] = &opq_kernel_##prefix,
 #include "ops.def"

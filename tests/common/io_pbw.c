@@ -16,14 +16,14 @@ static void reserve(struct pbw *w, size_t extra) {
         fprintf(stderr, "io_pbw: out of memory\n");
         abort();
     }
-    w->b   = nb;
+    w->b = nb;
     w->cap = nc;
 }
 
 void pbw_free(struct pbw *w) {
     free(w->b);
-    w->b   = NULL;
-    w->n   = 0;
+    w->b = NULL;
+    w->n = 0;
     w->cap = 0;
 }
 
@@ -36,7 +36,7 @@ void pbw_raw(struct pbw *w, const void *p, size_t n) {
 
 void pbw_varint(struct pbw *w, uint64_t v) {
     uint8_t tmp[10];
-    size_t  n = 0;
+    size_t n = 0;
     do {
         tmp[n] = (uint8_t)(v & 0x7f);
         v >>= 7;
@@ -91,8 +91,7 @@ void pbw_packed_varint(struct pbw *w, int field, const int64_t *v, size_t n) {
     pbw_msg(w, field, &sub);
 }
 
-struct pbw pbw_value_info(const char *name, int elem_type, int ndim, const int64_t *dims,
-                          int sym) {
+struct pbw pbw_value_info(const char *name, int elem_type, int ndim, const int64_t *dims, int sym) {
     struct pbw vi = {0}, tp = {0}, tt = {0}, sh = {0};
     pbw_str(&vi, PBW_VI_NAME, name);
     if (elem_type)
@@ -123,7 +122,7 @@ static void str_list(struct pbw *w, int field, const char *list) {
     const char *p = list;
     for (;;) {
         const char *c = strchr(p, ',');
-        size_t      n = c ? (size_t)(c - p) : strlen(p);
+        size_t n = c ? (size_t)(c - p) : strlen(p);
         pbw_bytes(w, field, p, n);
         if (!c)
             break;
@@ -142,8 +141,8 @@ struct pbw pbw_node(const char *op_type, const char *name, const char *inputs,
     return n;
 }
 
-struct pbw pbw_tensor_raw(const char *name, int dt, int ndim, const int64_t *dims,
-                          const void *raw, size_t n) {
+struct pbw pbw_tensor_raw(const char *name, int dt, int ndim, const int64_t *dims, const void *raw,
+                          size_t n) {
     struct pbw t = {0};
     for (int i = 0; i < ndim; i++)
         pbw_int(&t, PBW_T_DIMS, dims[i]);

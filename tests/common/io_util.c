@@ -13,9 +13,9 @@
 
 bool io_read_file(const char *path, void **buf, size_t *len) {
     FILE *f = fopen(path, "rb");
-    bool  ok = false;
-    *buf     = NULL;
-    *len     = 0;
+    bool ok = false;
+    *buf = NULL;
+    *len = 0;
     if (!f)
         return false;
     if (fseek(f, 0, SEEK_END) != 0)
@@ -32,7 +32,7 @@ bool io_read_file(const char *path, void **buf, size_t *len) {
         goto out;
     }
     *len = (size_t)sz;
-    ok   = true;
+    ok = true;
 out:
     fclose(f);
     return ok;
@@ -60,7 +60,7 @@ char *io_tempdir(void) {
     if (!base || !*base)
         base = "/tmp";
     size_t n = strlen(base) + 32;
-    char  *p = malloc(n);
+    char *p = malloc(n);
     if (!p)
         return NULL;
     snprintf(p, n, "%s/opq-test-XXXXXX", base);
@@ -80,7 +80,7 @@ void io_rmtree(const char *dir) {
         if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
             continue;
         size_t n = strlen(dir) + strlen(e->d_name) + 2;
-        char  *p = malloc(n);
+        char *p = malloc(n);
         if (!p)
             continue;
         snprintf(p, n, "%s/%s", dir, e->d_name);
@@ -101,7 +101,7 @@ int io_count_entries(const char *dir) {
     DIR *d = opendir(dir);
     if (!d)
         return -1;
-    int            n = 0;
+    int n = 0;
     struct dirent *e;
     while ((e = readdir(d)))
         n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
@@ -111,7 +111,7 @@ int io_count_entries(const char *dir) {
 
 struct path_list {
     char **v;
-    int    n, cap;
+    int n, cap;
 };
 
 static void find_rec(const char *root, const char *name, struct path_list *pl) {
@@ -123,7 +123,7 @@ static void find_rec(const char *root, const char *name, struct path_list *pl) {
         if (e->d_name[0] == '.')
             continue;
         size_t n = strlen(root) + strlen(e->d_name) + 2;
-        char  *p = malloc(n);
+        char *p = malloc(n);
         if (!p)
             continue;
         snprintf(p, n, "%s/%s", root, e->d_name);
@@ -135,13 +135,13 @@ static void find_rec(const char *root, const char *name, struct path_list *pl) {
             free(p);
         } else if (strcmp(e->d_name, name) == 0) {
             if (pl->n == pl->cap) {
-                int    nc = pl->cap ? pl->cap * 2 : 64;
+                int nc = pl->cap ? pl->cap * 2 : 64;
                 char **nv = realloc(pl->v, (size_t)nc * sizeof(*nv));
                 if (!nv) {
                     free(p);
                     continue;
                 }
-                pl->v   = nv;
+                pl->v = nv;
                 pl->cap = nc;
             }
             pl->v[pl->n++] = p;
@@ -174,7 +174,7 @@ void io_free_paths(char **paths, int n) {
 // ---- IR comparison ------------------------------------------------------------------------------
 
 struct cmp {
-    char  *why;
+    char *why;
     size_t n;
 };
 
@@ -237,7 +237,8 @@ static bool value_eq(struct cmp *c, const char *list, const struct opq_value *a,
     for (int i = 0; i < a->t.ndim; i++)
         if (!str_eq(a->dim_param[i], b->dim_param[i]))
             return differ(c, "%s: symbolic dim %d '%s' vs '%s'", what, i,
-                          a->dim_param[i] ? a->dim_param[i] : "", b->dim_param[i] ? b->dim_param[i] : "");
+                          a->dim_param[i] ? a->dim_param[i] : "",
+                          b->dim_param[i] ? b->dim_param[i] : "");
     return true;
 }
 

@@ -20,13 +20,13 @@ bool io_mkdir(const char *path);
 // A fresh folder under $TMPDIR or /tmp (malloc'd path), removed with its files by io_rmtree.
 char *io_tempdir(void);
 // Removes a folder and every file/folder inside it.
-void  io_rmtree(const char *dir);
+void io_rmtree(const char *dir);
 // Number of entries in a folder (excluding . and ..), -1 on error.
-int   io_count_entries(const char *dir);
+int io_count_entries(const char *dir);
 
 // Every file named `name` below `root` (recursive), sorted; *paths is malloc'd (free with
 // io_free_paths). Returns the count (0 if none or on error).
-int  io_find_files(const char *root, const char *name, char ***paths);
+int io_find_files(const char *root, const char *name, char ***paths);
 void io_free_paths(char **paths, int n);
 
 // Structural equality of two models: model fields, opsets, metadata, graph lists (names, dtypes,

@@ -131,14 +131,14 @@ case_usage_errors() {
 
 case_roundtrip() {
     need_add_model
-    run 0 in.onnx out.onnx -q
+    run 0 in.onnx out.onnx --method none -q
     [ -s out.onnx ] || fail "no output model"
     [ -s err.txt ] && fail "-q still printed: $(cat err.txt)"
     cmp -s "$ADD_MODEL" in.onnx || fail "the input model changed"
     run 0 inspect out.onnx
     grep -q '^  Add  ' out.txt || fail "output model lacks the Add node"
     # Same input, same options: byte-identical output.
-    run 0 in.onnx out2.onnx --verify --threads 2 --seed 7
+    run 0 in.onnx out2.onnx --method none --verify --threads 2 --seed 7
     cmp -s out.onnx out2.onnx || fail "two runs gave different bytes"
     if "$PY" -c 'import onnx' 2>/dev/null; then
         "$PY" -c 'import onnx,sys; onnx.checker.check_model(onnx.load(sys.argv[1]))' out.onnx \
@@ -181,10 +181,10 @@ case_same_file() {
 case_overwrite() {
     need_add_model
     echo "precious" >out.onnx
-    run 1 in.onnx out.onnx
+    run 1 in.onnx out.onnx --method none
     expect_one_error_line "use --force"
     [ "$(cat out.onnx)" = precious ] || fail "existing output overwritten without --force"
-    run 0 in.onnx out.onnx --force -q
+    run 0 in.onnx out.onnx --method none --force -q
     grep -q precious out.onnx && fail "--force did not replace the existing output"
     run 0 inspect out.onnx
     mkdir dir.onnx
@@ -193,7 +193,7 @@ case_overwrite() {
 }
 
 case_missing_input() {
-    run 3 nothere.onnx out.onnx
+    run 3 nothere.onnx out.onnx --method none
     expect_one_error_line "nothere.onnx"
     [ -e out.onnx ] && fail "output created"
     run 3 inspect nothere.onnx
@@ -202,7 +202,7 @@ case_missing_input() {
 
 case_empty_file() {
     : >empty.onnx
-    run 2 empty.onnx out.onnx
+    run 2 empty.onnx out.onnx --method none
     expect_one_error_line "empty.onnx"
     [ -e out.onnx ] && fail "output created"
     run 2 inspect empty.onnx
@@ -214,13 +214,13 @@ case_random_bytes() {
     for n in 1 7 100 4096; do
         awk -v n=$n 'BEGIN { srand(42); for (i = 0; i < n; i++) printf "%c", 1 + int(rand() * 255) }' \
             >rand.onnx
-        run 2 rand.onnx out.onnx
+        run 2 rand.onnx out.onnx --method none
         expect_one_error_line "rand.onnx"
         [ -e out.onnx ] && fail "output created for $n random bytes"
     done
     # A text file is not a model either.
     printf 'ir_version: 7\ngraph { }\n' >text.onnx
-    run 2 text.onnx out.onnx
+    run 2 text.onnx out.onnx --method none
     expect_one_error_line "text.onnx"
 }
 
@@ -230,7 +230,7 @@ case_truncated() {
     size=$(stat -c %s mlp.onnx)
     for cut in $((size / 2)) $((size - 1)) 20; do
         head -c "$cut" mlp.onnx >trunc.onnx
-        run 2 trunc.onnx out.onnx
+        run 2 trunc.onnx out.onnx --method none
         expect_one_error_line "trunc.onnx"
         [ -e out.onnx ] && fail "output created for a model cut at $cut bytes"
     done
@@ -276,10 +276,40 @@ case_inspect() {
 
 case_external_data() {
     make_mlp
-    run 0 mlp.onnx out.onnx --external-data -q
+    run 0 mlp.onnx out.onnx --method none --external-data -q
     [ -s out.onnx ] || fail "no output model"
     run 0 inspect out.onnx
     grep -qF 'parameters: 15 in 2 initializers, 60 bytes' out.txt || fail "weights not read back"
+}
+
+# Quantizing needs calibration data: without --calib the main form stops before loading.
+case_no_calib() {
+    make_mlp
+    run 1 mlp.onnx out.onnx
+    expect_one_error_line "no calibration data: give --calib"
+    [ ! -e out.onnx ] || fail "an output was written"
+}
+
+# The default method quantizes: Q/DQ appear, the report is written, bad options are refused.
+case_quantize_mlp() {
+    make_mlp
+    run 0 mlp.onnx q.onnx --calib random --calib-count 8 --report r.json -q
+    "$PY" - <<'PYEOF' || fail "quantized model is not what was expected"
+import json, onnx
+m = onnx.load("q.onnx")
+ops = [n.op_type for n in m.graph.node]
+assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2, ops
+onnx.checker.check_model(m)
+r = json.load(open("r.json"))
+assert r["quantized_nodes"] == 1 and len(r["tensors"]) == 2, r
+PYEOF
+    run 1 mlp.onnx q2.onnx --calib random --calib-count 8 --wbits 9
+    expect_one_error_line "--wbits: '9' is not a bit width from 2 to 8"
+    run 1 mlp.onnx q2.onnx --calib random --calib-count 8 --target trt --abits 4
+    expect_one_error_line "TensorRT's explicit quantization is 8-bit only"
+    [ ! -e q2.onnx ] || fail "an output was written after an error"
+    run 3 mlp.onnx q3.onnx --calib nothere.npy
+    expect_one_error_line "nothere.npy"
 }
 
 case_fixture_vit() {

@@ -17,10 +17,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         abort();
     struct opq_model *m = NULL;
     if (opq_model_load_buffer(ctx, data, size, "fuzz", NULL, &m) == OPQ_OK) {
-        void             *a  = NULL;
-        void             *b  = NULL;
-        size_t            na = 0;
-        size_t            nb = 0;
+        void *a = NULL;
+        void *b = NULL;
+        size_t na = 0;
+        size_t nb = 0;
         struct opq_model *m2 = NULL;
         if (opq_model_save_buffer(ctx, m, &a, &na) != OPQ_OK)
             OPQ_ABORT(opq_ctx_errmsg(ctx)); // a loaded model must be savable

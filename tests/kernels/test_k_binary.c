@@ -4,14 +4,14 @@
 
 static void run_binary(const char *op, int na, const int64_t *sa, const float *a, int nb,
                        const int64_t *sb, const float *b, const float *want, size_t n_want) {
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "a", OPQ_DTYPE_FLOAT, na, sa);
     gb_input(m, "b", OPQ_DTYPE_FLOAT, nb, sb);
     gb_node(m, op, "a,b", "y");
     gb_output(m, "y");
-    struct opq_named_tensor in[2] = {kx_f32("a", na, sa, (float *)a), kx_f32("b", nb, sb,
-                                                                             (float *)b)};
+    struct opq_named_tensor in[2] = {kx_f32("a", na, sa, (float *)a),
+                                     kx_f32("b", nb, sb, (float *)b)};
     float *y = NULL;
     size_t n = kx_run(ctx, m, in, 2, 0, &y);
     assert_int_equal(n, n_want);
@@ -27,8 +27,8 @@ static void test_hand(void **state) {
     float a[6] = {1, 2, 3, 4, 5, 6};
     float b[3] = {10, 20, 30};
     float s[1] = {2};
-    run_binary("Add", GB_SHAPE(2, 3), a, GB_SHAPE(3), b,
-               (const float[]){11, 22, 33, 14, 25, 36}, 6);
+    run_binary("Add", GB_SHAPE(2, 3), a, GB_SHAPE(3), b, (const float[]){11, 22, 33, 14, 25, 36},
+               6);
     run_binary("Sub", GB_SHAPE(2, 3), a, GB_SCALAR, s, (const float[]){-1, 0, 1, 2, 3, 4}, 6);
     run_binary("Mul", GB_SHAPE(2, 1), (const float[]){2, 3}, GB_SHAPE(1, 3), b,
                (const float[]){20, 40, 60, 30, 60, 90}, 6);
@@ -40,8 +40,8 @@ static void test_hand(void **state) {
 static void test_int64(void **state) {
     (void)state;
     // shape arithmetic: Div truncates toward zero, Mul wraps like ORT
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_init_i64(m, "a", GB_SHAPE(3), (const int64_t[]){7, -7, 12});
     gb_init_i64(m, "b", GB_SHAPE(1), (const int64_t[]){2});
     gb_node(m, "Div", "a,b", "y");
@@ -61,8 +61,8 @@ static void test_int64(void **state) {
 
 static void test_bad_broadcast(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "a", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3));
     gb_input(m, "b", OPQ_DTYPE_FLOAT, GB_SHAPE(2));
     gb_node(m, "Add", "a,b", "y");
@@ -76,8 +76,8 @@ static void test_bad_broadcast(void **state) {
 
 static void grad_case(const char *op, int na, const int64_t *sa, int nb, const int64_t *sb,
                       float off_b) {
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "a", OPQ_DTYPE_FLOAT, na, sa);
     gb_input(m, "b", OPQ_DTYPE_FLOAT, nb, sb);
     gb_node(m, op, "a,b", "y");

@@ -5,8 +5,8 @@
 
 static void test_softmax_hand(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(3, 3));
     gb_node(m, "Softmax", "x", "y");
     gb_output(m, "y");
@@ -30,8 +30,8 @@ static void test_softmax_hand(void **state) {
 static void test_softmax_grad(void **state) {
     (void)state;
     for (int axis = 0; axis < 3; axis++) {
-        struct opq_ctx   *ctx = opq_ctx_new();
-        struct opq_model *m   = gb_new(ctx);
+        struct opq_ctx *ctx = opq_ctx_new();
+        struct opq_model *m = gb_new(ctx);
         gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3, 4));
         struct opq_node *n = gb_node(m, "Softmax", "x", "y");
         gb_attr_int(m, n, "axis", axis - 2); // -2, -1, 0
@@ -61,15 +61,15 @@ static struct opq_model *ln_model(struct opq_ctx *ctx, int64_t axis) {
 
 static void test_layernorm_hand(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = ln_model(ctx, -1);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = ln_model(ctx, -1);
     float x[24];
     for (int i = 0; i < 24; i++)
         x[i] = i < 4 ? 7.0f : (float)(i % 4); // row 0 has zero variance
     float g[4] = {1, 2, 3, 4};
     float b[4] = {0.5f, 0.5f, 0.5f, 0.5f};
-    struct opq_named_tensor in[3] = {kx_f32("x", GB_SHAPE(2, 3, 4), x),
-                                     kx_f32("g", GB_SHAPE(4), g), kx_f32("b", GB_SHAPE(4), b)};
+    struct opq_named_tensor in[3] = {kx_f32("x", GB_SHAPE(2, 3, 4), x), kx_f32("g", GB_SHAPE(4), g),
+                                     kx_f32("b", GB_SHAPE(4), b)};
     struct opq_exec *ex = NULL;
     assert_int_equal(opq_exec_plan(ctx, m, in, 3, NULL, &ex), OPQ_OK);
     struct opq_tensor out[3];
@@ -93,9 +93,9 @@ static void test_layernorm_hand(void **state) {
 static void test_layernorm_grad(void **state) {
     (void)state;
     for (int64_t axis = -1; axis >= -2; axis--) {
-        struct opq_ctx   *ctx = opq_ctx_new();
-        struct opq_model *m   = gb_new(ctx);
-        int64_t           c   = axis == -1 ? 4 : 12;
+        struct opq_ctx *ctx = opq_ctx_new();
+        struct opq_model *m = gb_new(ctx);
+        int64_t c = axis == -1 ? 4 : 12;
         gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3, 4));
         gb_input(m, "g", OPQ_DTYPE_FLOAT, 1, &c);
         gb_input(m, "b", OPQ_DTYPE_FLOAT, 1, &c);
@@ -108,8 +108,8 @@ static void test_layernorm_grad(void **state) {
         kx_fill(x, 24, 21, 2.0f);
         kx_fill(g, 12, 22, 1.0f);
         kx_fill(b, 12, 23, 1.0f);
-        struct opq_named_tensor in[3] = {kx_f32("x", GB_SHAPE(2, 3, 4), x),
-                                         kx_f32("g", 1, &c, g), kx_f32("b", 1, &c, b)};
+        struct opq_named_tensor in[3] = {kx_f32("x", GB_SHAPE(2, 3, 4), x), kx_f32("g", 1, &c, g),
+                                         kx_f32("b", 1, &c, b)};
         kx_check_grad(ctx, m, in, 3, NULL, 3e-3, 17);
         opq_model_free(m);
         opq_ctx_free(ctx);
@@ -120,8 +120,8 @@ static void test_layernorm_grad(void **state) {
 // ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul, Add.
 static void test_decomposed_ln_grad(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(3, 5));
     gb_input(m, "g", OPQ_DTYPE_FLOAT, GB_SHAPE(5));
     gb_init_f32(m, "two", GB_SCALAR, (const float[]){2.0f});
@@ -149,8 +149,8 @@ static void test_decomposed_ln_grad(void **state) {
 
 static void test_reduce(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_set_opset(m, 18);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3, 2));
     gb_init_i64(m, "ax", GB_SHAPE(1), (const int64_t[]){1});
@@ -190,8 +190,8 @@ static void test_reduce_grad(void **state) {
     const char *ops[] = {"ReduceMean", "ReduceSum"};
     for (int i = 0; i < 2; i++) {
         for (int keep = 0; keep < 2; keep++) {
-            struct opq_ctx   *ctx = opq_ctx_new();
-            struct opq_model *m   = gb_new(ctx);
+            struct opq_ctx *ctx = opq_ctx_new();
+            struct opq_model *m = gb_new(ctx);
             gb_set_opset(m, 11);
             gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3, 4));
             struct opq_node *n = gb_node(m, ops[i], "x", "y");
@@ -210,8 +210,8 @@ static void test_reduce_grad(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_softmax_hand),      cmocka_unit_test(test_softmax_grad),
-        cmocka_unit_test(test_layernorm_hand),    cmocka_unit_test(test_layernorm_grad),
+        cmocka_unit_test(test_softmax_hand),       cmocka_unit_test(test_softmax_grad),
+        cmocka_unit_test(test_layernorm_hand),     cmocka_unit_test(test_layernorm_grad),
         cmocka_unit_test(test_decomposed_ln_grad), cmocka_unit_test(test_reduce),
         cmocka_unit_test(test_reduce_grad),
     };

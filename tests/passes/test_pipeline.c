@@ -10,6 +10,7 @@
 
 #include "gb.h"
 #include "pass.h"
+#include "quantize.h"
 
 struct fix {
     struct opq_ctx   *ctx;
@@ -73,7 +74,14 @@ static void test_methods_run(void **state) {
         gb_input(f->m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(1, 4));
         gb_node(f->m, "Relu", "x", "y");
         gb_output(f->m, "y");
-        enum opq_status st = opq_pipeline_run_method(f->ctx, f->m, opq_method_name(i), &verify_on);
+        // quantizing methods get seeded random calibration data
+        struct opq_quant_opts q;
+        opq_quant_opts_default(&q);
+        q.calib.path                  = "random";
+        q.calib.count                 = 4;
+        struct opq_pipeline_opts opts = verify_on;
+        opts.quant                    = &q;
+        enum opq_status st = opq_pipeline_run_method(f->ctx, f->m, opq_method_name(i), &opts);
         if (st != OPQ_OK)
             fail_msg("method %s: %s", opq_method_name(i), opq_ctx_errmsg(f->ctx));
         opq_model_free(f->m);

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
 #include <cmocka.h>
 
 #include <stdio.h>
@@ -35,9 +36,9 @@ static int teardown(void **state) {
 // Loads buf and expects status `want` with a message containing every NULL-terminated needle.
 static void expect_fail(const void *buf, size_t len, const char *name, const char *dir,
                         enum opq_status want, ...) {
-    struct opq_model *m  = NULL;
-    enum opq_status   st = opq_model_load_buffer(ctx, buf, len, name, dir, &m);
-    const char       *msg = opq_ctx_errmsg(ctx);
+    struct opq_model *m = NULL;
+    enum opq_status st = opq_model_load_buffer(ctx, buf, len, name, dir, &m);
+    const char *msg = opq_ctx_errmsg(ctx);
     if (getenv("OPQ_TEST_VERBOSE"))
         print_message("%s\n", msg);
     if (st != want)
@@ -78,7 +79,7 @@ static void test_missing_and_empty_files(void **state) {
     opq_ctx_clear_error(ctx);
 
     char *dir = io_tempdir();
-    char  path[512];
+    char path[512];
     snprintf(path, sizeof(path), "%s/empty.onnx", dir);
     assert_true(io_write_file(path, "", 0));
     assert_int_equal(opq_model_load(ctx, path, &m), OPQ_ERR_PARSE);
@@ -92,16 +93,16 @@ static void test_missing_and_empty_files(void **state) {
 
 static void test_truncated_and_random(void **state) {
     (void)state;
-    void  *buf;
+    void *buf;
     size_t len;
-    assert_true(io_read_file(testdata("pytorch-operator/test_operator_conv/model.onnx"), &buf,
-                             &len));
+    assert_true(
+        io_read_file(testdata("pytorch-operator/test_operator_conv/model.onnx"), &buf, &len));
     // every truncation point that cuts a field must be refused; a cut exactly between two
     // top-level fields gives a valid but partial message, caught by the model checks or a
     // graph check, never a crash
     for (size_t cut = 1; cut < len; cut += 7) {
-        struct opq_model *m  = NULL;
-        enum opq_status   st = opq_model_load_buffer(ctx, buf, cut, "truncated.onnx", NULL, &m);
+        struct opq_model *m = NULL;
+        enum opq_status st = opq_model_load_buffer(ctx, buf, cut, "truncated.onnx", NULL, &m);
         assert_true(st != OPQ_OK || m != NULL);
         if (st == OPQ_OK) {
             opq_model_free(m);
@@ -115,7 +116,7 @@ static void test_truncated_and_random(void **state) {
                 "truncated or corrupt", (const char *)NULL);
     free(buf);
 
-    uint8_t  rnd[4096];
+    uint8_t rnd[4096];
     uint64_t s = 0x9e3779b97f4a7c15ull;
     for (int trial = 0; trial < 200; trial++) {
         for (size_t i = 0; i < sizeof(rnd); i++) {
@@ -151,8 +152,7 @@ static void test_not_a_model(void **state) {
 static struct pbw model_with(const char *const *nodes, int n_nodes, const char *out) {
     struct pbw g = {0};
     for (int i = 0; i < n_nodes; i++) {
-        struct pbw n = pbw_node(nodes[4 * i], nodes[4 * i + 1], nodes[4 * i + 2],
-                                nodes[4 * i + 3]);
+        struct pbw n = pbw_node(nodes[4 * i], nodes[4 * i + 1], nodes[4 * i + 2], nodes[4 * i + 3]);
         pbw_msg(&g, PBW_G_NODE, &n);
     }
     pbw_str(&g, PBW_G_NAME, "g");
@@ -166,35 +166,47 @@ static struct pbw model_with(const char *const *nodes, int n_nodes, const char *
 static void test_broken_graphs(void **state) {
     (void)state;
     const char *undef[] = {"Add", "adder", "x,ghost", "y"};
-    struct pbw  m       = model_with(undef, 1, "y");
+    struct pbw m = model_with(undef, 1, "y");
     expect_fail_pbw(&m, "undef.onnx", OPQ_ERR_INVALID_MODEL, "adder", "ghost");
 
     const char *two[] = {"Relu", "r1", "x", "y", "Relu", "r2", "x", "y"};
-    m                 = model_with(two, 2, "y");
+    m = model_with(two, 2, "y");
     expect_fail_pbw(&m, "two-producers.onnx", OPQ_ERR_INVALID_MODEL, "r2", "'y'");
 
     const char *onin[] = {"Relu", "r1", "x", "x"};
-    m                  = model_with(onin, 1, "x");
+    m = model_with(onin, 1, "x");
     expect_fail_pbw(&m, "writes-input.onnx", OPQ_ERR_INVALID_MODEL, "r1", "graph input");
 
     const char *cyc[] = {"Relu", "a", "c", "b", "Relu", "b", "b", "c", "Add", "c", "x,c", "y"};
-    m                 = model_with(cyc, 3, "y");
+    m = model_with(cyc, 3, "y");
     expect_fail_pbw(&m, "cycle.onnx", OPQ_ERR_INVALID_MODEL, "cycle", NULL);
 
     const char *self[] = {"Add", "loop", "x,y", "y"};
-    m                  = model_with(self, 1, "y");
+    m = model_with(self, 1, "y");
     expect_fail_pbw(&m, "self-loop.onnx", OPQ_ERR_INVALID_MODEL, "loop", NULL);
 
     const char *none[] = {"Relu", "r", "x", "y"};
-    m                  = model_with(none, 1, "nowhere");
+    m = model_with(none, 1, "nowhere");
     expect_fail_pbw(&m, "dangling-output.onnx", OPQ_ERR_INVALID_MODEL, "nowhere", NULL);
 
     const char *noop[] = {"", "nameless-op", "x", "y"};
-    m                  = model_with(noop, 1, "y");
+    m = model_with(noop, 1, "y");
     expect_fail_pbw(&m, "no-op-type.onnx", OPQ_ERR_INVALID_MODEL, "nameless-op", "op_type");
 
+    // an attribute with neither a type nor a value
+    struct pbw n = pbw_node("Relu", "valueless", "x", "y");
+    struct pbw a = {0};
+    pbw_str(&a, PBW_A_NAME, "alpha");
+    pbw_msg(&n, PBW_N_ATTR, &a);
+    struct pbw g = {0};
+    pbw_msg(&g, PBW_G_NODE, &n);
+    struct pbw vx = pbw_value_info("x", 1, 0, NULL, 0);
+    pbw_msg(&g, PBW_G_INPUT, &vx);
+    m = pbw_model(&g);
+    expect_fail_pbw(&m, "attr-novalue.onnx", OPQ_ERR_INVALID_MODEL, "valueless", "'alpha'");
+
     // duplicate graph inputs
-    struct pbw g  = {0};
+    g = (struct pbw){0};
     struct pbw v1 = pbw_value_info("x", 1, 0, NULL, 0);
     struct pbw v2 = pbw_value_info("x", 1, 0, NULL, 0);
     pbw_msg(&g, PBW_G_INPUT, &v1);
@@ -215,8 +227,8 @@ static struct pbw model_with_init(struct pbw *t, const char *name) {
 static void test_bad_initializers(void **state) {
     (void)state;
     const float f[4] = {1, 2, 3, 4};
-    struct pbw  t    = pbw_tensor_raw("w_short", 1, 2, (const int64_t[]){2, 3}, f, sizeof(f));
-    struct pbw  m    = model_with_init(&t, "w_short");
+    struct pbw t = pbw_tensor_raw("w_short", 1, 2, (const int64_t[]){2, 3}, f, sizeof(f));
+    struct pbw m = model_with_init(&t, "w_short");
     expect_fail_pbw(&m, "short.onnx", OPQ_ERR_INVALID_MODEL, "w_short", "16 data bytes");
 
     t = pbw_tensor_raw("w_neg", 1, 2, (const int64_t[]){-2, 2}, f, sizeof(f));
@@ -229,8 +241,8 @@ static void test_bad_initializers(void **state) {
     expect_fail_pbw(&m, "overflow.onnx", OPQ_ERR_INVALID_MODEL, "w_huge", NULL);
 
     const int64_t nine[9] = {1, 1, 1, 1, 1, 1, 1, 1, 4};
-    t                     = pbw_tensor_raw("w_rank9", 1, 9, nine, f, sizeof(f));
-    m                     = model_with_init(&t, "w_rank9");
+    t = pbw_tensor_raw("w_rank9", 1, 9, nine, f, sizeof(f));
+    m = model_with_init(&t, "w_rank9");
     expect_fail_pbw(&m, "rank9.onnx", OPQ_ERR_UNSUPPORTED, "w_rank9", "rank 9");
 
     t = pbw_tensor_raw("w_dtype", 99, 1, (const int64_t[]){4}, f, sizeof(f));
@@ -253,7 +265,7 @@ static void test_bad_initializers(void **state) {
     expect_fail_pbw(&m, "no-data.onnx", OPQ_ERR_INVALID_MODEL, "w_empty", NULL);
 
     // the same initializer twice
-    struct pbw g  = {0};
+    struct pbw g = {0};
     struct pbw t1 = pbw_tensor_raw("dup", 1, 1, (const int64_t[]){1}, f, 4);
     struct pbw t2 = pbw_tensor_raw("dup", 1, 1, (const int64_t[]){1}, f, 4);
     pbw_msg(&g, PBW_G_INIT, &t1);
@@ -262,17 +274,17 @@ static void test_bad_initializers(void **state) {
     expect_fail_pbw(&m, "dup-init.onnx", OPQ_ERR_INVALID_MODEL, "'dup'", "twice");
 
     // a node writing over an initializer
-    g             = (struct pbw){0};
-    t1            = pbw_tensor_raw("w", 1, 1, (const int64_t[]){1}, f, 4);
-    struct pbw n  = pbw_node("Relu", "clobber", "w", "w");
+    g = (struct pbw){0};
+    t1 = pbw_tensor_raw("w", 1, 1, (const int64_t[]){1}, f, 4);
+    struct pbw n = pbw_node("Relu", "clobber", "w", "w");
     pbw_msg(&g, PBW_G_INIT, &t1);
     pbw_msg(&g, PBW_G_NODE, &n);
     m = pbw_model(&g);
     expect_fail_pbw(&m, "clobber.onnx", OPQ_ERR_INVALID_MODEL, "clobber", "initializer");
 
     // sparse initializers are refused by name
-    g               = (struct pbw){0};
-    struct pbw sp   = {0};
+    g = (struct pbw){0};
+    struct pbw sp = {0};
     struct pbw vals = pbw_tensor_raw("sparse_w", 1, 1, (const int64_t[]){1}, f, 4);
     pbw_msg(&sp, PBW_SP_VALUES, &vals);
     pbw_int(&sp, PBW_SP_DIMS, 4);
@@ -281,7 +293,7 @@ static void test_bad_initializers(void **state) {
     expect_fail_pbw(&m, "sparse.onnx", OPQ_ERR_UNSUPPORTED, "sparse_w", "sparse");
 
     // a value_info of rank 9
-    g             = (struct pbw){0};
+    g = (struct pbw){0};
     struct pbw vi = pbw_value_info("deep", 1, 9, nine, 0);
     pbw_msg(&g, PBW_G_INPUT, &vi);
     m = pbw_model(&g);
@@ -311,12 +323,12 @@ static struct pbw model_external(const char *location, const char *offset, const
 static void test_bad_external_data(void **state) {
     (void)state;
     char *dir = io_tempdir();
-    char  path[512];
+    char path[512];
     snprintf(path, sizeof(path), "%s/w.bin", dir);
     const float f[6] = {1, 2, 3, 4, 5, 6};
     assert_true(io_write_file(path, f, sizeof(f)));
 
-    struct pbw        m = model_external("w.bin", "8", "16");
+    struct pbw m = model_external("w.bin", "8", "16");
     struct opq_model *ok = NULL;
     assert_int_equal(opq_model_load_buffer(ctx, m.b, m.n, "ext.onnx", dir, &ok), OPQ_OK);
     assert_memory_equal(ok->graph->inits[0]->t.data, f + 2, 16);

@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "base.h"
 #include "exec.h"
 #include "gb.h"
 
@@ -46,23 +47,23 @@ static struct opq_model *chain(struct opq_ctx *ctx) {
 
 static struct opq_named_tensor input_x(float *x, int64_t batch) {
     struct opq_named_tensor t = {.name = "x"};
-    t.t.dtype    = OPQ_DTYPE_FLOAT;
-    t.t.ndim     = 2;
+    t.t.dtype = OPQ_DTYPE_FLOAT;
+    t.t.ndim = 2;
     t.t.shape[0] = batch;
     t.t.shape[1] = 8;
-    t.t.data     = x;
-    t.t.nbytes   = (size_t)batch * 8 * sizeof(float);
+    t.t.data = x;
+    t.t.nbytes = (size_t)batch * 8 * sizeof(float);
     return t;
 }
 
 static void test_run_and_reuse(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = chain(ctx);
-    float             x[32];
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = chain(ctx);
+    float x[32];
     fill(x, 32, 9);
     struct opq_named_tensor in = input_x(x, 4);
-    struct opq_exec        *ex = NULL;
+    struct opq_exec *ex = NULL;
     assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
     struct opq_tensor y1;
     assert_int_equal(opq_exec_run(ex, &in, 1, &y1, 1), OPQ_OK);
@@ -79,7 +80,7 @@ static void test_run_and_reuse(void **state) {
     assert_int_equal(opq_exec_run(ex, &in, 1, &y2, 1), OPQ_OK);
     assert_memory_equal(first, y2.data, sizeof(first));
     // no reuse gives the same numbers
-    struct opq_exec     *ex2  = NULL;
+    struct opq_exec *ex2 = NULL;
     struct opq_exec_opts opts = {.keep_all = true};
     assert_int_equal(opq_exec_plan(ctx, m, &in, 1, &opts, &ex2), OPQ_OK);
     struct opq_tensor y3;
@@ -100,7 +101,7 @@ static void test_run_and_reuse(void **state) {
             for (int k = 0; k < 8; k++)
                 s += (double)x[r * 8 + k] * (double)w1[k * 16 + j];
             float v = (float)s + b1[j];
-            h[j]    = v > 0 ? v : 0;
+            h[j] = v > 0 ? v : 0;
         }
         for (int j = 0; j < 16; j++) {
             double s = 0;
@@ -122,8 +123,8 @@ static void test_run_and_reuse(void **state) {
 }
 
 struct cap {
-    int   calls;
-    bool  saw_h3;
+    int calls;
+    bool saw_h3;
     float h3_first;
 };
 
@@ -131,7 +132,7 @@ static enum opq_status on_value(void *user, const char *name, const struct opq_t
     struct cap *c = user;
     c->calls++;
     if (strcmp(name, "h3") == 0) {
-        c->saw_h3   = true;
+        c->saw_h3 = true;
         c->h3_first = ((const float *)t->data)[0];
     }
     return OPQ_OK;
@@ -139,14 +140,14 @@ static enum opq_status on_value(void *user, const char *name, const struct opq_t
 
 static void test_range_and_capture(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = chain(ctx);
-    float             x[16];
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = chain(ctx);
+    float x[16];
     fill(x, 16, 5);
-    struct opq_named_tensor in     = input_x(x, 2);
-    const char             *pins[] = {"h3"};
-    struct opq_exec_opts    opts   = {.pinned = pins, .n_pinned = 1};
-    struct opq_exec        *ex     = NULL;
+    struct opq_named_tensor in = input_x(x, 2);
+    const char *pins[] = {"h3"};
+    struct opq_exec_opts opts = {.pinned = pins, .n_pinned = 1};
+    struct opq_exec *ex = NULL;
     assert_int_equal(opq_exec_plan(ctx, m, &in, 1, &opts, &ex), OPQ_OK);
     struct cap c = {0};
     const char *names[] = {"h3", "y"};
@@ -167,7 +168,7 @@ static void test_range_and_capture(void **state) {
     float h3copy[32];
     memcpy(h3copy, h3->data, sizeof(h3copy));
     struct opq_named_tensor given = {.name = "h3", .t = *h3};
-    given.t.data                  = h3copy;
+    given.t.data = h3copy;
     assert_int_equal(opq_exec_run_range(ex, 3, 5, &given, 1), OPQ_OK);
     assert_memory_equal(opq_exec_value(ex, "y")->data, full, sizeof(full));
     // h4 is not pinned and not provided: a range starting after its producer must refuse
@@ -189,44 +190,48 @@ static double loss(struct opq_exec *ex, struct opq_named_tensor *in, const float
 
 static void test_backward(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = chain(ctx);
-    float             x[16];
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = chain(ctx);
+    float x[16];
     fill(x, 16, 6);
     struct opq_named_tensor in = input_x(x, 2);
-    struct opq_exec        *ex = NULL;
+    struct opq_exec *ex = NULL;
     assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
     float w[8];
     fill(w, 8, 7);
     struct opq_named_tensor seed = {.name = "y", .t = *opq_exec_value(ex, "y")};
-    seed.t.data                  = w;
-    const char       *wrt[]      = {"x", "w2", "b1"};
+    seed.t.data = w;
+    const char *wrt[] = {"x", "w2", "b1"};
     struct opq_tensor g[3];
     assert_int_equal(opq_exec_backward(ex, 0, 5, &in, 1, &seed, 1, wrt, 3, g), OPQ_OK);
     assert_int_equal(g[1].shape[0], 16);
     float dx[16], dw2[256];
     memcpy(dx, g[0].data, sizeof(dx));
     memcpy(dw2, g[1].data, sizeof(dw2));
+    // reconstruction marks what it trains: their data may change between runs
+    opq_graph_value(m->graph, "w2")->kind |= OPQ_VK_PARAM;
     float *w2 = opq_graph_value(m->graph, "w2")->t.data;
     for (int i = 0; i < 16; i++) {
         float x0 = x[i];
-        x[i]     = x0 + 1e-2f;
+        x[i] = x0 + 1e-2f;
         double p = loss(ex, &in, w);
-        x[i]     = x0 - 1e-2f;
+        x[i] = x0 - 1e-2f;
         double q = loss(ex, &in, w);
-        x[i]     = x0;
+        x[i] = x0;
         assert_true(fabs((p - q) / 2e-2 - (double)dx[i]) < 2e-3);
     }
     // weights are changed in place between runs (as reconstruction does)
     for (int i = 0; i < 256; i += 37) {
         float v0 = w2[i];
-        w2[i]    = v0 + 1e-2f;
+        w2[i] = v0 + 1e-2f;
         double p = loss(ex, &in, w);
-        w2[i]    = v0 - 1e-2f;
+        w2[i] = v0 - 1e-2f;
         double q = loss(ex, &in, w);
-        w2[i]    = v0;
+        w2[i] = v0;
         assert_true(fabs((p - q) / 2e-2 - (double)dw2[i]) < 2e-3);
     }
+    // gradients survive the forward runs made since
+    assert_memory_equal(g[0].data, dx, sizeof(dx));
     opq_exec_free(ex);
     opq_model_free(m);
     opq_ctx_free(ctx);
@@ -235,8 +240,8 @@ static void test_backward(void **state) {
 static void test_dynamic_reshape(void **state) {
     (void)state;
     // y = Reshape(x, Concat(Gather(Shape(x), 0), [-1])): the shape is only known per batch
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, 2, 3));
     gb_init_i64(m, "zero", GB_SCALAR, (const int64_t[]){0});
     gb_init_i64(m, "m1", GB_SHAPE(1), (const int64_t[]){-1});
@@ -250,17 +255,17 @@ static void test_dynamic_reshape(void **state) {
     gb_node(m, "Reshape", "x,shp", "y");
     gb_output(m, "y");
     for (int64_t batch = 1; batch <= 3; batch += 2) {
-        float                   x[18];
+        float x[18];
         struct opq_named_tensor in = {.name = "x"};
         in.t.dtype = OPQ_DTYPE_FLOAT;
-        in.t.ndim  = 3;
+        in.t.ndim = 3;
         in.t.shape[0] = batch;
         in.t.shape[1] = 2;
         in.t.shape[2] = 3;
-        in.t.data     = x;
-        in.t.nbytes   = (size_t)batch * 6 * sizeof(float);
+        in.t.data = x;
+        in.t.nbytes = (size_t)batch * 6 * sizeof(float);
         fill(x, 18, 3);
-        struct opq_exec     *ex   = NULL;
+        struct opq_exec *ex = NULL;
         struct opq_exec_opts opts = {.batch = batch};
         assert_int_equal(opq_exec_plan(ctx, m, NULL, 0, &opts, &ex), OPQ_OK);
         struct opq_exec_stats st;
@@ -280,8 +285,8 @@ static void test_dynamic_reshape(void **state) {
 
 static void test_unsupported(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(1, 4));
     gb_node(m, "Relu", "x", "r");
     gb_node_full(m, "", "NonMaxSuppression", "nms_7", "r", "y");
@@ -320,8 +325,8 @@ static void test_unsupported(void **state) {
 
 static void test_threads_same_result(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_model *m   = gb_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(64, 256));
     gb_input(m, "g", OPQ_DTYPE_FLOAT, GB_SHAPE(256));
     gb_node(m, "LayerNormalization", "x,g", "l");
@@ -329,14 +334,14 @@ static void test_threads_same_result(void **state) {
     gb_node(m, "Erf", "s", "y");
     gb_output(m, "y");
     static float x[64 * 256];
-    float        g[256];
+    float g[256];
     fill(x, 64 * 256, 11);
     fill(g, 256, 12);
     struct opq_named_tensor in[2] = {{.name = "x"}, {.name = "g"}};
-    in[0].t = (struct opq_tensor){.dtype = OPQ_DTYPE_FLOAT, .ndim = 2, .shape = {64, 256},
-                                  .data = x, .nbytes = sizeof(x)};
-    in[1].t = (struct opq_tensor){.dtype = OPQ_DTYPE_FLOAT, .ndim = 1, .shape = {256},
-                                  .data = g, .nbytes = sizeof(g)};
+    in[0].t = (struct opq_tensor){
+        .dtype = OPQ_DTYPE_FLOAT, .ndim = 2, .shape = {64, 256}, .data = x, .nbytes = sizeof(x)};
+    in[1].t = (struct opq_tensor){
+        .dtype = OPQ_DTYPE_FLOAT, .ndim = 1, .shape = {256}, .data = g, .nbytes = sizeof(g)};
     static float out1[64 * 256];
     for (int t = 1; t <= 2; t++) {
         opq_ctx_set_threads(ctx, t);
@@ -354,11 +359,52 @@ static void test_threads_same_result(void **state) {
     opq_ctx_free(ctx);
 }
 
+// OOM sweep: failing the i-th allocation of plan + run + backward yields OPQ_ERR_NOMEM (never a
+// crash or a leak: ASan checks that), until i is past the last allocation and everything works.
+static void test_oom_sweep(void **state) {
+    (void)state;
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = chain(ctx);
+    float x[16];
+    fill(x, 16, 8);
+    struct opq_named_tensor in = input_x(x, 2);
+    bool ok = false;
+    for (long i = 0; i < 10000 && !ok; i++) {
+        opq_ctx_clear_error(ctx);
+        ctx->n_allocs = 0;
+        ctx->fail_at = i;
+        struct opq_exec *ex = NULL;
+        enum opq_status st = opq_exec_plan(ctx, m, &in, 1, NULL, &ex);
+        if (st == OPQ_OK)
+            st = opq_exec_run(ex, &in, 1, NULL, 0);
+        if (st == OPQ_OK) {
+            const char *wrt[] = {"w1"};
+            struct opq_tensor g;
+            float w[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+            struct opq_named_tensor seed = {.name = "y", .t = *opq_exec_value(ex, "y")};
+            seed.t.data = w;
+            st = opq_exec_backward(ex, 0, 5, &in, 1, &seed, 1, wrt, 1, &g);
+        }
+        opq_exec_free(ex);
+        if (st == OPQ_OK) {
+            assert_true(ctx->n_allocs <= i); // an injected failure never goes unreported
+            ok = true;                       // nothing failed: the sweep is complete
+        } else {
+            assert_int_equal(st, OPQ_ERR_NOMEM);
+        }
+    }
+    assert_true(ok);
+    ctx->fail_at = -1;
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_run_and_reuse),   cmocka_unit_test(test_range_and_capture),
-        cmocka_unit_test(test_backward),        cmocka_unit_test(test_dynamic_reshape),
-        cmocka_unit_test(test_unsupported),     cmocka_unit_test(test_threads_same_result),
+        cmocka_unit_test(test_run_and_reuse), cmocka_unit_test(test_range_and_capture),
+        cmocka_unit_test(test_backward),      cmocka_unit_test(test_dynamic_reshape),
+        cmocka_unit_test(test_unsupported),   cmocka_unit_test(test_threads_same_result),
+        cmocka_unit_test(test_oom_sweep),
     };
     return cmocka_run_group_tests_name("exec", tests, NULL, NULL);
 }

@@ -17,21 +17,21 @@
 
 static void test_round_trip(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_arena *a   = opq_arena_new(ctx);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_arena *a = opq_arena_new(ctx);
     const enum opq_dtype dts[] = {OPQ_DTYPE_FLOAT, OPQ_DTYPE_DOUBLE, OPQ_DTYPE_UINT8,
-                                  OPQ_DTYPE_INT32, OPQ_DTYPE_INT64, OPQ_DTYPE_BOOL};
+                                  OPQ_DTYPE_INT32, OPQ_DTYPE_INT64,  OPQ_DTYPE_BOOL};
     unsigned char data[8 * 24];
     for (size_t i = 0; i < sizeof(data); i++)
         data[i] = (unsigned char)(i * 7 % 2 ? 1 : 0) | (unsigned char)(i % 5 == 0);
     char path[] = "/tmp/opq_test_npy_XXXXXX";
-    int  fd     = mkstemp(path);
+    int fd = mkstemp(path);
     assert_true(fd >= 0);
     close(fd);
     for (size_t d = 0; d < sizeof(dts) / sizeof(dts[0]); d++) {
         for (int rank = 0; rank <= 4; rank++) {
             struct opq_tensor t = {.dtype = dts[d], .ndim = rank, .data = data};
-            size_t            n = 1;
+            size_t n = 1;
             for (int i = 0; i < rank; i++) {
                 t.shape[i] = i + 1;
                 n *= (size_t)(i + 1);
@@ -61,8 +61,8 @@ static void test_round_trip(void **state) {
 static enum opq_status parse_hdr(struct opq_ctx *ctx, struct opq_arena *a, const char *hdr,
                                  size_t data_bytes) {
     unsigned char buf[256] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
-    size_t        hl       = strlen(hdr);
-    buf[8]                 = (unsigned char)hl;
+    size_t hl = strlen(hdr);
+    buf[8] = (unsigned char)hl;
     memcpy(buf + 10, hdr, hl);
     struct opq_tensor t;
     opq_ctx_clear_error(ctx);
@@ -71,26 +71,25 @@ static enum opq_status parse_hdr(struct opq_ctx *ctx, struct opq_arena *a, const
 
 static void test_errors(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = opq_ctx_new();
-    struct opq_arena *a   = opq_arena_new(ctx);
-    assert_int_equal(parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }",
-                               8),
-                     OPQ_OK);
-    assert_int_equal(parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }",
-                               24),
-                     OPQ_ERR_UNSUPPORTED);
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_arena *a = opq_arena_new(ctx);
+    assert_int_equal(
+        parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", 8), OPQ_OK);
+    assert_int_equal(
+        parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", 24),
+        OPQ_ERR_UNSUPPORTED);
     assert_non_null(strstr(opq_ctx_errmsg(ctx), "Fortran"));
-    assert_int_equal(parse_hdr(ctx, a, "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }",
-                               8),
-                     OPQ_ERR_UNSUPPORTED);
+    assert_int_equal(
+        parse_hdr(ctx, a, "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }", 8),
+        OPQ_ERR_UNSUPPORTED);
     assert_non_null(strstr(opq_ctx_errmsg(ctx), "big-endian"));
-    assert_int_equal(parse_hdr(ctx, a, "{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }",
-                               16),
-                     OPQ_ERR_UNSUPPORTED);
+    assert_int_equal(
+        parse_hdr(ctx, a, "{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", 16),
+        OPQ_ERR_UNSUPPORTED);
     assert_non_null(strstr(opq_ctx_errmsg(ctx), "<c8"));
-    assert_int_equal(parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
-                               20),
-                     OPQ_ERR_PARSE);
+    assert_int_equal(
+        parse_hdr(ctx, a, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", 20),
+        OPQ_ERR_PARSE);
     assert_non_null(strstr(opq_ctx_errmsg(ctx), "truncated"));
     assert_non_null(strstr(opq_ctx_errmsg(ctx), "x.npy"));
     assert_int_equal(parse_hdr(ctx, a, "{'descr': '<f4', 'shape': (2,), }", 8), OPQ_ERR_PARSE);

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
 #include <cmocka.h>
 
 #include <stdio.h>
@@ -32,12 +33,12 @@ static struct opq_model *check_roundtrip(struct opq_ctx *ctx, const void *buf, s
                                          const char *name, const char *dir, bool keep) {
     struct opq_model *a = NULL;
     struct opq_model *b = NULL;
-    void             *s1;
-    void             *s2;
-    size_t            n1;
-    size_t            n2;
-    char              why[512];
-    enum opq_status   st = opq_model_load_buffer(ctx, buf, len, name, dir, &a);
+    void *s1;
+    void *s2;
+    size_t n1;
+    size_t n2;
+    char why[512];
+    enum opq_status st = opq_model_load_buffer(ctx, buf, len, name, dir, &a);
     if (st != OPQ_OK)
         fail_msg("%s: load failed: %s", name, opq_ctx_errmsg(ctx));
     st = opq_model_save_buffer(ctx, a, &s1, &n1);
@@ -65,11 +66,11 @@ static struct opq_model *check_roundtrip(struct opq_ctx *ctx, const void *buf, s
 static void test_roundtrip_testdata(void **state) {
     (void)state;
     char **paths;
-    int    n = io_find_files(OPQ_TESTDATA_DIR, "model.onnx", &paths);
+    int n = io_find_files(OPQ_TESTDATA_DIR, "model.onnx", &paths);
     assert_true(n > 500); // libonnx-testdata ships about a thousand
     struct opq_ctx *ctx = new_ctx();
     for (int i = 0; i < n; i++) {
-        void  *buf;
+        void *buf;
         size_t len;
         assert_true(io_read_file(paths[i], &buf, &len));
         // through the file API too, for the first model of each folder family
@@ -78,7 +79,7 @@ static void test_roundtrip_testdata(void **state) {
             fail_msg("%s: %s", paths[i], opq_ctx_errmsg(ctx));
         assert_string_equal(f->path, paths[i]);
         struct opq_model *a = check_roundtrip(ctx, buf, len, paths[i], NULL, true);
-        char              why[512];
+        char why[512];
         if (!io_model_equal(a, f, why, sizeof(why)))
             fail_msg("%s: file and buffer loads differ: %s", paths[i], why);
         opq_model_free(a);
@@ -99,10 +100,11 @@ static const char *model_path(const char *rel) {
 // Saving to a file writes the same bytes as save_buffer and leaves no temporary behind.
 static void test_save_file(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *m   = NULL;
-    assert_int_equal(opq_model_load(ctx, model_path("pytorch-operator/test_operator_conv/model.onnx"),
-                                    &m), OPQ_OK);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *m = NULL;
+    assert_int_equal(
+        opq_model_load(ctx, model_path("pytorch-operator/test_operator_conv/model.onnx"), &m),
+        OPQ_OK);
     char *dir = io_tempdir();
     assert_non_null(dir);
     char out[512];
@@ -112,8 +114,8 @@ static void test_save_file(void **state) {
     // overwrite in place
     assert_int_equal(opq_model_save(ctx, m, out, NULL), OPQ_OK);
     assert_int_equal(io_count_entries(dir), 1);
-    void  *a;
-    void  *b;
+    void *a;
+    void *b;
     size_t na;
     size_t nb;
     assert_true(io_read_file(out, &a, &na));
@@ -178,7 +180,7 @@ static void test_unknown_fields(void **state) {
     struct pbw n2 = pbw_node("Add", "add0", "y,w", "z");
     pbw_msg(&g, PBW_G_NODE, &n2);
     const float w[2] = {1, 2};
-    struct pbw  t    = pbw_tensor_raw("w", 1, 1, (const int64_t[]){2}, w, sizeof(w));
+    struct pbw t = pbw_tensor_raw("w", 1, 1, (const int64_t[]){2}, w, sizeof(w));
     add_unknown(&t, 4, "in-tensor");
     pbw_msg(&g, PBW_G_INIT, &t);
     pbw_str(&g, PBW_G_NAME, "g");
@@ -192,14 +194,14 @@ static void test_unknown_fields(void **state) {
     add_unknown(&m, 1, "in-model");
     pbw_int(&m, 1001, 12345); // an unknown varint field as well
 
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *mm  = check_roundtrip(ctx, m.b, m.n, "unknown-fields", NULL, true);
-    void             *out;
-    size_t            nout;
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *mm = check_roundtrip(ctx, m.b, m.n, "unknown-fields", NULL, true);
+    void *out;
+    size_t nout;
     assert_int_equal(opq_model_save_buffer(ctx, mm, &out, &nout), OPQ_OK);
-    const char *where[] = {"in-model", "in-node", "in-attr", "in-tensor", "in-value-info",
-                           "in-graph"};
-    const int   ks[]    = {1, 2, 3, 4, 5, 6};
+    const char *where[] = {"in-model",  "in-node",       "in-attr",
+                           "in-tensor", "in-value-info", "in-graph"};
+    const int ks[] = {1, 2, 3, 4, 5, 6};
     for (size_t i = 0; i < ARRAY_SIZE(ks); i++)
         if (!has_unknown(out, nout, ks[i], where[i]))
             fail_msg("unknown field %s lost", where[i]);
@@ -210,7 +212,7 @@ static void test_unknown_fields(void **state) {
 
     // A pass changing the input's shape rebuilds its ValueInfoProto but keeps its unknown field.
     struct opq_value *x = opq_graph_value(mm->graph, "x");
-    x->t.shape[0]       = 3;
+    x->t.shape[0] = 3;
     opq_buffer_free(ctx, out);
     assert_int_equal(opq_model_save_buffer(ctx, mm, &out, &nout), OPQ_OK);
     assert_true(has_unknown(out, nout, 5, "in-value-info"));
@@ -227,8 +229,8 @@ static void test_unknown_fields(void **state) {
 
 // A subgraph for GRAPH attributes: y = Identity(x).
 static struct pbw tiny_graph(const char *name) {
-    struct pbw g  = {0};
-    struct pbw n  = pbw_node("Identity", NULL, "x", "y");
+    struct pbw g = {0};
+    struct pbw n = pbw_node("Identity", NULL, "x", "y");
     struct pbw vi = pbw_value_info("x", 1, 0, NULL, 0);
     struct pbw vo = pbw_value_info("y", 1, 0, NULL, 0);
     pbw_msg(&g, PBW_G_NODE, &n);
@@ -245,7 +247,8 @@ static void test_attr_types(void **state) {
     pbw_str(&n, PBW_N_DOMAIN, "com.example");
     pbw_str(&n, PBW_N_DOC, "a doc string");
     struct pbw a;
-#define ATTR_BEGIN(nm, ty) (a = (struct pbw){0}, pbw_str(&a, PBW_A_NAME, nm), pbw_int(&a, PBW_A_TYPE, ty))
+#define ATTR_BEGIN(nm, ty)                                                                         \
+    (a = (struct pbw){0}, pbw_str(&a, PBW_A_NAME, nm), pbw_int(&a, PBW_A_TYPE, ty))
 #define ATTR_END() pbw_msg(&n, PBW_N_ATTR, &a)
     ATTR_BEGIN("f", 1);
     pbw_f32(&a, PBW_A_F, -1.25f);
@@ -257,7 +260,7 @@ static void test_attr_types(void **state) {
     pbw_str(&a, PBW_A_S, "hello");
     ATTR_END();
     const int32_t tv[3] = {1, -2, 3};
-    struct pbw    t     = pbw_tensor_raw("tv", 6, 1, (const int64_t[]){3}, tv, sizeof(tv));
+    struct pbw t = pbw_tensor_raw("tv", 6, 1, (const int64_t[]){3}, tv, sizeof(tv));
     ATTR_BEGIN("t", 4);
     pbw_msg(&a, PBW_A_T, &t);
     ATTR_END();
@@ -281,7 +284,7 @@ static void test_attr_types(void **state) {
     ATTR_BEGIN("tensors", 9);
     for (int k = 0; k < 2; k++) {
         const float fv[2] = {(float)k, 2.0f};
-        struct pbw  tt    = pbw_tensor_raw("", 1, 1, (const int64_t[]){2}, fv, sizeof(fv));
+        struct pbw tt = pbw_tensor_raw("", 1, 1, (const int64_t[]){2}, fv, sizeof(fv));
         pbw_msg(&a, PBW_A_TENSORS, &tt);
     }
     ATTR_END();
@@ -331,8 +334,8 @@ static void test_attr_types(void **state) {
     pbw_msg(&m, PBW_M_METADATA, &kv);
     pbw_str(&m, PBW_M_DOC, "model doc");
 
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *mm  = check_roundtrip(ctx, m.b, m.n, "attrs", NULL, true);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *mm = check_roundtrip(ctx, m.b, m.n, "attrs", NULL, true);
     assert_int_equal(mm->graph->n_nodes, 1);
     const struct opq_node *nd = mm->graph->nodes[0];
     assert_int_equal(nd->op, OPQ_OP_UNKNOWN);
@@ -364,7 +367,7 @@ static void test_attr_types(void **state) {
     assert_string_equal(mm->metadata[0].value, "tests");
     assert_int_equal(mm->graph->outputs[0]->t.ndim, -1);
 
-    void  *out;
+    void *out;
     size_t nout;
     assert_int_equal(opq_model_save_buffer(ctx, mm, &out, &nout), OPQ_OK);
     assert_true(contains(out, nout, "body", 4) && contains(out, nout, "g2", 2));
@@ -409,18 +412,18 @@ static const struct opq_tensor *init_of(const struct opq_model *m, const char *n
 // data type become the IR's dense little-endian bytes, and are saved as raw_data.
 static void test_typed_initializers(void **state) {
     (void)state;
-    struct pbw    g    = {0};
-    const float   f[3] = {1.5f, -2, 3};
-    const double  d[2] = {0.25, -8};
+    struct pbw g = {0};
+    const float f[3] = {1.5f, -2, 3};
+    const double d[2] = {0.25, -8};
     const int64_t i8[3] = {-128, 127, -1};
     const int64_t u16[2] = {65535, 1};
     const int64_t f16[2] = {0x3c00, 0xc000}; // 1.0, -2.0
     const int64_t i4[2] = {0x21, 0x0f};      // packed: 1, 2, -1 (third nibble), odd count 3
     const int64_t big[2] = {INT64_MIN, 5};
     const int64_t u32[2] = {4294967295LL, 7};
-    const int64_t b[3]  = {1, 0, 1};
+    const int64_t b[3] = {1, 0, 1};
     const int64_t f8[2] = {0x38, 0xb8};
-    const char   *s[2]  = {"ab", "xyz"};
+    const char *s[2] = {"ab", "xyz"};
     typed_init(&g, "f", 1, 3, PBW_T_FLOAT_DATA, f, 3);
     typed_init(&g, "c64", 14, 1, PBW_T_FLOAT_DATA, f, 2);
     typed_init(&g, "d", 11, 2, PBW_T_DOUBLE_DATA, d, 2);
@@ -440,8 +443,8 @@ static void test_typed_initializers(void **state) {
     pbw_str(&g, PBW_G_NAME, "typed");
     struct pbw m = pbw_model(&g);
 
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *mm  = check_roundtrip(ctx, m.b, m.n, "typed", NULL, true);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *mm = check_roundtrip(ctx, m.b, m.n, "typed", NULL, true);
     assert_memory_equal(init_of(mm, "f")->data, f, sizeof(f));
     assert_memory_equal(init_of(mm, "c64")->data, f, 8);
     assert_memory_equal(init_of(mm, "d")->data, d, sizeof(d));
@@ -462,7 +465,7 @@ static void test_typed_initializers(void **state) {
     assert_true(sb[0].len == 2 && sb[1].len == 3 && memcmp(sb[1].data, "xyz", 3) == 0);
 
     // saved as raw_data: the float tensor's bytes appear as one run in the output
-    void  *out;
+    void *out;
     size_t nout;
     assert_int_equal(opq_model_save_buffer(ctx, mm, &out, &nout), OPQ_OK);
     struct pbw raw = {0};
@@ -479,8 +482,8 @@ static void test_typed_initializers(void **state) {
 // untouched ones (with their denotations) are re-emitted verbatim.
 static void test_value_types(void **state) {
     (void)state;
-    struct pbw g  = {0};
-    struct pbw n  = pbw_node("Relu", "r", "x", "y");
+    struct pbw g = {0};
+    struct pbw n = pbw_node("Relu", "r", "x", "y");
     struct pbw n2 = pbw_node("Relu", "r2", "y", "z");
     pbw_msg(&g, PBW_G_NODE, &n);
     pbw_msg(&g, PBW_G_NODE, &n2);
@@ -512,8 +515,8 @@ static void test_value_types(void **state) {
     pbw_msg(&g, PBW_G_VALUE_INFO, &sq);
     struct pbw m = pbw_model(&g);
 
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *mm  = check_roundtrip(ctx, m.b, m.n, "types", NULL, true);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *mm = check_roundtrip(ctx, m.b, m.n, "types", NULL, true);
     const struct opq_value *x = opq_graph_value(mm->graph, "x");
     assert_int_equal(x->t.ndim, 3);
     assert_int_equal(x->t.shape[0], -1);
@@ -529,7 +532,7 @@ static void test_value_types(void **state) {
     assert_int_equal(opq_graph_value(mm->graph, "z")->t.ndim, -1);
     assert_int_equal(opq_graph_value(mm->graph, "unused_seq")->t.dtype, OPQ_DTYPE_UNDEF);
 
-    void  *out;
+    void *out;
     size_t nout;
     assert_int_equal(opq_model_save_buffer(ctx, mm, &out, &nout), OPQ_OK);
     assert_true(contains(out, nout, "DATA_BATCH", 10) && contains(out, nout, "TENSOR", 6));
@@ -554,7 +557,7 @@ static void test_value_types(void **state) {
 // are NULL; an initializer also listed as a graph input keeps both kinds.
 static void test_order_and_optionals(void **state) {
     (void)state;
-    struct pbw g  = {0};
+    struct pbw g = {0};
     struct pbw n1 = pbw_node("Relu", "second", "t", "y");
     struct pbw n0 = pbw_node("Dropout", "first", "x,,", "t,");
     pbw_msg(&g, PBW_G_NODE, &n1);
@@ -562,16 +565,16 @@ static void test_order_and_optionals(void **state) {
     struct pbw vi = pbw_value_info("x", 1, 1, (const int64_t[]){2}, 0);
     struct pbw vw = pbw_value_info("w", 1, 1, (const int64_t[]){2}, 0);
     const float w[2] = {3, 4};
-    struct pbw  t    = pbw_tensor_raw("w", 1, 1, (const int64_t[]){2}, w, sizeof(w));
-    struct pbw  vo   = pbw_value_info("y", 1, 1, (const int64_t[]){2}, 0);
+    struct pbw t = pbw_tensor_raw("w", 1, 1, (const int64_t[]){2}, w, sizeof(w));
+    struct pbw vo = pbw_value_info("y", 1, 1, (const int64_t[]){2}, 0);
     pbw_msg(&g, PBW_G_INPUT, &vi);
     pbw_msg(&g, PBW_G_INPUT, &vw);
     pbw_msg(&g, PBW_G_INIT, &t);
     pbw_msg(&g, PBW_G_OUTPUT, &vo);
     struct pbw m = pbw_model(&g);
 
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *mm  = check_roundtrip(ctx, m.b, m.n, "order", NULL, true);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *mm = check_roundtrip(ctx, m.b, m.n, "order", NULL, true);
     assert_string_equal(mm->graph->nodes[0]->name, "first");
     assert_string_equal(mm->graph->nodes[1]->name, "second");
     const struct opq_node *d = mm->graph->nodes[0];
@@ -603,14 +606,15 @@ static void log_sink(void *user, enum opq_log_level lvl, const char *msg) {
 // External data: explicit option, automatic switch past the size limit, reload equality.
 static void test_external_data(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_model *m   = NULL;
-    assert_int_equal(opq_model_load(ctx, model_path("pytorch-operator/test_operator_conv/model.onnx"),
-                                    &m), OPQ_OK);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_model *m = NULL;
+    assert_int_equal(
+        opq_model_load(ctx, model_path("pytorch-operator/test_operator_conv/model.onnx"), &m),
+        OPQ_OK);
     char *dir = io_tempdir();
-    char  out[512];
-    char  data[512];
-    char  why[512];
+    char out[512];
+    char data[512];
+    char why[512];
     snprintf(out, sizeof(out), "%s/m.onnx", dir);
     snprintf(data, sizeof(data), "%s/m.onnx.data", dir);
     struct opq_save_opts o = {.external_data = true, .external_min_bytes = 16};
@@ -623,7 +627,7 @@ static void test_external_data(void **state) {
     if (!io_model_equal(m, r, why, sizeof(why)))
         fail_msg("external round trip: %s", why);
     // saving the reloaded model again gives the same two files
-    void  *a1, *a2, *d1, *d2;
+    void *a1, *a2, *d1, *d2;
     size_t n1, n2, m1, m2;
     assert_true(io_read_file(out, &a1, &n1) && io_read_file(data, &d1, &m1));
     assert_int_equal(opq_model_save(ctx, r, out, &o), OPQ_OK);
@@ -664,7 +668,7 @@ static void test_external_data(void **state) {
     n_warnings = 0;
     opq_io_set_inline_limit(1000);
     assert_int_equal(opq_model_save(ctx, m, out, NULL), OPQ_OK);
-    void  *buf;
+    void *buf;
     size_t nbuf;
     assert_int_equal(opq_model_save_buffer(ctx, m, &buf, &nbuf), OPQ_ERR_UNSUPPORTED);
     opq_ctx_clear_error(ctx);
@@ -685,12 +689,14 @@ static void test_external_data(void **state) {
 // Test-data tensors (input_0.pb) load through opq_tensor_load_pb.
 static void test_tensor_pb(void **state) {
     (void)state;
-    struct opq_ctx   *ctx = new_ctx();
-    struct opq_arena *a   = opq_arena_new(ctx);
+    struct opq_ctx *ctx = new_ctx();
+    struct opq_arena *a = opq_arena_new(ctx);
     struct opq_tensor t;
-    const char       *name = NULL;
-    assert_int_equal(opq_tensor_load_pb(ctx, a, model_path("node/test_relu/test_data_set_0/input_0.pb"),
-                                        &t, &name), OPQ_OK);
+    const char *name = NULL;
+    assert_int_equal(opq_tensor_load_pb(ctx, a,
+                                        model_path("node/test_relu/test_data_set_0/input_0.pb"), &t,
+                                        &name),
+                     OPQ_OK);
     assert_int_equal(t.dtype, OPQ_DTYPE_FLOAT);
     assert_int_equal(t.ndim, 3);
     assert_int_equal(t.nbytes, 3 * 4 * 5 * 4);
@@ -705,15 +711,15 @@ static void test_tensor_pb(void **state) {
 // OPQ_ERR_NOMEM, leaving nothing allocated (ASan checks the rest).
 static void test_oom_sweep(void **state) {
     (void)state;
-    void  *buf;
+    void *buf;
     size_t len;
-    assert_true(io_read_file(model_path("pytorch-operator/test_operator_conv/model.onnx"), &buf,
-                             &len));
+    assert_true(
+        io_read_file(model_path("pytorch-operator/test_operator_conv/model.onnx"), &buf, &len));
     struct opq_ctx *ctx = new_ctx();
-    int             i;
+    int i;
     struct opq_model *m = NULL;
     for (i = 0; i < 10000; i++) {
-        ctx->fail_at  = i;
+        ctx->fail_at = i;
         ctx->n_allocs = 0;
         enum opq_status st = opq_model_load_buffer(ctx, buf, len, "oom", NULL, &m);
         if (st == OPQ_OK)
@@ -724,15 +730,32 @@ static void test_oom_sweep(void **state) {
         opq_ctx_clear_error(ctx);
     }
     assert_true(i > 3);
+    // the same through the file API (mapping, folder name)
+    const char *path = model_path("pytorch-operator/test_operator_conv/model.onnx");
+    size_t      held = ctx->cur_bytes; // the model loaded above
+    for (int k = 0; k < 10000; k++) {
+        struct opq_model *fm = NULL;
+        ctx->fail_at         = k;
+        ctx->n_allocs        = 0;
+        enum opq_status st   = opq_model_load(ctx, path, &fm);
+        if (st == OPQ_OK) {
+            opq_model_free(fm);
+            break;
+        }
+        assert_int_equal(st, OPQ_ERR_NOMEM);
+        assert_non_null(strstr(opq_ctx_errmsg(ctx), path));
+        assert_int_equal(ctx->cur_bytes, held);
+        opq_ctx_clear_error(ctx);
+    }
     ctx->fail_at = -1;
     char *dir = io_tempdir();
-    char  out[512];
+    char out[512];
     snprintf(out, sizeof(out), "%s/o.onnx", dir);
     size_t base = ctx->cur_bytes;
     for (i = 0; i < 10000; i++) {
-        void  *sb;
+        void *sb;
         size_t sn;
-        ctx->fail_at  = i;
+        ctx->fail_at = i;
         ctx->n_allocs = 0;
         enum opq_status st = opq_model_save_buffer(ctx, m, &sb, &sn);
         if (st == OPQ_OK) {
@@ -744,10 +767,10 @@ static void test_oom_sweep(void **state) {
         opq_ctx_clear_error(ctx);
     }
     for (i = 0; i < 10000; i++) {
-        ctx->fail_at  = i;
+        ctx->fail_at = i;
         ctx->n_allocs = 0;
-        struct opq_save_opts o  = {.external_data = true, .external_min_bytes = 16};
-        enum opq_status      st = opq_model_save(ctx, m, out, &o);
+        struct opq_save_opts o = {.external_data = true, .external_min_bytes = 16};
+        enum opq_status st = opq_model_save(ctx, m, out, &o);
         if (st == OPQ_OK)
             break;
         assert_int_equal(st, OPQ_ERR_NOMEM);
@@ -767,16 +790,11 @@ static void test_oom_sweep(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_roundtrip_testdata),
-        cmocka_unit_test(test_save_file),
-        cmocka_unit_test(test_unknown_fields),
-        cmocka_unit_test(test_attr_types),
-        cmocka_unit_test(test_typed_initializers),
-        cmocka_unit_test(test_value_types),
-        cmocka_unit_test(test_order_and_optionals),
-        cmocka_unit_test(test_external_data),
-        cmocka_unit_test(test_tensor_pb),
-        cmocka_unit_test(test_oom_sweep),
+        cmocka_unit_test(test_roundtrip_testdata),  cmocka_unit_test(test_save_file),
+        cmocka_unit_test(test_unknown_fields),      cmocka_unit_test(test_attr_types),
+        cmocka_unit_test(test_typed_initializers),  cmocka_unit_test(test_value_types),
+        cmocka_unit_test(test_order_and_optionals), cmocka_unit_test(test_external_data),
+        cmocka_unit_test(test_tensor_pb),           cmocka_unit_test(test_oom_sweep),
     };
     return cmocka_run_group_tests_name("onnx_io", tests, NULL, NULL);
 }

@@ -24,10 +24,10 @@ static double now(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *in       = NULL;
-    const char *out      = NULL;
-    bool        external = false;
-    int         repeat   = 1;
+    const char *in = NULL;
+    const char *out = NULL;
+    bool external = false;
+    int repeat = 1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--external") == 0)
             external = true;
@@ -49,9 +49,9 @@ int main(int argc, char **argv) {
         return 4;
     double best = -1;
     for (int r = 0; r < repeat; r++) {
-        struct opq_model    *m    = NULL;
+        struct opq_model *m = NULL;
         struct opq_save_opts opts = {.external_data = external};
-        double               t0   = now();
+        double t0 = now();
         if (opq_model_load(ctx, in, &m) != OPQ_OK) {
             fprintf(stderr, "opq-io-bench: %s\n", opq_ctx_errmsg(ctx));
             return 2;
@@ -68,11 +68,11 @@ int main(int argc, char **argv) {
             best = t2 - t0;
     }
     struct rusage ru;
-    struct stat   sb;
+    struct stat sb;
     getrusage(RUSAGE_SELF, &ru);
     long long fsize = stat(in, &sb) == 0 ? (long long)sb.st_size : 0;
-    printf("total %.4f peak_rss_kb %ld file_bytes %lld ratio_rss %.3f\n", best, ru.ru_maxrss,
-           fsize, fsize ? (double)ru.ru_maxrss * 1024.0 / (double)fsize : 0.0);
+    printf("total %.4f peak_rss_kb %ld file_bytes %lld ratio_rss %.3f\n", best, ru.ru_maxrss, fsize,
+           fsize ? (double)ru.ru_maxrss * 1024.0 / (double)fsize : 0.0);
     opq_ctx_free(ctx);
     return 0;
 }

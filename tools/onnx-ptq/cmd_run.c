@@ -53,8 +53,8 @@ static enum opq_status to_dtype(struct opq_ctx *ctx, struct opq_arena *a, struct
             return opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory");
         for (size_t i = 0; i < n; i++)
             f[i] = (float)((const double *)t->data)[i];
-        t->data   = f;
-        t->dtype  = OPQ_DTYPE_FLOAT;
+        t->data = f;
+        t->dtype = OPQ_DTYPE_FLOAT;
         t->nbytes = n * sizeof(float);
         return OPQ_OK;
     }
@@ -74,15 +74,15 @@ static int feed_inputs(const struct opq_graph *g, struct opq_value **out) {
 static void safe_name(const char *in, char *out, size_t cap) {
     size_t i = 0;
     for (; in[i] && i + 1 < cap; i++) {
-        char c  = in[i];
+        char c = in[i];
         out[i] = (c == '/' || c == '\\' || c == ':' || (c == '.' && i == 0)) ? '_' : c;
     }
     out[i] = '\0';
 }
 
 // Worst error of got vs want under |g - w| <= atol + rtol |w|; returns the mismatch count.
-static size_t compare(const struct opq_tensor *got, const struct opq_tensor *want, double *worst_abs,
-                      double *worst_ratio) {
+static size_t compare(const struct opq_tensor *got, const struct opq_tensor *want,
+                      double *worst_abs, double *worst_ratio) {
     size_t n = 0;
     opq_tensor_numel(want, &n);
     size_t bad = 0;
@@ -102,7 +102,7 @@ static size_t compare(const struct opq_tensor *got, const struct opq_tensor *wan
             g = (double)((const uint8_t *)got->data)[i];
             w = (double)((const uint8_t *)want->data)[i];
         }
-        double d   = fabs(g - w);
+        double d = fabs(g - w);
         double tol = ATOL + RTOL * fabs(w);
         if (isnan(g) != isnan(w) || (!isnan(w) && d > tol))
             bad++;
@@ -126,10 +126,10 @@ struct run_opts {
     const char *model;
     const char *in_name[MAX_INPUTS];
     const char *in_file[MAX_INPUTS];
-    int         n_in;
+    int n_in;
     const char *test_data;
     const char *out_dir;
-    long        repeat;
+    long repeat;
 };
 
 static int cmp_double(const void *a, const void *b) {
@@ -141,27 +141,27 @@ static int cmp_double(const void *a, const void *b) {
 // One data set: run, optionally compare with output_*.pb, write outputs. Returns exit code.
 static int run_set(struct opq_ctx *ctx, struct opq_model *m, struct opq_arena *a,
                    const struct run_opts *o, const char *set_dir, bool *mismatch) {
-    struct opq_graph       *g = m->graph;
-    struct opq_value       *feeds[MAX_INPUTS];
-    int                     nf = feed_inputs(g, feeds);
+    struct opq_graph *g = m->graph;
+    struct opq_value *feeds[MAX_INPUTS];
+    int nf = feed_inputs(g, feeds);
     struct opq_named_tensor in[MAX_INPUTS];
-    int                     n_in = 0;
-    enum opq_status         st   = OPQ_OK;
-    struct opq_exec        *ex   = NULL;
-    struct opq_tensor      *outs = NULL;
-    int                     rc   = CLI_EXIT_OK;
+    int n_in = 0;
+    enum opq_status st = OPQ_OK;
+    struct opq_exec *ex = NULL;
+    struct opq_tensor *outs = NULL;
+    int rc = CLI_EXIT_OK;
     if (set_dir) {
         for (int i = 0; i < nf; i++) {
             char path[4096];
             if (snprintf(path, sizeof(path), "%s/input_%d.pb", set_dir, i) >= (int)sizeof(path))
                 return fail(ctx, opq_set_error(ctx, OPQ_ERR_IO, "%s: path too long", set_dir));
             const char *name = NULL;
-            in[n_in].name    = feeds[i]->name;
+            in[n_in].name = feeds[i]->name;
             st = opq_tensor_load_pb(ctx, a, path, &in[n_in].t, &name);
             if (st != OPQ_OK)
                 return fail(ctx, st);
-            if (name && name[0] && opq_graph_value(g, name) && (opq_graph_value(g, name)->kind &
-                                                                OPQ_VK_INPUT))
+            if (name && name[0] && opq_graph_value(g, name) &&
+                (opq_graph_value(g, name)->kind & OPQ_VK_INPUT))
                 in[n_in].name = name;
             n_in++;
         }
@@ -207,8 +207,8 @@ static int run_set(struct opq_ctx *ctx, struct opq_model *m, struct opq_arena *a
         }
         for (long r = 0; r < o->repeat && st == OPQ_OK; r++) {
             double t0 = now_ms();
-            st        = opq_exec_run(ex, in, n_in, outs, g->n_outputs);
-            ms[r]     = now_ms() - t0;
+            st = opq_exec_run(ex, in, n_in, outs, g->n_outputs);
+            ms[r] = now_ms() - t0;
         }
         if (st != OPQ_OK) {
             free(ms);
@@ -216,17 +216,17 @@ static int run_set(struct opq_ctx *ctx, struct opq_model *m, struct opq_arena *a
             goto out;
         }
         qsort(ms, (size_t)o->repeat, sizeof(double), cmp_double);
-        double med = o->repeat % 2 ? ms[o->repeat / 2]
-                                   : 0.5 * (ms[o->repeat / 2 - 1] + ms[o->repeat / 2]);
+        double med =
+            o->repeat % 2 ? ms[o->repeat / 2] : 0.5 * (ms[o->repeat / 2 - 1] + ms[o->repeat / 2]);
         fprintf(stderr, "forward: median %.3f ms, min %.3f ms over %ld runs (%d threads)\n", med,
                 ms[0], o->repeat, opq_ctx_threads(ctx));
         printf("{\"forward_ms_median\": %.4f, \"runs\": %ld}\n", med, o->repeat);
         free(ms);
     }
     if (set_dir) {
-        double worst_abs   = 0.0;
+        double worst_abs = 0.0;
         double worst_ratio = 0.0;
-        size_t bad         = 0;
+        size_t bad = 0;
         for (int i = 0; i < g->n_outputs; i++) {
             char path[4096];
             if (snprintf(path, sizeof(path), "%s/output_%d.pb", set_dir, i) >= (int)sizeof(path)) {
@@ -250,8 +250,8 @@ static int run_set(struct opq_ctx *ctx, struct opq_model *m, struct opq_arena *a
             }
             bad += compare(&outs[i], &want, &worst_abs, &worst_ratio);
         }
-        printf("%s: worst abs error %.3g (%.3g x tolerance), %zu mismatches\n", set_dir,
-               worst_abs, worst_ratio, bad);
+        printf("%s: worst abs error %.3g (%.3g x tolerance), %zu mismatches\n", set_dir, worst_abs,
+               worst_ratio, bad);
         if (bad)
             *mismatch = true;
     }
@@ -317,7 +317,7 @@ int cmd_run(struct opq_ctx *ctx, int argc, char **argv) {
             char *name = strndup(v, (size_t)(eq - v));
             if (!name)
                 return CLI_EXIT_INTERNAL;
-            o.in_name[o.n_in]   = name; // freed at exit: a handful of bytes
+            o.in_name[o.n_in] = name; // freed at exit: a handful of bytes
             o.in_file[o.n_in++] = eq + 1;
         } else if ((v = opt_value(argc, argv, &i, "--test-data"))) {
             o.test_data = v;
@@ -325,7 +325,7 @@ int cmd_run(struct opq_ctx *ctx, int argc, char **argv) {
             o.out_dir = v;
         } else if ((v = opt_value(argc, argv, &i, "--repeat"))) {
             char *end = NULL;
-            o.repeat  = strtol(v, &end, 10);
+            o.repeat = strtol(v, &end, 10);
             if (!*v || *end || o.repeat < 1 || o.repeat > 1000000) {
                 cli_error("--repeat wants a positive count, got '%s'", v);
                 return CLI_EXIT_USAGE;
@@ -346,7 +346,7 @@ int cmd_run(struct opq_ctx *ctx, int argc, char **argv) {
         goto out_names;
     }
     struct opq_model *m = NULL;
-    enum opq_status   st = opq_model_load(ctx, o.model, &m);
+    enum opq_status st = opq_model_load(ctx, o.model, &m);
     if (st != OPQ_OK) {
         rc = fail(ctx, st);
         goto out_names;
@@ -396,9 +396,9 @@ static void progress(size_t done, size_t total) {
     if (!isatty(STDERR_FILENO))
         return;
     int width = 40;
-    int fill  = total ? (int)((double)width * (double)done / (double)total) : width;
-    fprintf(stderr, "\r[%.*s%*s] %zu/%zu", fill, "========================================",
-            width - fill, "", done, total);
+    int fill = total ? (int)((double)width * (double)done / (double)total) : width;
+    fprintf(stderr, "\r[%.*s%*s] %zu/%zu", fill,
+            "========================================", width - fill, "", done, total);
     if (done == total)
         fputc('\n', stderr);
     fflush(stderr);
@@ -406,49 +406,54 @@ static void progress(size_t done, size_t total) {
 
 static int64_t label_at(const struct opq_tensor *y, size_t i) {
     switch (y->dtype) {
-    case OPQ_DTYPE_INT64: return ((const int64_t *)y->data)[i];
-    case OPQ_DTYPE_INT32: return ((const int32_t *)y->data)[i];
-    case OPQ_DTYPE_UINT8: return ((const uint8_t *)y->data)[i];
-    default: return -1;
+    case OPQ_DTYPE_INT64:
+        return ((const int64_t *)y->data)[i];
+    case OPQ_DTYPE_INT32:
+        return ((const int32_t *)y->data)[i];
+    case OPQ_DTYPE_UINT8:
+        return ((const uint8_t *)y->data)[i];
+    default:
+        return -1;
     }
 }
 
 // Runs rows [first, first+count) of X; adds top-1/top-5 hits.
-static enum opq_status eval_batch(struct opq_ctx *ctx, struct opq_model *m,
-                                  struct opq_exec **ex, int64_t *planned,
-                                  const struct opq_value *in, const struct opq_tensor *x,
-                                  const struct opq_tensor *labels, int64_t first, int64_t count,
-                                  size_t *top1, size_t *top5) {
+static enum opq_status eval_batch(struct opq_ctx *ctx, struct opq_model *m, struct opq_exec **ex,
+                                  int64_t *planned, const struct opq_value *in,
+                                  const struct opq_tensor *x, const struct opq_tensor *labels,
+                                  int64_t first, int64_t count, size_t *top1, size_t *top5) {
     size_t row_bytes = x->nbytes / (size_t)x->shape[0];
     struct opq_named_tensor t = {.name = in->name, .t = *x};
     t.t.shape[0] = count;
-    t.t.nbytes   = row_bytes * (size_t)count;
-    t.t.data     = (char *)x->data + row_bytes * (size_t)first;
+    t.t.nbytes = row_bytes * (size_t)count;
+    t.t.data = (char *)x->data + row_bytes * (size_t)first;
     if (!*ex || *planned != count) {
         opq_exec_free(*ex);
-        *ex                = NULL;
+        *ex = NULL;
         enum opq_status st = opq_exec_plan(ctx, m, &t, 1, NULL, ex);
         if (st != OPQ_OK)
             return st;
         *planned = count;
     }
     struct opq_tensor out;
-    enum opq_status   st = opq_exec_run(*ex, &t, 1, &out, 1);
+    enum opq_status st = opq_exec_run(*ex, &t, 1, &out, 1);
     if (st != OPQ_OK)
         return st;
     if (out.dtype != OPQ_DTYPE_FLOAT || out.ndim != 2 || out.shape[0] != count)
-        return opq_set_error(ctx, OPQ_ERR_SHAPE, "eval: the first output must be float32 logits "
+        return opq_set_error(ctx, OPQ_ERR_SHAPE,
+                             "eval: the first output must be float32 logits "
                              "[batch, classes]");
-    int64_t      nc = out.shape[1];
+    int64_t nc = out.shape[1];
     const float *lg = out.data;
     for (int64_t r = 0; r < count; r++) {
         int64_t lab = label_at(labels, (size_t)(first + r));
         if (lab < 0 || lab >= nc)
-            return opq_set_error(ctx, OPQ_ERR_SHAPE, "eval: label %lld at row %lld is outside "
-                                 "0..%lld", (long long)lab, (long long)(first + r),
-                                 (long long)nc - 1);
-        const float *row  = lg + r * nc;
-        int64_t      rank = 0; // classes scoring above the label (ties: lower index wins)
+            return opq_set_error(ctx, OPQ_ERR_SHAPE,
+                                 "eval: label %lld at row %lld is outside "
+                                 "0..%lld",
+                                 (long long)lab, (long long)(first + r), (long long)nc - 1);
+        const float *row = lg + r * nc;
+        int64_t rank = 0; // classes scoring above the label (ties: lower index wins)
         for (int64_t c = 0; c < nc; c++)
             if (row[c] > row[lab] || (row[c] == row[lab] && c < lab))
                 rank++;
@@ -459,10 +464,10 @@ static enum opq_status eval_batch(struct opq_ctx *ctx, struct opq_model *m,
 }
 
 int cmd_eval(struct opq_ctx *ctx, int argc, char **argv) {
-    const char *model  = NULL;
-    const char *data   = NULL;
+    const char *model = NULL;
+    const char *data = NULL;
     const char *labels = NULL;
-    long        batch  = 32;
+    long batch = 32;
     for (int i = 1; i < argc; i++) {
         const char *v;
         if ((v = opt_value(argc, argv, &i, "--data"))) {
@@ -471,7 +476,7 @@ int cmd_eval(struct opq_ctx *ctx, int argc, char **argv) {
             labels = v;
         } else if ((v = opt_value(argc, argv, &i, "--batch"))) {
             char *end = NULL;
-            batch     = strtol(v, &end, 10);
+            batch = strtol(v, &end, 10);
             if (!*v || *end || batch < 1 || batch > 1 << 20) {
                 cli_error("--batch wants a positive count, got '%s'", v);
                 return CLI_EXIT_USAGE;
@@ -487,15 +492,15 @@ int cmd_eval(struct opq_ctx *ctx, int argc, char **argv) {
         cli_error("usage: onnx-ptq eval MODEL --data X.npy --labels Y.npy [--batch B]");
         return CLI_EXIT_USAGE;
     }
-    int               rc = CLI_EXIT_OK;
-    struct opq_model *m  = NULL;
-    struct opq_exec  *ex = NULL;
-    struct opq_arena *a  = opq_arena_new(ctx);
+    int rc = CLI_EXIT_OK;
+    struct opq_model *m = NULL;
+    struct opq_exec *ex = NULL;
+    struct opq_arena *a = opq_arena_new(ctx);
     if (!a)
         return CLI_EXIT_INTERNAL;
     struct opq_tensor x;
     struct opq_tensor y;
-    enum opq_status   st = opq_model_load(ctx, model, &m);
+    enum opq_status st = opq_model_load(ctx, model, &m);
     if (st == OPQ_OK)
         st = opq_npy_load(ctx, a, data, &x);
     if (st == OPQ_OK)
@@ -515,17 +520,17 @@ int cmd_eval(struct opq_ctx *ctx, int argc, char **argv) {
         rc = fail(ctx, st);
         goto out;
     }
-    bool int_labels = y.dtype == OPQ_DTYPE_INT64 || y.dtype == OPQ_DTYPE_INT32 ||
-                      y.dtype == OPQ_DTYPE_UINT8;
+    bool int_labels =
+        y.dtype == OPQ_DTYPE_INT64 || y.dtype == OPQ_DTYPE_INT32 || y.dtype == OPQ_DTYPE_UINT8;
     if (x.ndim < 1 || y.ndim != 1 || y.shape[0] != x.shape[0] || !int_labels) {
         cli_error("eval: %s must be a 1-D integer array with one label per row of %s", labels,
                   data);
         rc = CLI_EXIT_INPUT;
         goto out;
     }
-    size_t  top1    = 0;
-    size_t  top5    = 0;
-    int64_t n       = x.shape[0];
+    size_t top1 = 0;
+    size_t top5 = 0;
+    int64_t n = x.shape[0];
     int64_t planned = 0;
     for (int64_t f = 0; f < n && st == OPQ_OK; f += batch) {
         int64_t cnt = n - f < batch ? n - f : batch;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "recognize.h"
 #include "ir.h"
 
 static const char inspect_usage[] = "usage: onnx-ptq inspect MODEL.onnx\n"
@@ -97,6 +98,28 @@ static void print_params(const struct opq_graph *g) {
                    opq_dtype_name((enum opq_dtype)dt), elems[dt], bytes[dt], count[dt]);
 }
 
+// What the recognition layer found: LayerNorms, GELUs, attention cores, transformer blocks.
+static int print_patterns(struct opq_ctx *ctx, const struct opq_graph *g) {
+    struct opq_recognized *r = NULL;
+    enum opq_status        st = opq_recognize(ctx, g, &r);
+    if (st != OPQ_OK)
+        return cli_fail(ctx, st, "inspect");
+    size_t need = opq_recognize_describe(r, NULL, 0);
+    char  *buf  = malloc(need + 1);
+    if (!buf) {
+        opq_recognized_free(r);
+        cli_error("out of memory");
+        return CLI_EXIT_INTERNAL;
+    }
+    opq_recognize_describe(r, buf, need + 1);
+    fputs(buf, stdout);
+    if (need && buf[need - 1] != '\n')
+        fputc('\n', stdout);
+    free(buf);
+    opq_recognized_free(r);
+    return CLI_EXIT_OK;
+}
+
 int cmd_inspect(struct opq_ctx *ctx, int argc, char **argv) {
     const char *path = NULL;
     bool        dash = false;
@@ -157,6 +180,8 @@ int cmd_inspect(struct opq_ctx *ctx, int argc, char **argv) {
     int rc = print_ops(g);
     if (rc == CLI_EXIT_OK)
         print_params(g);
+    if (rc == CLI_EXIT_OK)
+        rc = print_patterns(ctx, g);
     opq_model_free(m);
     if (rc == CLI_EXIT_OK && fflush(stdout) != 0) {
         cli_error("inspect: cannot write to standard output");

@@ -373,6 +373,16 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         rc = CLI_EXIT_USAGE;
         goto out;
     }
+    if (quantizes && (st = opq_quant_opts_check(ctx, &o->quant)) != OPQ_OK) {
+        rc = cli_fail(ctx, st, "options");
+        goto out;
+    }
+    struct stat sc;
+    if (quantizes && strcmp(o->quant.calib.path, "random") != 0 && stat(o->quant.calib.path, &sc) != 0) {
+        cli_error("%s: %s", o->quant.calib.path, strerror(errno));
+        rc = CLI_EXIT_IO;
+        goto out;
+    }
     struct opq_report *report = NULL;
     o->pipe.quant  = &o->quant;
     o->pipe.report = &report;

@@ -184,6 +184,16 @@ static enum opq_status annotate_types(struct opq_ctx *ctx, struct opq_model *mod
     return OPQ_OK;
 }
 
+enum opq_status opq_calib_stream(struct opq_ctx *ctx, struct opq_model *model,
+                                 struct opq_calib_src *src, int first, int count, int batch,
+                                 const char *const *capture, int n_capture, opq_capture_fn fn,
+                                 void *user, const char *phase) {
+    struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = batch,
+                       .capture = capture, .n_capture = n_capture, .fn = fn, .user = user,
+                       .phase = phase};
+    return run_samples(&r, first, count);
+}
+
 // ---- per-channel ranges of LayerNorm outputs ----------------------------------------------------------
 
 struct chan_ranges {
@@ -769,27 +779,27 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     }
     phase_end(rep, "calibration", t0);
 
-    // 4. Ranges and encoding.
+    // 4a. Ranges: per-channel weight qparams and activation qparams for every target.
     t0 = now_s();
     qp    = calloc((size_t)pl.n_targets + 1, sizeof(*qp));
     act_p = calloc((size_t)pl.n_targets + 1, sizeof(*act_p));
+    int *n_chs = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    int *axes  = calloc((size_t)pl.n_targets + 1, sizeof(int));
     rep->tensors = calloc((size_t)pl.n_targets + 1, sizeof(*rep->tensors));
-    if (!qp || !act_p || !rep->tensors) {
+    if (!qp || !act_p || !rep->tensors || !n_chs || !axes) {
+        free(n_chs);
+        free(axes);
         st = OPQ_ERR_NOMEM;
         goto out;
     }
-    for (int t = 0; t < pl.n_targets; t++) {
+    for (int t = 0; t < pl.n_targets && st == OPQ_OK; t++) {
         struct opq_qtarget *tg = &pl.targets[t];
         struct opq_value *v = tg->value;
-        struct opq_report_tensor *rt = &rep->tensors[rep->n_tensors++];
-        rt->name   = v->name;
-        rt->weight = tg->role == OPQ_QROLE_WEIGHT;
-        struct opq_qdq_spec spec = {.opset = opset, .n_ch = 1, .axis = 0};
         if (tg->role == OPQ_QROLE_WEIGHT) {
             size_t n;
             if (!opq_tensor_numel(&v->t, &n)) {
                 st = opq_set_error(ctx, OPQ_ERR_SHAPE, "weight '%s': unknown shape", v->name);
-                goto out;
+                break;
             }
             size_t n_ch = 1, inner = n;
             if (!o->w_per_tensor && tg->axis >= 0) {
@@ -803,61 +813,81 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             qp[t] = calloc(n_ch, sizeof(**qp));
             if (!qp[t]) {
                 st = OPQ_ERR_NOMEM;
-                goto out;
+                break;
             }
             st = opq_weight_qparams(v->t.data, n, n_ch, inner, qmin, qmax, !o->w_asym, o->wcalib,
                                     qp[t]);
-            if (st == OPQ_ERR_NUMERIC) {
+            if (st == OPQ_ERR_NUMERIC)
                 st = opq_set_error(ctx, st, "weight '%s' has NaN or Inf values", v->name);
-                goto out;
-            }
-            if (st != OPQ_OK)
-                goto out;
-            spec.bits      = o->wbits;
-            spec.is_signed = true;
-            spec.n_ch      = (int)n_ch;
-            spec.axis      = n_ch > 1 ? tg->axis : 0;
-            spec.p         = qp[t];
-            // the weight's own quantization error
-            const float *w = v->t.data;
-            double s = 0.0, e = 0.0;
-            for (size_t i = 0; i < n; i++) {
-                size_t c = n_ch > 1 ? (i / inner) % n_ch : 0;
-                double d = (double)w[i] - (double)opq_fq(w[i], &qp[t][c]);
-                s += (double)w[i] * (double)w[i];
-                e += d * d;
-            }
-            rt->sqnr_db = sqnr_db(s, e);
-            if ((st = opq_qdq_quantize_weight(g, v, &spec, NULL)) != OPQ_OK)
-                goto out;
+            n_chs[t] = (int)n_ch;
+            axes[t]  = n_ch > 1 ? tg->axis : 0;
         } else {
             int32_t qmin, qmax;
             opq_qgrid(o->abits, a_sym, false, &qmin, &qmax);
             qp[t] = calloc(1, sizeof(**qp));
             if (!qp[t]) {
                 st = OPQ_ERR_NOMEM;
-                goto out;
+                break;
             }
             struct opq_calib_opts co = {.method = o->calibrator, .percentile = o->percentile,
                                         .qmin = qmin, .qmax = qmax, .symmetric = a_sym};
             float lo, hi;
-            st = opq_observer_range(&ob.obs[t], &co, &lo, &hi, qp[t]);
-            if (st != OPQ_OK) {
-                st = opq_set_error(ctx, st,
+            if (opq_observer_range(&ob.obs[t], &co, &lo, &hi, qp[t]) != OPQ_OK) {
+                st = opq_set_error(ctx, OPQ_ERR_NUMERIC,
                                    "activation '%s': no finite value seen during calibration",
                                    v->name);
-                goto out;
+                break;
             }
             if (ob.obs[t].n_nonfinite)
                 opq_log(ctx, OPQ_LOG_WARN, "activation '%s': %llu NaN/Inf values ignored",
                         v->name, (unsigned long long)ob.obs[t].n_nonfinite);
-            act_p[t]       = qp[t];
+            act_p[t] = qp[t];
+            n_chs[t] = 1;
+        }
+    }
+    // 4b. Refinement (ERQ, reconstruction): may change float weights and biases, weight qparams
+    // (and then leave weights on their grid) and activation qparams, before anything is encoded.
+    if (st == OPQ_OK && o->refine) {
+        phase_end(rep, "ranges", t0);
+        t0 = now_s();
+        struct opq_refine_ctx rc = {.ctx = ctx, .model = model, .opts = o, .pl = &pl, .qp = qp,
+                                    .n_ch = n_chs, .axis = axes, .src = src, .n_calib = n_calib};
+        st = o->refine(o->refine_user, &rc);
+        if (st == OPQ_OK)
+            phase_end(rep, "refine", t0);
+        t0 = now_s();
+    }
+    // 4c. Encoding.
+    for (int t = 0; t < pl.n_targets && st == OPQ_OK; t++) {
+        struct opq_qtarget *tg = &pl.targets[t];
+        struct opq_value *v = tg->value;
+        struct opq_report_tensor *rt = &rep->tensors[rep->n_tensors++];
+        rt->name   = v->name;
+        rt->weight = tg->role == OPQ_QROLE_WEIGHT;
+        struct opq_qdq_spec spec = {.opset = opset, .n_ch = n_chs[t], .axis = axes[t], .p = qp[t]};
+        if (tg->role == OPQ_QROLE_WEIGHT) {
+            size_t n, inner = 1;
+            opq_tensor_numel(&v->t, &n);
+            if (spec.n_ch > 1)
+                for (int d = spec.axis + 1; d < v->t.ndim; d++)
+                    inner *= (size_t)v->t.shape[d];
+            spec.bits      = o->wbits;
+            spec.is_signed = true;
+            // the weight's own quantization error
+            const float *w = v->t.data;
+            double s2 = 0.0, e2 = 0.0;
+            for (size_t i = 0; i < n; i++) {
+                size_t c = spec.n_ch > 1 ? (i / inner) % (size_t)spec.n_ch : 0;
+                double d = (double)w[i] - (double)opq_fq(w[i], &qp[t][c]);
+                s2 += (double)w[i] * (double)w[i];
+                e2 += d * d;
+            }
+            rt->sqnr_db = sqnr_db(s2, e2);
+            st = opq_qdq_quantize_weight(g, v, &spec, NULL);
+        } else {
             spec.bits      = o->abits;
             spec.is_signed = a_sym;
-            spec.p         = qp[t];
-            if ((st = opq_qdq_insert_activation(g, v, &spec, NULL, tg->consumers, tg->n_consumers,
-                                                NULL)) != OPQ_OK)
-                goto out;
+            st = opq_qdq_insert_activation(g, v, &spec, NULL, tg->consumers, tg->n_consumers, NULL);
         }
         rt->bits       = spec.bits;
         rt->n_ch       = spec.n_ch;
@@ -868,6 +898,10 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             rt->scale_max = fmaxf(rt->scale_max, spec.p[c].scale);
         }
     }
+    free(n_chs);
+    free(axes);
+    if (st != OPQ_OK)
+        goto out;
     for (int i = 0; i < g->n_nodes; i++)
         for (int q = 0; q < pl.n_qnodes; q++)
             if (g->nodes[i] == pl.qnodes[q])

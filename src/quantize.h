@@ -8,10 +8,33 @@
 #define OPQ_QUANTIZE_H
 
 #include "calib_data.h"
+#include "exec.h"
 #include "graph.h"
 #include "quant/qparams.h"
 
 enum opq_target { OPQ_TARGET_ORT = 0, OPQ_TARGET_TRT = 1 };
+
+struct opq_quant_opts;
+struct opq_placement;
+
+// What a refinement step (ERQ, block reconstruction) sees between range calibration and
+// encoding. Target t of pl: qp[t] holds n_ch[t] qparams (weights: per channel along axis[t];
+// activations: 1). A refine step may change the float weights and biases in the model, the
+// weight qparams (the encoder then rounds each weight to nearest on them, so weights a refine
+// step leaves exactly on their grid keep the codes it chose) and the activation qparams. It must
+// not change the graph's structure. Samples [0, n_calib) of src are the calibration set.
+struct opq_refine_ctx {
+    struct opq_ctx              *ctx;
+    struct opq_model            *model;
+    const struct opq_quant_opts *opts;
+    struct opq_placement        *pl;
+    struct opq_qparams         **qp;
+    const int                   *n_ch;
+    const int                   *axis;
+    struct opq_calib_src        *src;
+    int                          n_calib;
+};
+typedef enum opq_status (*opq_refine_fn)(void *user, struct opq_refine_ctx *rc);
 
 struct opq_quant_opts {
     int                   wbits, abits;   // 2..8 (TRT: 8)
@@ -29,6 +52,8 @@ struct opq_quant_opts {
     int                   batch;          // calibration batch
     int                   holdout;        // samples kept out for the report (-1: automatic)
     struct opq_calib_spec calib;
+    opq_refine_fn         refine;         // optional refinement step (ERQ, reconstruction)
+    void                 *refine_user;
 };
 
 // Defaults: W8A8, per-channel symmetric weights (MSE ranges), asymmetric activations with the
@@ -78,6 +103,15 @@ struct opq_report {
 // (opq_report_free). Errors name the tensor, node or file at fault.
 enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
                              const struct opq_quant_opts *opts, struct opq_report **report);
+
+// Streams samples [first, first + count) of src through model in batches of `batch`, calling
+// fn(user, name, tensor) for each value in capture[0..n_capture) as it is computed (graph inputs
+// included; n_capture < 0: every value). Tensors are borrowed for the call. phase: progress label
+// (NULL: none).
+enum opq_status opq_calib_stream(struct opq_ctx *ctx, struct opq_model *model,
+                                 struct opq_calib_src *src, int first, int count, int batch,
+                                 const char *const *capture, int n_capture, opq_capture_fn fn,
+                                 void *user, const char *phase);
 
 enum opq_status opq_report_write_json(struct opq_ctx *ctx, const struct opq_report *r,
                                       const char *path);

@@ -25,6 +25,9 @@ static const struct method methods[] = {
      {"remove-identity", "cleanup-dead", NULL}},
     {"rtn", "calibrated round-to-nearest quantization (the default)",
      {"remove-identity", "cleanup-dead", "quantize", NULL}},
+    {"erq", "ERQ: activation and weight quantization error reduction (ridge regression, "
+            "rounding refinement, dual uniform weights)",
+     {"remove-identity", "cleanup-dead", "quantize-erq", NULL}},
 };
 
 bool opq_method_quantizes(const char *name) {
@@ -32,7 +35,8 @@ bool opq_method_quantizes(const char *name) {
         if (strcmp(methods[i].name, name) != 0)
             continue;
         for (int k = 0; methods[i].passes[k]; k++)
-            if (strcmp(methods[i].passes[k], "quantize") == 0)
+            if (strcmp(methods[i].passes[k], "quantize") == 0 ||
+                strcmp(methods[i].passes[k], "quantize-erq") == 0)
                 return true;
     }
     return false;

@@ -146,6 +146,104 @@ T512 static void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k,
     }
 }
 
+// ---- threaded AVX-512 GEMM: both operands packed once into the pool's workspace --------------
+//
+// op(A) is packed as MR-row slivers over the whole depth (pa[(s*K + p)*MR + r]) and op(B) as
+// NR-column slivers (pb[(t*K + p)*NR + c]), each sliver by one thread; then C is cut into
+// MT_M x NC tiles computed by whichever thread claims them, each walking K in the same KC blocks
+// as sgemm_avx512 with the same micro-kernel: every C element gets exactly the sums it gets from
+// the single-threaded path, whatever the thread count.
+
+#define MT_M 96 // rows of a C tile (8 slivers)
+
+struct mt_gemm {
+    bool ta, tb;
+    int64_t m, n, k, lda, ldb, ldc;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+    float *pa, *pb;
+    int64_t sa, sb;     // slivers of A and of B
+    int64_t tm, tn;     // tiles of C
+};
+
+T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
+    const struct mt_gemm *g = user;
+    for (int64_t s = s0; s < s1; s++) {
+        if (s < g->sa) {
+            int64_t i0 = s * MR;
+            int64_t rows = g->m - i0 < MR ? g->m - i0 : MR;
+            float *dst = g->pa + s * g->k * MR;
+            for (int64_t p = 0; p < g->k; p++) {
+                for (int64_t r = 0; r < rows; r++)
+                    dst[p * MR + r] = g->ta ? g->a[p * g->lda + i0 + r] : g->a[(i0 + r) * g->lda + p];
+                for (int64_t r = rows; r < MR; r++)
+                    dst[p * MR + r] = 0.0f;
+            }
+        } else {
+            int64_t t = s - g->sa;
+            int64_t j0 = t * NR;
+            int64_t cols = g->n - j0 < NR ? g->n - j0 : NR;
+            float *dst = g->pb + t * g->k * NR;
+            if (!g->tb && cols == NR) {
+                for (int64_t p = 0; p < g->k; p++) {
+                    const float *src = g->b + p * g->ldb + j0;
+                    _mm512_storeu_ps(dst + p * NR, _mm512_loadu_ps(src));
+                    _mm512_storeu_ps(dst + p * NR + 16, _mm512_loadu_ps(src + 16));
+                }
+                continue;
+            }
+            for (int64_t p = 0; p < g->k; p++) {
+                for (int64_t c = 0; c < cols; c++)
+                    dst[p * NR + c] = g->tb ? g->b[(j0 + c) * g->ldb + p] : g->b[p * g->ldb + j0 + c];
+                for (int64_t c = cols; c < NR; c++)
+                    dst[p * NR + c] = 0.0f;
+            }
+        }
+    }
+}
+
+T512 static void mt_tiles(void *user, int64_t t0, int64_t t1) {
+    const struct mt_gemm *g = user;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t i0 = (t / g->tn) * MT_M;
+        int64_t j0 = (t % g->tn) * NC;
+        int64_t i1 = i0 + MT_M < g->m ? i0 + MT_M : g->m;
+        int64_t j1 = j0 + NC < g->n ? j0 + NC : g->n;
+        for (int64_t p0 = 0; p0 < g->k; p0 += KC) {
+            int64_t kc = g->k - p0 < KC ? g->k - p0 : KC;
+            float be = p0 == 0 ? g->beta : 1.0f;
+            for (int64_t j = j0; j < j1; j += NR) {
+                const float *pb = g->pb + (j / NR) * g->k * NR + p0 * NR;
+                for (int64_t i = i0; i < i1; i += MR) {
+                    const float *pa = g->pa + (i / MR) * g->k * MR + p0 * MR;
+                    kernel(kc, pa, pb, g->c + i * g->ldc + j, g->ldc, i1 - i < MR ? i1 - i : MR,
+                           j1 - j < NR ? j1 - j : NR, g->alpha, be);
+                }
+            }
+        }
+    }
+}
+
+// false when the workspace cannot be had (the caller falls back to splitting the product)
+static bool sgemm_avx512_mt(struct opq_threadpool *pool, bool ta, bool tb, int64_t m, int64_t n,
+                            int64_t k, float alpha, const float *a, int64_t lda, const float *b,
+                            int64_t ldb, float beta, float *c, int64_t ldc) {
+    struct mt_gemm g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c, NULL, NULL,
+                        (m + MR - 1) / MR, (n + NR - 1) / NR, (m + MT_M - 1) / MT_M,
+                        (n + NC - 1) / NC};
+    size_t fa = (size_t)g.sa * MR * (size_t)k;
+    size_t fb = (size_t)g.sb * NR * (size_t)k;
+    float *ws = opq_threadpool_workspace(pool, (fa + fb) * sizeof(float) + 64);
+    if (!ws)
+        return false;
+    g.pa = ws;
+    g.pb = ws + fa;
+    opq_parallel_for(pool, g.sa + g.sb, 4, mt_pack, &g);
+    opq_parallel_for(pool, g.tm * g.tn, 1, mt_tiles, &g);
+    return true;
+}
+
 static bool use_avx512(void) {
     return __builtin_cpu_supports("avx512f");
 }
@@ -238,6 +336,11 @@ void opq_sgemm_mt(struct opq_threadpool *pool, bool trans_a, bool trans_b, int64
         opq_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }
+#ifdef OPQ_HAVE_AVX512_GEMM
+    if (use_avx512() && k > 0 && m > 0 && n > 0 &&
+        sgemm_avx512_mt(pool, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+        return;
+#endif
     struct gemm_job j = {
         trans_a, trans_b, m >= n || m >= 64 * nt, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c};
     int64_t blocks = ((j.split_rows ? m : n) + 15) / 16;

@@ -13,6 +13,7 @@
 #include "exec.h"
 
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -39,6 +40,21 @@ struct slot {
     bool is_input; // graph input fed by the caller
     bool valid;    // data computed/provided in this or (kept slots) an earlier run
     bool capture;
+    int8_t loc; // chain-local temporary (see plan_chains): its tile slot, else -1
+};
+
+// Element-wise chains: runs of consecutive Add/Sub/Mul/Div/Erf nodes with one float output
+// shape [.., cols], reading values of that shape, chain results, or constants that broadcast
+// along the last dim only. A chain runs tile by tile (a few rows at a time, over the pool),
+// each node's own kernel on the tile, so the intermediate values stay in cache: those read only
+// inside the chain never reach memory (loc >= 0). Every element gets the same operations as
+// node-by-node execution (element-wise kernels), hence the same bytes.
+#define CHAIN_MAX 8     // nodes per chain
+#define CHAIN_TILE 4096 // floats per tile buffer (whole rows: cols <= CHAIN_TILE)
+
+struct chain {
+    int first, last; // node indices (inclusive); skipped (dead/folded) nodes may lie inside
+    int64_t rows, cols;
 };
 
 struct opq_exec {
@@ -68,6 +84,9 @@ struct opq_exec {
     void *cap_user;
     bool cap_all;
     bool fold_small_only;
+    struct chain *chains;
+    int n_chains;
+    int *chain_at; // per node: the chain starting there, else -1
 };
 
 // "op 'name'" for messages; nameless nodes are named by their first output.
@@ -296,6 +315,210 @@ out:
     return st;
 }
 
+// A pure view op (Reshape, Flatten, Squeeze, Unsqueeze, Identity) whose float/int input lives in
+// an activation buffer and is read for the last time by this node hands that buffer to its
+// output: the kernel then sees the same pointer on both sides and copies nothing. Returns the
+// buffer, or -1.
+static int view_alias(struct opq_exec *e, const struct opq_node *n, int i) {
+    switch (n->op) {
+    case OPQ_OP_RESHAPE:
+    case OPQ_OP_FLATTEN:
+    case OPQ_OP_SQUEEZE:
+    case OPQ_OP_UNSQUEEZE:
+    case OPQ_OP_IDENTITY:
+        break;
+    default:
+        return -1;
+    }
+    if (n->n_inputs < 1 || !n->inputs[0] || n->n_outputs < 1 || !n->outputs[0])
+        return -1;
+    const struct slot *x = slot_of(e, n->inputs[0]);
+    const struct slot *y = slot_of(e, n->outputs[0]);
+    if (x->buf < 0 || x->last != i || x->t.nbytes != y->t.nbytes || x->t.dtype != y->t.dtype)
+        return -1;
+    // the input must not be read again by this node through another operand
+    for (int j = 1; j < n->n_inputs; j++)
+        if (n->inputs[j] == n->inputs[0])
+            return -1;
+    return x->buf;
+}
+
+// ---- element-wise chains (see struct chain) ----------------------------------------------------
+
+static bool chain_op(const struct opq_node *n) {
+    switch (n->op) {
+    case OPQ_OP_ADD:
+    case OPQ_OP_SUB:
+    case OPQ_OP_MUL:
+    case OPQ_OP_DIV:
+    case OPQ_OP_ERF:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static bool dims_equal(const struct opq_tensor *a, const struct opq_tensor *b) {
+    if (a->ndim != b->ndim)
+        return false;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d])
+            return false;
+    return true;
+}
+
+// Can node i join a chain whose values have shape `shape`?
+static bool chain_fits(struct opq_exec *e, int i, const struct opq_tensor *shape) {
+    const struct opq_node *n = e->g->nodes[i];
+    if (!chain_op(n) || n->n_outputs != 1 || !n->outputs[0] || n->n_inputs < 1 ||
+        n->n_inputs > 2)
+        return false;
+    const struct slot *y = slot_of(e, n->outputs[0]);
+    if (!is_float(&y->t) || !dims_equal(&y->t, shape) || y->buf < 0)
+        return false;
+    for (int j = 0; j < n->n_inputs; j++) {
+        if (!n->inputs[j])
+            return false;
+        const struct slot *x = slot_of(e, n->inputs[j]);
+        if (!is_float(&x->t))
+            return false;
+        if (dims_equal(&x->t, shape) && !x->is_const)
+            continue; // a full-size value: graph input, computed earlier, or a chain result
+        if (!x->is_const || x->t.ndim > shape->ndim)
+            return false;
+        // a constant: 1 in every dim but the last, which is 1 or cols
+        int64_t cols = shape->ndim ? shape->shape[shape->ndim - 1] : 1;
+        for (int d = 0; d < x->t.ndim; d++) {
+            int64_t dim = x->t.shape[d];
+            if (d < x->t.ndim - 1 ? dim != 1 : (dim != 1 && dim != cols))
+                return false;
+        }
+    }
+    return true;
+}
+
+static enum opq_status plan_chains(struct opq_exec *e) {
+    struct opq_graph *g = e->g;
+    e->chain_at = opq_arena_alloc(e->arena, sizeof(*e->chain_at) * (size_t)(g->n_nodes + 1));
+    e->chains = opq_arena_alloc(e->arena, sizeof(*e->chains) * (size_t)(g->n_nodes / 2 + 1));
+    if (!e->chain_at || !e->chains)
+        return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory planning");
+    for (int i = 0; i < g->n_nodes; i++)
+        e->chain_at[i] = -1;
+    for (int i = 0; i < g->n_nodes; i++) {
+        if (!e->kern[i] || e->folded[i] || !chain_op(g->nodes[i]) || !g->nodes[i]->outputs[0])
+            continue;
+        const struct opq_tensor *shape = &slot_of(e, g->nodes[i]->outputs[0])->t;
+        int64_t cols = shape->ndim ? shape->shape[shape->ndim - 1] : 1;
+        if (cols <= 0 || cols > CHAIN_TILE || !chain_fits(e, i, shape))
+            continue;
+        int members = 1;
+        int last = i;
+        for (int j = i + 1; j < g->n_nodes && members < CHAIN_MAX; j++) {
+            if (!e->kern[j] || e->folded[j])
+                continue;
+            if (!chain_fits(e, j, shape))
+                break;
+            members++;
+            last = j;
+        }
+        if (members < 2)
+            continue;
+        struct chain *c = &e->chains[e->n_chains];
+        c->first = i;
+        c->last = last;
+        c->cols = cols;
+        c->rows = (int64_t)(shape->nbytes / sizeof(float)) / cols;
+        int loc = 0;
+        for (int j = i; j <= last; j++) {
+            if (!e->kern[j] || e->folded[j])
+                continue;
+            struct slot *y = slot_of(e, g->nodes[j]->outputs[0]);
+            if (y->last != KEEP_FOREVER && y->last <= last)
+                y->loc = (int8_t)loc++;
+        }
+        e->chain_at[i] = e->n_chains++;
+        i = last;
+    }
+    return OPQ_OK;
+}
+
+struct chain_job {
+    struct opq_exec *e;
+    const struct chain *c;
+    _Atomic int failed;
+};
+
+// A tile view of value v (rows r0.. of n rows): chain temporaries in `loc`, full-size values
+// at their rows, constants as a 1-D tensor broadcasting along the rows.
+static void chain_view(struct opq_exec *e, const struct chain *c, const struct opq_value *v,
+                       int64_t r0, int64_t n, float (*loc)[CHAIN_TILE], struct opq_tensor *t) {
+    const struct slot *s = slot_of(e, v);
+    memset(t, 0, sizeof(*t));
+    t->dtype = OPQ_DTYPE_FLOAT;
+    if (s->is_const) {
+        t->ndim = 1;
+        t->shape[0] = (int64_t)(s->t.nbytes / sizeof(float));
+        t->nbytes = s->t.nbytes;
+        t->data = s->t.data;
+        return;
+    }
+    t->ndim = 2;
+    t->shape[0] = n;
+    t->shape[1] = c->cols;
+    t->nbytes = (size_t)(n * c->cols) * sizeof(float);
+    t->data = s->loc >= 0 ? loc[s->loc] : (float *)s->t.data + r0 * c->cols;
+}
+
+static void chain_tiles(void *user, int64_t t0, int64_t t1) {
+    struct chain_job *j = user;
+    struct opq_exec *e = j->e;
+    const struct chain *c = j->c;
+    struct opq_kctx k = kctx_of(e);
+    k.pool = NULL; // this thread runs whole tiles
+    k.n_threads = 1;
+    k.scratch = NULL; // Add/Sub/Mul/Div/Erf on floats allocate nothing
+    int64_t per = CHAIN_TILE / c->cols;
+    float loc[CHAIN_MAX][CHAIN_TILE];
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t r0 = t * per;
+        int64_t n = c->rows - r0 < per ? c->rows - r0 : per;
+        for (int i = c->first; i <= c->last; i++) {
+            const struct opq_node *nd = e->g->nodes[i];
+            if (!e->kern[i] || e->folded[i])
+                continue;
+            struct opq_tensor in[2];
+            const struct opq_tensor *ins[2];
+            struct opq_tensor out;
+            for (int q = 0; q < nd->n_inputs; q++) {
+                chain_view(e, c, nd->inputs[q], r0, n, loc, &in[q]);
+                ins[q] = &in[q];
+            }
+            chain_view(e, c, nd->outputs[0], r0, n, loc, &out);
+            if (e->kern[i]->forward(&k, nd, ins, &out) != OPQ_OK) {
+                atomic_store(&j->failed, 1);
+                return;
+            }
+        }
+    }
+}
+
+// Runs chain c fused when nothing needs its temporaries (captured ones included); true if done.
+static bool chain_run(struct opq_exec *e, const struct chain *c) {
+    for (int i = c->first; i <= c->last; i++) {
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        const struct slot *y = slot_of(e, e->g->nodes[i]->outputs[0]);
+        if (y->loc >= 0 && e->cap_fn && (e->cap_all || y->capture))
+            return false;
+    }
+    struct chain_job j = {.e = e, .c = c};
+    atomic_init(&j.failed, 0);
+    int64_t per = CHAIN_TILE / c->cols;
+    opq_parallel_for(e->pool, (c->rows + per - 1) / per, 1, chain_tiles, &j);
+    return atomic_load(&j.failed) == 0;
+}
+
 // Lifetimes and greedy buffer assignment over the non-folded nodes.
 static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_opts *opts) {
     struct opq_graph *g = e->g;
@@ -332,12 +555,17 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
         const struct opq_node *n = g->nodes[i];
         if (!e->kern[i] || e->folded[i])
             continue;
+        int alias = view_alias(e, n, i);
         for (int j = 0; j < n->n_outputs; j++) {
             if (!n->outputs[j])
                 continue;
             struct slot *s = slot_of(e, n->outputs[j]);
             size_t need = s->t.nbytes ? s->t.nbytes : 1;
             e->value_bytes += s->t.nbytes;
+            if (j == 0 && alias >= 0) {
+                s->buf = alias; // stays busy: the input's release below skips it
+                continue;
+            }
             int best = -1;
             int big = -1;
             for (int b = 0; b < nb; b++) {
@@ -362,7 +590,7 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
         // release what this node read for the last time, and outputs nobody reads
         for (int j = 0; j < n->n_inputs; j++) {
             struct slot *s = n->inputs[j] ? slot_of(e, n->inputs[j]) : NULL;
-            if (s && s->buf >= 0 && s->last == i)
+            if (s && s->buf >= 0 && s->last == i && s->buf != alias)
                 busy[s->buf] = false;
         }
         for (int j = 0; j < n->n_outputs; j++) {
@@ -456,6 +684,7 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
         s->buf = -1;
         s->def = -1;
         s->last = -1;
+        s->loc = -1;
         s->t = v->t;
         if ((v->kind & OPQ_VK_INIT) && !v->t.data && v->t.nbytes == 0 && v->t.ndim >= 0) {
             s->t.data = opq_arena_alloc(e->arena, 1); // an empty initializer: valid pointer
@@ -492,6 +721,8 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
             goto out_fail;
         }
     st = plan_buffers(e, opts);
+    if (st == OPQ_OK)
+        st = plan_chains(e);
     if (st != OPQ_OK)
         goto out_fail;
     *out = e;
@@ -638,6 +869,22 @@ static void unbind(struct borrow *saved, int n) {
             saved[i].s->t.data = saved[i].old;
 }
 
+// Every value the chain reads from outside has data (its first node's inputs were checked by
+// the caller; later members may read other values computed before the chain).
+static bool chain_after_inputs(struct opq_exec *e, const struct chain *c) {
+    for (int i = c->first; i <= c->last; i++) {
+        const struct opq_node *n = e->g->nodes[i];
+        if (!e->kern[i] || e->folded[i])
+            continue;
+        for (int j = 0; j < n->n_inputs; j++) {
+            const struct slot *s = slot_of(e, n->inputs[j]);
+            if (s->def < c->first && !s->valid)
+                return false;
+        }
+    }
+    return true;
+}
+
 static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
     struct opq_graph *g = e->g;
     struct opq_kctx k = kctx_of(e);
@@ -653,6 +900,25 @@ static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
                                      "node '%s' (%s): input '%s' has no data (provide it, or pin "
                                      "it and run its producer first)",
                                      node_name(n), n->op_type, v->name);
+        }
+        int ci = e->chain_at[i];
+        if (ci >= 0 && e->chains[ci].last <= last && chain_after_inputs(e, &e->chains[ci]) &&
+            chain_run(e, &e->chains[ci])) {
+            // fused: temporaries hold nothing; results are complete, captured in node order
+            for (int c = i; c <= e->chains[ci].last; c++) {
+                if (!e->kern[c] || e->folded[c])
+                    continue;
+                const struct opq_value *v = g->nodes[c]->outputs[0];
+                struct slot *s = slot_of(e, v);
+                s->valid = s->loc < 0;
+                if (s->valid && e->cap_fn && (e->cap_all || s->capture)) {
+                    st = e->cap_fn(e->cap_user, v->name, &s->t);
+                    if (st != OPQ_OK)
+                        return st;
+                }
+            }
+            i = e->chains[ci].last;
+            continue;
         }
         node_io(e, n, NULL);
         st = e->kern[i]->forward(&k, n, e->ins, e->outs);

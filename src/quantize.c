@@ -15,13 +15,14 @@
 #include "quant/qdq.h"
 #include "quant/reparam.h"
 #include "quant/trt_check.h"
+#include "recognize.h"
 #include "strmap.h"
 
 void opq_quant_opts_default(struct opq_quant_opts *o) {
     memset(o, 0, sizeof(*o));
     o->wbits         = 8;
     o->abits         = 8;
-    o->calibrator    = OPQ_CALIB_PERCENTILE;
+    o->calibrator    = OPQ_CALIB_MSE;
     o->percentile    = 99.99;
     o->wcalib        = OPQ_WCALIB_MSE;
     o->target        = OPQ_TARGET_ORT;
@@ -29,6 +30,8 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     o->reparam_alpha = 1.0f;
     o->batch         = 16;
     o->holdout       = -1;
+    opq_erq_opts_default(&o->erq);
+    opq_recon_opts_default(&o->recon);
 }
 
 static double now_s(void) {
@@ -224,134 +227,193 @@ static enum opq_status chan_capture(void *user, const char *name, const struct o
     return OPQ_OK;
 }
 
-// Post-LayerNorm reparameterization of every applicable LayerNormalization node (where it helps:
-// the widest channel range is over 8x the median one, the signature of ViT outlier channels).
-static enum opq_status do_reparam(struct opq_ctx *ctx, struct opq_model *model,
-                                  struct opq_calib_src *src, int n_calib,
-                                  const struct opq_quant_opts *o, int *n_done) {
-    struct opq_graph *g = model->graph;
-    *n_done = 0;
-    struct opq_reparam_site *sites = calloc((size_t)g->n_nodes + 1, sizeof(*sites));
-    const char **names = calloc((size_t)g->n_nodes + 1, sizeof(*names));
-    struct chan_ranges cr = {0};
-    enum opq_status st = OPQ_OK;
-    int n = 0;
-    if (!sites || !names) {
-        st = OPQ_ERR_NOMEM;
-        goto out;
-    }
+// Post-LayerNorm reparameterization sites: every LayerNormalization (normalising the last axis)
+// whose output feeds only linear layers with initializer weights.
+struct reparam_sites {
+    struct opq_reparam_site *sites;
+    const char             **names;
+    int                      n;
+    struct chan_ranges       cr;
+};
+
+static void reparam_sites_free(struct reparam_sites *rs) {
+    if (rs->cr.lo)
+        for (int k = 0; k < rs->cr.n; k++)
+            free(rs->cr.lo[k]);
+    if (rs->cr.hi)
+        for (int k = 0; k < rs->cr.n; k++)
+            free(rs->cr.hi[k]);
+    free(rs->cr.lo);
+    free(rs->cr.hi);
+    free(rs->cr.C);
+    opq_strmap_free(rs->cr.index);
+    free(rs->sites);
+    free(rs->names);
+    memset(rs, 0, sizeof(*rs));
+}
+
+static enum opq_status reparam_find(struct opq_ctx *ctx, struct opq_graph *g,
+                                    struct reparam_sites *rs) {
+    memset(rs, 0, sizeof(*rs));
+    rs->sites = calloc((size_t)g->n_nodes + 1, sizeof(*rs->sites));
+    rs->names = calloc((size_t)g->n_nodes + 1, sizeof(*rs->names));
+    if (!rs->sites || !rs->names)
+        return OPQ_ERR_NOMEM;
     for (int i = 0; i < g->n_nodes; i++) {
         struct opq_node *ln = g->nodes[i];
         if (ln->op != OPQ_OP_LAYERNORM || ln->n_outputs < 1 || !ln->outputs[0] || ln->n_inputs < 2)
             continue;
         struct opq_reparam_site s = {.out = ln->outputs[0], .gamma = ln->inputs[1],
                                      .beta = ln->n_inputs > 2 ? ln->inputs[2] : NULL, .ln = ln};
-        if (opq_node_attr_int(ln, "axis", -1) != -1 && opq_node_attr_int(ln, "axis", -1) !=
-                                                           (int64_t)s.out->t.ndim - 1)
+        int64_t axis = opq_node_attr_int(ln, "axis", -1);
+        if (axis != -1 && axis != (int64_t)s.out->t.ndim - 1)
             continue;
         if (opq_reparam_applicable(g, &s)) {
-            names[n]   = s.out->name;
-            sites[n++] = s;
+            rs->names[rs->n]   = s.out->name;
+            rs->sites[rs->n++] = s;
         }
     }
-    if (n == 0)
-        goto out;
-    cr.index = opq_strmap_new(ctx);
-    cr.n     = n;
-    cr.C     = calloc((size_t)n, sizeof(*cr.C));
-    cr.lo    = calloc((size_t)n, sizeof(*cr.lo));
-    cr.hi    = calloc((size_t)n, sizeof(*cr.hi));
-    if (!cr.index || !cr.C || !cr.lo || !cr.hi) {
-        st = OPQ_ERR_NOMEM;
-        goto out;
-    }
-    for (int k = 0; k < n; k++) {
-        cr.C[k]  = sites[k].gamma->t.shape[0];
-        cr.lo[k] = malloc(sizeof(float) * (size_t)cr.C[k]);
-        cr.hi[k] = malloc(sizeof(float) * (size_t)cr.C[k]);
-        if (!cr.lo[k] || !cr.hi[k] || opq_strmap_put(cr.index, names[k], (void *)(intptr_t)(k + 1)) != OPQ_OK) {
-            st = OPQ_ERR_NOMEM;
-            goto out;
+    // Decomposed LayerNorms (exports before opset 17): gamma and beta are the 1-D initializer
+    // operands of the chain's final Mul and Add.
+    struct opq_recognized *rz = NULL;
+    enum opq_status st = opq_recognize(ctx, g, &rz);
+    if (st != OPQ_OK)
+        return st;
+    for (int i = 0; i < rz->n_items; i++) {
+        const struct opq_pattern *p = &rz->items[i];
+        if (p->kind != OPQ_PAT_LAYERNORM || p->variant != OPQ_PV_DECOMPOSED || p->n_nodes < 2)
+            continue;
+        const struct opq_node *mul = p->nodes[p->n_nodes - 2], *add = p->nodes[p->n_nodes - 1];
+        if (mul->op != OPQ_OP_MUL || add->op != OPQ_OP_ADD || add->outputs[0] != p->output)
+            continue;
+        struct opq_value *gamma = NULL, *beta = NULL;
+        for (int k = 0; k < 2; k++) {
+            if (mul->inputs[k] && (mul->inputs[k]->kind & OPQ_VK_INIT))
+                gamma = mul->inputs[k];
+            if (add->inputs[k] && (add->inputs[k]->kind & OPQ_VK_INIT))
+                beta = add->inputs[k];
         }
-        for (int64_t c = 0; c < cr.C[k]; c++) {
-            cr.lo[k][c] = INFINITY;
-            cr.hi[k][c] = -INFINITY;
+        if (!gamma || !beta || gamma->t.ndim != 1 || p->output->t.ndim < 1 ||
+            p->output->t.shape[p->output->t.ndim - 1] != gamma->t.shape[0])
+            continue;
+        struct opq_reparam_site s = {.out = p->output, .gamma = gamma, .beta = beta, .ln = NULL};
+        if (opq_reparam_applicable(g, &s)) {
+            rs->names[rs->n]   = s.out->name;
+            rs->sites[rs->n++] = s;
         }
     }
-    struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
-                       .capture = names, .n_capture = n, .fn = chan_capture, .user = &cr,
-                       .phase = "reparam statistics"};
-    if ((st = run_samples(&r, 0, n_calib)) != OPQ_OK)
-        goto out;
-    for (int k = 0; k < n; k++) {
-        int64_t C = cr.C[k];
+    opq_recognized_free(rz);
+    struct chan_ranges *cr = &rs->cr;
+    cr->index = opq_strmap_new(ctx);
+    cr->n     = rs->n;
+    cr->C     = calloc((size_t)rs->n + 1, sizeof(*cr->C));
+    cr->lo    = calloc((size_t)rs->n + 1, sizeof(*cr->lo));
+    cr->hi    = calloc((size_t)rs->n + 1, sizeof(*cr->hi));
+    if (!cr->index || !cr->C || !cr->lo || !cr->hi)
+        return OPQ_ERR_NOMEM;
+    for (int k = 0; k < rs->n; k++) {
+        cr->C[k]  = rs->sites[k].gamma->t.shape[0];
+        cr->lo[k] = malloc(sizeof(float) * (size_t)cr->C[k]);
+        cr->hi[k] = malloc(sizeof(float) * (size_t)cr->C[k]);
+        if (!cr->lo[k] || !cr->hi[k] ||
+            opq_strmap_put(cr->index, rs->names[k], (void *)(intptr_t)(k + 1)) != OPQ_OK)
+            return OPQ_ERR_NOMEM;
+        for (int64_t c = 0; c < cr->C[k]; c++) {
+            cr->lo[k][c] = INFINITY;
+            cr->hi[k][c] = -INFINITY;
+        }
+    }
+    return OPQ_OK;
+}
+
+// Applies the rewrite where it helps (the widest channel range over 8x the median one, the
+// signature of ViT outlier channels) or everywhere (reparam == 1). applied[k] marks the sites done.
+static enum opq_status reparam_apply(struct opq_ctx *ctx, struct opq_graph *g,
+                                     struct reparam_sites *rs, const struct opq_quant_opts *o,
+                                     bool *applied, int *n_done) {
+    struct chan_ranges *cr = &rs->cr;
+    *n_done = 0;
+    for (int k = 0; k < rs->n; k++) {
+        int64_t C = cr->C[k];
         float *h = malloc(sizeof(float) * (size_t)C);
-        if (!h) {
-            st = OPQ_ERR_NOMEM;
-            goto out;
-        }
+        if (!h)
+            return OPQ_ERR_NOMEM;
         bool seen = true;
         for (int64_t c = 0; c < C; c++) {
-            seen &= cr.hi[k][c] >= cr.lo[k][c];
-            h[c] = 0.5f * (cr.hi[k][c] - cr.lo[k][c]);
+            seen &= cr->hi[k][c] >= cr->lo[k][c];
+            h[c] = 0.5f * (cr->hi[k][c] - cr->lo[k][c]);
         }
-        // median by partial selection (C is small: insertion sort)
-        for (int64_t a = 1; a < C; a++)
+        for (int64_t a = 1; a < C; a++) // insertion sort: C is a hidden size
             for (int64_t b = a; b > 0 && h[b - 1] > h[b]; b--) {
-                float t = h[b];
-                h[b] = h[b - 1];
+                float t  = h[b];
+                h[b]     = h[b - 1];
                 h[b - 1] = t;
             }
         float med = h[C / 2], mx = h[C - 1];
         free(h);
+        applied[k] = false;
+        opq_log(ctx, OPQ_LOG_DEBUG, "reparam site %s: max/median channel range %.1f", rs->names[k],
+                (double)(med > 0.0f ? mx / med : 0.0f));
         if (!seen)
             continue;
-        bool apply = o->reparam == 1 || (o->reparam < 0 && med > 0.0f && mx > 8.0f * med);
-        if (!apply)
+        if (!(o->reparam == 1 || (o->reparam < 0 && med > 0.0f && mx > 8.0f * med)))
             continue;
-        st = opq_reparam_apply(g, &sites[k], cr.lo[k], cr.hi[k], o->reparam_alpha);
+        enum opq_status st = opq_reparam_apply(g, &rs->sites[k], cr->lo[k], cr->hi[k],
+                                               o->reparam_alpha);
         if (st != OPQ_OK)
-            goto out;
+            return st;
+        applied[k] = true;
         (*n_done)++;
-        opq_log(ctx, OPQ_LOG_DEBUG, "reparam: %s (max/median channel range %.1f)", names[k],
+        opq_log(ctx, OPQ_LOG_DEBUG, "reparam: %s (max/median channel range %.1f)", rs->names[k],
                 (double)(med > 0.0f ? mx / med : 0.0f));
     }
-    if (*n_done) {
-        if ((st = opq_graph_sort(g)) != OPQ_OK)
-            goto out;
-    }
-out:
-    if (cr.lo)
-        for (int k = 0; k < cr.n; k++)
-            free(cr.lo[k]);
-    if (cr.hi)
-        for (int k = 0; k < cr.n; k++)
-            free(cr.hi[k]);
-    free(cr.lo);
-    free(cr.hi);
-    free(cr.C);
-    opq_strmap_free(cr.index);
-    free(sites);
-    free(names);
-    return st;
+    return *n_done ? opq_graph_sort(g) : OPQ_OK;
 }
 
 // ---- activation observers -----------------------------------------------------------------------------
 
+// Activation observers by value name (placement may be recomputed after reparameterization;
+// names stay), and the pass-1 capture that also feeds the reparameterization statistics.
 struct observers {
     struct opq_strmap   *index; // name -> k + 1
-    struct opq_observer *obs;
+    struct opq_observer *obs;   // name k owns obs[first[k] .. first[k] + heads[k])
+    int                 *first, *heads;
+    int                  n_obs;
+    const char         **names;
     int                  n;
+    struct chan_ranges  *cr;    // optional: per-channel ranges of reparam sites
 };
 
 static enum opq_status obs_capture(void *user, const char *name, const struct opq_tensor *t) {
     struct observers *ob = user;
+    if (ob->cr)
+        chan_capture(ob->cr, name, t);
     intptr_t k = (intptr_t)opq_strmap_get(ob->index, name) - 1;
     size_t n;
     if (k < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &n))
         return OPQ_OK;
-    opq_observer_add(&ob->obs[k], t->data, n);
+    struct opq_observer *o = &ob->obs[ob->first[k]];
+    int H = ob->heads[k];
+    if (H <= 1 || t->ndim < 2 || t->shape[1] != H) {
+        opq_observer_add(o, t->data, n);
+        return OPQ_OK;
+    }
+    // per head: contiguous runs of shape[2] * ... elements along axis 1
+    size_t inner = n / ((size_t)t->shape[0] * (size_t)H);
+    const float *x = t->data;
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int h = 0; h < H; h++)
+            opq_observer_add(&o[h], x + ((size_t)b * (size_t)H + (size_t)h) * inner, inner);
     return OPQ_OK;
+}
+
+// The first observer of a name (heads_out: how many) or NULL.
+static struct opq_observer *observer_of(const struct observers *ob, const char *name,
+                                        int *heads_out) {
+    intptr_t k = (intptr_t)opq_strmap_get(ob->index, name) - 1;
+    if (heads_out)
+        *heads_out = k >= 0 ? ob->heads[k] : 0;
+    return k >= 0 ? &ob->obs[ob->first[k]] : NULL;
 }
 
 // ---- the report's evaluation: float and quantized models in lockstep ------------------------------------
@@ -369,6 +431,7 @@ struct eval_state {
     struct opq_strmap     *act_index; // name -> report tensor index + 1
     struct opq_report     *rep;
     const struct opq_qparams **act_p;
+    const int             *act_nch;  // qparams per target (> 1: per head along axis 1)
     double                *act_sig, *act_noise;
 };
 
@@ -378,13 +441,20 @@ static enum opq_status eval_capture(void *user, const char *name, const struct o
     if (t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &n))
         return OPQ_OK;
     const float *x = t->data;
-    if (!es->quant_pass) {
+    // A tensor's own quantization error is measured on the quantized model, where it is the input
+    // of its Q/DQ pair (after any reparameterization, with upstream quantization in place).
+    if (es->quant_pass) {
         intptr_t a = (intptr_t)opq_strmap_get(es->act_index, name) - 1;
         if (a >= 0) {
             const struct opq_qparams *p = es->act_p[a];
+            int H = es->act_nch[a];
+            size_t inner = (H > 1 && t->ndim >= 2 && t->shape[1] == H)
+                               ? n / ((size_t)t->shape[0] * (size_t)H) : n;
+            if (H > 1 && inner == n)
+                H = 1;
             double s = 0.0, e = 0.0;
             for (size_t i = 0; i < n; i++) {
-                double d = (double)x[i] - (double)opq_fq(x[i], p);
+                double d = (double)x[i] - (double)opq_fq(x[i], &p[H > 1 ? (i / inner) % (size_t)H : 0]);
                 s += (double)x[i] * (double)x[i];
                 e += d * d;
             }
@@ -472,7 +542,8 @@ static void softmax_row(const float *x, int64_t n, double *p) {
 static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
                                 struct opq_model *qmodel, struct opq_calib_src *src, int first,
                                 int count, int batch, const struct opq_placement *pl,
-                                const struct opq_qparams **act_p, struct opq_report *rep) {
+                                const struct opq_qparams **act_p, const int *act_nch,
+                                struct opq_report *rep) {
     struct opq_graph *g = fmodel->graph;
     struct eval_state es = {0};
     enum opq_status st = OPQ_OK;
@@ -497,6 +568,7 @@ static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
     es.sig = calloc((size_t)es.n + 1, sizeof(double));
     es.noise = calloc((size_t)es.n + 1, sizeof(double));
     es.act_p = act_p;
+    es.act_nch = act_nch;
     es.act_sig = calloc((size_t)pl->n_targets + 1, sizeof(double));
     es.act_noise = calloc((size_t)pl->n_targets + 1, sizeof(double));
     if (!es.ref || !es.ref_n || !es.ref_cap || !es.sig || !es.noise || !es.act_sig || !es.act_noise) {
@@ -559,7 +631,7 @@ static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
             (st = opq_exec_plan(ctx, qmodel, in, k_in, &eo, &qe)) != OPQ_OK)
             break;
         if ((st = opq_exec_set_capture(fe, fnames, n_fnames, eval_capture, &es)) != OPQ_OK ||
-            (st = opq_exec_set_capture(qe, es.names, es.n, eval_capture, &es)) != OPQ_OK)
+            (st = opq_exec_set_capture(qe, fnames, n_fnames, eval_capture, &es)) != OPQ_OK)
             break;
         struct opq_tensor fo, qo;
         es.quant_pass = false;
@@ -571,6 +643,11 @@ static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
         if ((st = opq_exec_run(fe, in, k_in, &fo, 1)) != OPQ_OK)
             break;
         es.quant_pass = true;
+        for (int i = 0; i < k_in; i++)
+            if ((st = eval_capture(&es, in[i].name, &in[i].t)) != OPQ_OK)
+                break;
+        if (st != OPQ_OK)
+            break;
         if ((st = opq_exec_run(qe, in, k_in, &qo, 1)) != OPQ_OK)
             break;
         // logits: first graph output, [rows, classes] after flattening the leading dims
@@ -694,10 +771,11 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     struct opq_model *fmodel = NULL;
     struct opq_report *rep = calloc(1, sizeof(*rep));
     struct observers ob = {0};
-    const char **act_names = NULL;
+    struct reparam_sites rsites = {0};
     struct opq_qparams **qp = NULL;
     const struct opq_qparams **act_p = NULL;
-    struct opq_placement pl;
+    int *n_chs = NULL, *axes = NULL;
+    struct opq_placement pl = {0};
     double t0 = now_s();
     if (!rep)
         return OPQ_ERR_NOMEM;
@@ -729,66 +807,122 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         goto out;
     phase_end(rep, "prepare", t0);
 
-    // 1. Post-LayerNorm reparameterization (function-preserving).
-    if (o->reparam != 0) {
-        t0 = now_s();
-        if ((st = do_reparam(ctx, model, src, n_calib, o, &rep->n_reparam)) != OPQ_OK)
-            goto out;
-        phase_end(rep, "reparam", t0);
-    }
-
-    // 2. Placement.
+    // 1. Placement on the float graph (typed by one executor plan).
     if ((st = annotate_types(ctx, model, src)) != OPQ_OK)
         goto out;
     struct opq_placement_opts po = {.exclude = o->exclude, .keep_float = o->keep_float};
     if ((st = opq_placement_find(ctx, g, &po, &pl)) != OPQ_OK)
         goto out;
+
+    // 2. One calibration pass: activation observers of every activation target, plus per-channel
+    // ranges of the LayerNorm outputs that may be reparameterized.
+    t0 = now_s();
+    if (o->reparam != 0 && (st = reparam_find(ctx, g, &rsites)) != OPQ_OK)
+        goto out;
+    ob.index = opq_strmap_new(ctx);
+    ob.names = calloc((size_t)pl.n_targets + (size_t)rsites.n + 1, sizeof(*ob.names));
+    ob.first = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    ob.heads = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    if (!ob.index || !ob.names || !ob.first || !ob.heads) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    bool per_head = o->act_per_head && !trt;
+    for (int t = 0; t < pl.n_targets; t++) {
+        if (pl.targets[t].role != OPQ_QROLE_ACT)
+            continue;
+        const struct opq_value *v = pl.targets[t].value;
+        ob.first[ob.n] = ob.n_obs;
+        ob.heads[ob.n] = per_head && pl.targets[t].head_axis == 1 ? (int)v->t.shape[1] : 1;
+        ob.n_obs += ob.heads[ob.n];
+        ob.names[ob.n] = v->name;
+        if (opq_strmap_put(ob.index, ob.names[ob.n], (void *)(intptr_t)(ob.n + 1)) != OPQ_OK) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        ob.n++;
+    }
+    ob.obs = malloc(sizeof(*ob.obs) * ((size_t)ob.n_obs + 1));
+    if (!ob.obs) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int k = 0; k < ob.n_obs; k++)
+        opq_observer_init(&ob.obs[k]);
+    int n_cap = ob.n;
+    for (int k = 0; k < rsites.n; k++)
+        if (!observer_of(&ob, rsites.names[k], NULL))
+            ob.names[n_cap++] = rsites.names[k];
+    ob.cr = rsites.n ? &rsites.cr : NULL;
+    if (n_cap > 0) {
+        struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
+                           .capture = ob.names, .n_capture = n_cap, .fn = obs_capture,
+                           .user = &ob, .phase = "calibration"};
+        if ((st = run_samples(&r, 0, n_calib)) != OPQ_OK)
+            goto out;
+    }
+    ob.cr = NULL;
+    phase_end(rep, "calibration", t0);
+
+    // 3. Post-LayerNorm reparameterization (function-preserving). Only the reparameterized LN
+    // outputs change distribution (every consumer computes the same function as before), so only
+    // they are observed again, and only when something was rewritten.
+    if (rsites.n > 0) {
+        t0 = now_s();
+        bool *applied = calloc((size_t)rsites.n, sizeof(bool));
+        if (!applied) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        st = reparam_apply(ctx, g, &rsites, o, applied, &rep->n_reparam);
+        const char **again = st == OPQ_OK ? calloc((size_t)rsites.n * 64 + 1, sizeof(*again)) : NULL;
+        int n_again = 0;
+        for (int k = 0; st == OPQ_OK && again && k < rsites.n; k++) {
+            if (!applied[k])
+                continue;
+            struct opq_value *vals[64];
+            int nv = opq_reparam_changed_values(&rsites.sites[k], vals, 64);
+            for (int i = 0; i < nv; i++) {
+                int heads;
+                struct opq_observer *obs = observer_of(&ob, vals[i]->name, &heads);
+                if (obs) {
+                    for (int h = 0; h < heads; h++)
+                        opq_observer_init(&obs[h]);
+                    again[n_again++] = vals[i]->name;
+                }
+            }
+        }
+        if (st == OPQ_OK && !again)
+            st = OPQ_ERR_NOMEM;
+        if (st == OPQ_OK && n_again > 0) {
+            struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
+                               .capture = again, .n_capture = n_again, .fn = obs_capture,
+                               .user = &ob, .phase = "reparam calibration"};
+            st = run_samples(&r, 0, n_calib);
+        }
+        free(again);
+        free(applied);
+        if (st != OPQ_OK)
+            goto out;
+        // weights were copied or rescaled: find the targets again (same activation names)
+        if (rep->n_reparam > 0 && (st = opq_placement_find(ctx, g, &po, &pl)) != OPQ_OK)
+            goto out;
+        phase_end(rep, "reparam", t0);
+    }
     rep->n_qnodes   = pl.n_qnodes;
     rep->n_excluded = pl.n_excluded;
     if (pl.n_qnodes == 0)
         opq_log(ctx, OPQ_LOG_WARN, "%s: nothing to quantize (no MatMul/Gemm/Conv left)",
                 model->path);
 
-    // 3. Activation calibration.
-    t0 = now_s();
-    ob.index = opq_strmap_new(ctx);
-    ob.obs   = malloc(sizeof(*ob.obs) * ((size_t)pl.n_targets + 1));
-    act_names = calloc((size_t)pl.n_targets + 1, sizeof(*act_names));
-    if (!ob.index || !ob.obs || !act_names) {
-        st = OPQ_ERR_NOMEM;
-        goto out;
-    }
-    int n_act = 0;
-    for (int t = 0; t < pl.n_targets; t++) {
-        opq_observer_init(&ob.obs[t]);
-        if (pl.targets[t].role != OPQ_QROLE_ACT)
-            continue;
-        act_names[n_act++] = pl.targets[t].value->name;
-        if (opq_strmap_put(ob.index, pl.targets[t].value->name, (void *)(intptr_t)(t + 1)) != OPQ_OK) {
-            st = OPQ_ERR_NOMEM;
-            goto out;
-        }
-    }
-    ob.n = pl.n_targets;
-    if (n_act > 0) {
-        struct runner r = {.ctx = ctx, .model = model, .src = src, .batch = o->batch,
-                           .capture = act_names, .n_capture = n_act, .fn = obs_capture,
-                           .user = &ob, .phase = "calibration"};
-        if ((st = run_samples(&r, 0, n_calib)) != OPQ_OK)
-            goto out;
-    }
-    phase_end(rep, "calibration", t0);
-
     // 4a. Ranges: per-channel weight qparams and activation qparams for every target.
     t0 = now_s();
     qp    = calloc((size_t)pl.n_targets + 1, sizeof(*qp));
     act_p = calloc((size_t)pl.n_targets + 1, sizeof(*act_p));
-    int *n_chs = calloc((size_t)pl.n_targets + 1, sizeof(int));
-    int *axes  = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    n_chs = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    axes  = calloc((size_t)pl.n_targets + 1, sizeof(int));
     rep->tensors = calloc((size_t)pl.n_targets + 1, sizeof(*rep->tensors));
     if (!qp || !act_p || !rep->tensors || !n_chs || !axes) {
-        free(n_chs);
-        free(axes);
         st = OPQ_ERR_NOMEM;
         goto out;
     }
@@ -824,25 +958,33 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         } else {
             int32_t qmin, qmax;
             opq_qgrid(o->abits, a_sym, false, &qmin, &qmax);
-            qp[t] = calloc(1, sizeof(**qp));
+            int heads = 0;
+            struct opq_observer *obs = observer_of(&ob, v->name, &heads);
+            qp[t] = calloc((size_t)(heads > 0 ? heads : 1), sizeof(**qp));
             if (!qp[t]) {
                 st = OPQ_ERR_NOMEM;
                 break;
             }
             struct opq_calib_opts co = {.method = o->calibrator, .percentile = o->percentile,
                                         .qmin = qmin, .qmax = qmax, .symmetric = a_sym};
-            float lo, hi;
-            if (opq_observer_range(&ob.obs[t], &co, &lo, &hi, qp[t]) != OPQ_OK) {
-                st = opq_set_error(ctx, OPQ_ERR_NUMERIC,
-                                   "activation '%s': no finite value seen during calibration",
-                                   v->name);
-                break;
+            for (int h = 0; h < heads && st == OPQ_OK; h++) {
+                float lo, hi;
+                if (opq_observer_range(&obs[h], &co, &lo, &hi, &qp[t][h]) != OPQ_OK)
+                    st = opq_set_error(ctx, OPQ_ERR_NUMERIC,
+                                       "activation '%s': no finite value seen during calibration",
+                                       v->name);
+                else if (obs[h].n_nonfinite)
+                    opq_log(ctx, OPQ_LOG_WARN, "activation '%s': %llu NaN/Inf values ignored",
+                            v->name, (unsigned long long)obs[h].n_nonfinite);
             }
-            if (ob.obs[t].n_nonfinite)
-                opq_log(ctx, OPQ_LOG_WARN, "activation '%s': %llu NaN/Inf values ignored",
-                        v->name, (unsigned long long)ob.obs[t].n_nonfinite);
+            if (!obs)
+                st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "activation '%s' was not observed",
+                                   v->name);
+            if (st != OPQ_OK)
+                break;
             act_p[t] = qp[t];
-            n_chs[t] = 1;
+            n_chs[t] = heads;
+            axes[t]  = heads > 1 ? 1 : 0;
         }
     }
     // 4b. Refinement (ERQ, reconstruction): may change float weights and biases, weight qparams
@@ -898,8 +1040,6 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             rt->scale_max = fmaxf(rt->scale_max, spec.p[c].scale);
         }
     }
-    free(n_chs);
-    free(axes);
     if (st != OPQ_OK)
         goto out;
     for (int i = 0; i < g->n_nodes; i++)
@@ -922,7 +1062,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     // 5. Report on held-out samples.
     if (holdout > 0 && report_out) {
         t0 = now_s();
-        st = evaluate(ctx, fmodel, model, src, n_calib, holdout, o->batch, &pl, act_p, rep);
+        st = evaluate(ctx, fmodel, model, src, n_calib, holdout, o->batch, &pl, act_p, n_chs, rep);
         if (st != OPQ_OK)
             goto out;
         phase_end(rep, "report", t0);
@@ -933,9 +1073,14 @@ out:
             free(qp[t]);
     free(qp);
     free(act_p);
-    free(act_names);
+    free(n_chs);
+    free(axes);
+    free(ob.names);
+    free(ob.first);
+    free(ob.heads);
     free(ob.obs);
     opq_strmap_free(ob.index);
+    reparam_sites_free(&rsites);
     opq_calib_close(src);
     opq_model_free(fmodel);
     if (st == OPQ_OK && report_out)
@@ -950,6 +1095,7 @@ void opq_report_free(struct opq_report *r) {
         return;
     free(r->tensors);
     free(r->blocks);
+    free(r->layers);
     free(r);
 }
 
@@ -1020,6 +1166,24 @@ enum opq_status opq_report_write_json(struct opq_ctx *ctx, const struct opq_repo
         fputs(", \"sqnr_db\": ", f);
         json_num(f, r->blocks[i].sqnr_db);
         fprintf(f, "}%s\n", i + 1 < r->n_blocks ? "," : "");
+    }
+    if (r->n_layers) { // a refinement method's per-layer errors (ERQ)
+        fputs("  ],\n  \"layers\": [\n", f);
+        for (int i = 0; i < r->n_layers; i++) {
+            const struct opq_report_layer *l = &r->layers[i];
+            fputs("    {\"name\": ", f);
+            json_str(f, l->name);
+            fprintf(f, ", \"in\": %d, \"out\": %d, \"duq_outliers\": %d, \"err_before\": ",
+                    l->d_in, l->d_out, l->n_outliers);
+            json_num(f, l->err_before);
+            fputs(", \"err_aqer\": ", f);
+            json_num(f, l->err_aqer);
+            fputs(", \"err_wqer\": ", f);
+            json_num(f, l->err_wqer);
+            fputs(", \"err_rtn\": ", f);
+            json_num(f, l->err_rtn);
+            fprintf(f, "}%s\n", i + 1 < r->n_layers ? "," : "");
+        }
     }
     fputs("  ],\n  \"phases\": [\n", f);
     for (int i = 0; i < r->n_phases; i++) {

@@ -11,6 +11,8 @@
 #include "exec.h"
 #include "graph.h"
 #include "quant/qparams.h"
+#include "recon/erq.h"
+#include "recon/recon.h"
 
 enum opq_target { OPQ_TARGET_ORT = 0, OPQ_TARGET_TRT = 1 };
 
@@ -41,6 +43,11 @@ struct opq_quant_opts {
     bool                  w_per_tensor;   // default: per output channel
     bool                  w_asym;         // default: symmetric weights
     bool                  a_sym;          // default: asymmetric activations (TRT: symmetric)
+    // One scale per head for the attention-matmul inputs (per-axis Q/DQ on axis 1). Off by
+    // default and not offered by the CLI: ONNX Runtime's CPU optimizer fuses DQ -> MatMul into
+    // MatMulIntegerToFloat, which rejects per-axis activation zero points (measured with
+    // onnxruntime-node 1.30), and at W4A4 it did not beat per-tensor scales on the fixtures.
+    bool                  act_per_head;
     enum opq_calibrator   calibrator;     // activation ranges
     double                percentile;     // for OPQ_CALIB_PERCENTILE
     enum opq_wcalib       wcalib;         // weight ranges
@@ -54,6 +61,8 @@ struct opq_quant_opts {
     struct opq_calib_spec calib;
     opq_refine_fn         refine;         // optional refinement step (ERQ, reconstruction)
     void                 *refine_user;
+    struct opq_erq_opts   erq;            // --method erq hyperparameters (recon/erq.h)
+    struct opq_recon_opts recon;          // block reconstruction (recon/recon.h: --method aphq)
 };
 
 // Defaults: W8A8, per-channel symmetric weights (MSE ranges), asymmetric activations with the
@@ -85,6 +94,13 @@ struct opq_report_phase {
     long        peak_rss_kb; // process peak so far
 };
 
+// Relative output error of one linear layer on the calibration set (ERQ: erq.h).
+struct opq_report_layer {
+    char   name[128];
+    int    d_in, d_out, n_outliers;
+    double err_before, err_aqer, err_wqer, err_rtn;
+};
+
 struct opq_report {
     struct opq_report_tensor *tensors;
     int                       n_tensors;
@@ -97,6 +113,8 @@ struct opq_report {
     double                    logits_sqnr_db, logits_kl, top1_agreement;
     bool                      have_eval;
     char                      settings[256];
+    struct opq_report_layer  *layers;    // per-layer errors of a refinement method (ERQ); owned
+    int                       n_layers;
 };
 
 // Quantizes `model` in place. *report (optional) receives a report owned by the caller

@@ -35,6 +35,8 @@ struct opq_threadpool {
     struct job job;        // current job (written under mu before the bump)
     _Atomic uint64_t next; // (generation << 32) | next chunk index
     _Atomic uint32_t done; // chunks finished in the current job
+    void *ws;              // opq_threadpool_workspace
+    size_t ws_bytes;
 };
 
 static void run_chunks(struct opq_threadpool *pool, const struct job *j) {
@@ -122,7 +124,22 @@ void opq_threadpool_free(struct opq_threadpool *pool) {
     pthread_cond_destroy(&pool->wake);
     pthread_cond_destroy(&pool->done_cv);
     opq_free(pool->ctx, pool->workers);
+    opq_free(pool->ctx, pool->ws);
     opq_free(pool->ctx, pool);
+}
+
+void *opq_threadpool_workspace(struct opq_threadpool *pool, size_t bytes) {
+    if (!pool)
+        return NULL;
+    if (bytes > pool->ws_bytes) {
+        opq_free(pool->ctx, pool->ws);
+        pool->ws_bytes = 0;
+        pool->ws = opq_malloc(pool->ctx, bytes);
+        if (!pool->ws)
+            return NULL;
+        pool->ws_bytes = bytes;
+    }
+    return pool->ws;
 }
 
 int opq_threadpool_size(const struct opq_threadpool *pool) {

@@ -8,6 +8,7 @@
 #ifndef OPQ_THREADPOOL_H
 #define OPQ_THREADPOOL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct opq_ctx;
@@ -20,6 +21,11 @@ typedef void (*opq_range_fn)(void *user, int64_t begin, int64_t end);
 struct opq_threadpool *opq_threadpool_new(struct opq_ctx *ctx, int n_threads);
 void opq_threadpool_free(struct opq_threadpool *pool);
 int opq_threadpool_size(const struct opq_threadpool *pool);
+
+// A grow-only scratch buffer owned by the pool (valid until the next call or the pool's free),
+// for data shared by the chunks of one parallel-for (e.g. a GEMM's packed operands). NULL on
+// failure (or for a NULL pool). Like opq_parallel_for, not for concurrent callers.
+void *opq_threadpool_workspace(struct opq_threadpool *pool, size_t bytes);
 
 // Runs fn over [0, n) in chunks of at least `grain` items (grain < 1 means 1).
 void opq_parallel_for(struct opq_threadpool *pool, int64_t n, int64_t grain, opq_range_fn fn,

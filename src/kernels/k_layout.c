@@ -21,6 +21,7 @@
 #include "arena.h"
 #include "graph.h"
 #include "k_lutil.h"
+#include "threadpool.h"
 
 static enum opq_status bad(struct opq_kctx *k, const struct opq_node *n, enum opq_status st,
                            const char *what) {
@@ -48,25 +49,147 @@ static void *scratch(struct opq_kctx *k, const struct opq_node *n, size_t bytes)
     return p;
 }
 
-// Copies every element of the output (shape oshape) from src at offset sum(idx[d]*istr[d]).
-static void strided_gather(char *dst, const char *src, size_t es, int ndim, const int64_t *oshape,
-                           const int64_t *istr, int64_t base) {
-    int64_t idx[OPQ_MAX_DIMS] = {0};
-    int64_t off = base;
-    size_t total = 1;
-    for (int d = 0; d < ndim; d++)
-        total *= (size_t)oshape[d];
-    for (size_t i = 0; i < total; i++) {
-        memcpy(dst + i * es, src + off * (int64_t)es, es);
-        for (int d = ndim - 1; d >= 0; d--) {
-            idx[d]++;
-            off += istr[d];
-            if (idx[d] < oshape[d])
+// ---- strided copies (Transpose, Slice) ----------------------------------------------------------
+//
+// out (contiguous, shape oshape) [i] = src[base + sum(idx[d] * istr[d])]. The copy is planned
+// once: size-1 dims are dropped and output dims that are contiguous in the input are merged.
+// Then, when the innermost input stride is 1, whole rows are copied with memcpy; when another
+// dim has input stride 1, the copy is a batch of 2-D transposes done in 16 x 16 tiles (both
+// sides touch whole cache lines); otherwise elements are copied one by one. Work is split over
+// the thread pool by outer rows (each element is written once: the result does not depend on
+// the thread count).
+
+#define SG_TILE 16
+
+struct sg_plan {
+    int r;                       // merged rank (>= 1)
+    int64_t shape[OPQ_MAX_DIMS]; // merged output shape
+    int64_t istr[OPQ_MAX_DIMS];  // input strides (elements) per merged output dim
+    int64_t ostr[OPQ_MAX_DIMS];  // output strides (contiguous)
+    int64_t base;
+    size_t es;
+    int p;          // tiled mode: the output dim with input stride 1 (< r - 1), else -1
+    int64_t rows;   // work items
+    char *dst;
+    const char *src;
+};
+
+static void sg_plan_make(struct sg_plan *sp, char *dst, const char *src, size_t es, int ndim,
+                         const int64_t *oshape, const int64_t *istr, int64_t base) {
+    sp->r = 0;
+    for (int d = 0; d < ndim; d++) {
+        if (oshape[d] == 1)
+            continue;
+        if (sp->r > 0 && sp->istr[sp->r - 1] == istr[d] * oshape[d]) {
+            sp->shape[sp->r - 1] *= oshape[d];
+            sp->istr[sp->r - 1] = istr[d];
+            continue;
+        }
+        sp->shape[sp->r] = oshape[d];
+        sp->istr[sp->r] = istr[d];
+        sp->r++;
+    }
+    if (sp->r == 0) {
+        sp->shape[0] = 1;
+        sp->istr[0] = 1;
+        sp->r = 1;
+    }
+    int64_t s = 1;
+    for (int d = sp->r - 1; d >= 0; d--) {
+        sp->ostr[d] = s;
+        s *= sp->shape[d];
+    }
+    sp->base = base;
+    sp->es = es;
+    sp->dst = dst;
+    sp->src = src;
+    sp->p = -1;
+    int r = sp->r;
+    if (sp->istr[r - 1] != 1 && r >= 2)
+        for (int d = r - 2; d >= 0; d--)
+            if (sp->istr[d] == 1) {
+                sp->p = d;
                 break;
-            off -= istr[d] * oshape[d];
-            idx[d] = 0;
+            }
+    // rows: every dim but the last (row mode), or but p and the last with p in tiles (tiled)
+    sp->rows = 1;
+    for (int d = 0; d < r - 1; d++)
+        sp->rows *= d == sp->p ? (sp->shape[d] + SG_TILE - 1) / SG_TILE : sp->shape[d];
+}
+
+// Output and input offsets of the first element of work item `row`; *p0 the tile's start in
+// dim p (tiled mode).
+static void sg_row_offsets(const struct sg_plan *sp, int64_t row, int64_t *oo, int64_t *io,
+                           int64_t *p0) {
+    *oo = 0;
+    *io = sp->base;
+    *p0 = 0;
+    for (int d = sp->r - 2; d >= 0; d--) {
+        int64_t dim = d == sp->p ? (sp->shape[d] + SG_TILE - 1) / SG_TILE : sp->shape[d];
+        int64_t c = row % dim;
+        row /= dim;
+        if (d == sp->p) {
+            c *= SG_TILE;
+            *p0 = c;
+        }
+        *oo += c * sp->ostr[d];
+        *io += c * sp->istr[d];
+    }
+}
+
+static void sg_rows(void *user, int64_t r0, int64_t r1) {
+    const struct sg_plan *sp = user;
+    size_t es = sp->es;
+    int last = sp->r - 1;
+    int64_t n = sp->shape[last];
+    int64_t is = sp->istr[last];
+    for (int64_t row = r0; row < r1; row++) {
+        int64_t oo;
+        int64_t io;
+        int64_t p0;
+        sg_row_offsets(sp, row, &oo, &io, &p0);
+        char *d = sp->dst + oo * (int64_t)es;
+        const char *s = sp->src + io * (int64_t)es;
+        if (is == 1) {
+            memcpy(d, s, (size_t)n * es);
+        } else if (sp->p < 0) {
+            for (int64_t j = 0; j < n; j++)
+                memcpy(d + j * (int64_t)es, s + j * is * (int64_t)es, es);
+        } else {
+            // tile rows i in [p0, p0 + m) of dim p (input stride 1), columns j of the last dim
+            int64_t m = sp->shape[sp->p] - p0 < SG_TILE ? sp->shape[sp->p] - p0 : SG_TILE;
+            int64_t os = sp->ostr[sp->p];
+            for (int64_t j0 = 0; j0 < n; j0 += SG_TILE) {
+                int64_t nj = n - j0 < SG_TILE ? n - j0 : SG_TILE;
+                if (es == 4) {
+                    uint32_t *dd = (uint32_t *)(void *)d;
+                    const uint32_t *ss = (const uint32_t *)(const void *)s;
+                    for (int64_t j = j0; j < j0 + nj; j++)
+                        for (int64_t i = 0; i < m; i++)
+                            dd[i * os + j] = ss[i + j * is];
+                } else {
+                    for (int64_t j = j0; j < j0 + nj; j++)
+                        for (int64_t i = 0; i < m; i++)
+                            memcpy(d + (i * os + j) * (int64_t)es, s + (i + j * is) * (int64_t)es,
+                                   es);
+                }
+            }
         }
     }
+}
+
+// Copies every element of the output (shape oshape) from src at offset sum(idx[d]*istr[d]).
+static void strided_gather(struct opq_threadpool *pool, char *dst, const char *src, size_t es,
+                           int ndim, const int64_t *oshape, const int64_t *istr, int64_t base) {
+    struct sg_plan sp;
+    for (int d = 0; d < ndim; d++)
+        if (oshape[d] == 0)
+            return;
+    sg_plan_make(&sp, dst, src, es, ndim, oshape, istr, base);
+    // rows per chunk: at least ~32 KiB of output
+    int64_t row_bytes = sp.shape[sp.r - 1] * (int64_t)es * (sp.p >= 0 ? SG_TILE : 1);
+    int64_t grain = row_bytes >= 32768 ? 1 : 32768 / (row_bytes ? row_bytes : 1);
+    opq_parallel_for(pool, sp.rows, grain, sg_rows, &sp);
 }
 
 // ---- Transpose ----------------------------------------------------------------------------------
@@ -110,8 +233,8 @@ static enum opq_status transpose_infer(struct opq_kctx *k, const struct opq_node
 }
 
 // dst (shape ishape permuted by perm) = src (shape ishape) transposed.
-static void permute(char *dst, const char *src, size_t es, int r, const int64_t *ishape,
-                    const int *perm) {
+static void permute(struct opq_threadpool *pool, char *dst, const char *src, size_t es, int r,
+                    const int64_t *ishape, const int *perm) {
     int64_t istr[OPQ_MAX_DIMS];
     int64_t pstr[OPQ_MAX_DIMS];
     int64_t oshape[OPQ_MAX_DIMS];
@@ -120,7 +243,7 @@ static void permute(char *dst, const char *src, size_t es, int r, const int64_t 
         pstr[d] = istr[perm[d]];
         oshape[d] = ishape[perm[d]];
     }
-    strided_gather(dst, src, es, r, oshape, pstr, 0);
+    strided_gather(pool, dst, src, es, r, oshape, pstr, 0);
 }
 
 static enum opq_status transpose_forward(struct opq_kctx *k, const struct opq_node *n,
@@ -129,7 +252,8 @@ static enum opq_status transpose_forward(struct opq_kctx *k, const struct opq_no
     int perm[OPQ_MAX_DIMS];
     enum opq_status st = get_perm(k, n, in[0]->ndim, perm);
     if (!st)
-        permute(out->data, in[0]->data, elem_size(in[0]->dtype), in[0]->ndim, in[0]->shape, perm);
+        permute(k->pool, out->data, in[0]->data, elem_size(in[0]->dtype), in[0]->ndim,
+                in[0]->shape, perm);
     return st;
 }
 
@@ -150,7 +274,8 @@ static enum opq_status transpose_backward(struct opq_kctx *k, const struct opq_n
         return st;
     for (int d = 0; d < in[0]->ndim; d++)
         inv[perm[d]] = d;
-    permute(din[0].data, dout[0].data, sizeof(float), out[0].ndim, out[0].shape, inv);
+    permute(k->pool, din[0].data, dout[0].data, sizeof(float), out[0].ndim, out[0].shape,
+            inv);
     return OPQ_OK;
 }
 
@@ -519,8 +644,8 @@ static enum opq_status slice_forward(struct opq_kctx *k, const struct opq_node *
     if (opq_kl_numel(out) == 0)
         return OPQ_OK;
     slice_strides(in[0], &p, istr, &base);
-    strided_gather(out->data, in[0]->data, elem_size(in[0]->dtype), out->ndim, out->shape, istr,
-                   base);
+    strided_gather(k->pool, out->data, in[0]->data, elem_size(in[0]->dtype), out->ndim,
+                   out->shape, istr, base);
     return OPQ_OK;
 }
 

@@ -70,6 +70,8 @@ struct sm_job {
     float *y;
 };
 
+#define SM_LANES 8
+
 // Rows are (outer, inner) pairs; the common inner == 1 case walks contiguous memory.
 KU_HOT static void sm_rows(void *user, int64_t r0, int64_t r1) {
     const struct sm_job *j = user;
@@ -80,15 +82,34 @@ KU_HOT static void sm_rows(void *user, int64_t r0, int64_t r1) {
         const float *x = j->x + base;
         float *y = j->y + base;
         float m = x[0];
-        for (int64_t a = 1; a < n; a++)
-            m = x[a * s] > m ? x[a * s] : m;
         double sum = 0.0;
-        if (s == 1) { // contiguous row: a vectorisable exp pass, then the double sum
+        if (s == 1) {
+            // contiguous row: max and double sum over SM_LANES interleaved lanes (element a in
+            // lane a % SM_LANES, lanes combined pairwise: a fixed order), then a vectorisable
+            // exp pass
+            float ml[SM_LANES];
+            double sl[SM_LANES] = {0};
+            int64_t body = n - n % SM_LANES;
+            for (int l = 0; l < SM_LANES; l++)
+                ml[l] = m;
+            for (int64_t a = 0; a < body; a += SM_LANES)
+                for (int l = 0; l < SM_LANES; l++)
+                    ml[l] = x[a + l] > ml[l] ? x[a + l] : ml[l];
+            for (int64_t a = body; a < n; a++)
+                m = x[a] > m ? x[a] : m;
+            for (int l = 0; l < SM_LANES; l++)
+                m = ml[l] > m ? ml[l] : m;
             for (int64_t a = 0; a < n; a++)
                 y[a] = ku_expf(x[a] - m);
-            for (int64_t a = 0; a < n; a++)
-                sum += (double)y[a];
+            for (int64_t a = 0; a < body; a += SM_LANES)
+                for (int l = 0; l < SM_LANES; l++)
+                    sl[l] += (double)y[a + l];
+            for (int64_t a = body; a < n; a++)
+                sl[a - body] += (double)y[a];
+            sum = ((sl[0] + sl[1]) + (sl[2] + sl[3])) + ((sl[4] + sl[5]) + (sl[6] + sl[7]));
         } else {
+            for (int64_t a = 1; a < n; a++)
+                m = x[a * s] > m ? x[a * s] : m;
             for (int64_t a = 0; a < n; a++) {
                 float e = ku_expf(x[a * s] - m);
                 y[a * s] = e;

@@ -248,6 +248,7 @@ enum opq_status opq_placement_find(struct opq_ctx *ctx, struct opq_graph *g,
                     t->value       = v;
                     t->role        = is_w ? OPQ_QROLE_WEIGHT : OPQ_QROLE_ACT;
                     t->axis        = is_w ? weight_axis(n, s, v) : -1;
+                    t->head_axis   = -1;
                     t->consumers   = opq_arena_alloc(g->arena, sizeof(*t->consumers) *
                                                                  ((size_t)v->n_users + 1));
                     if (!t->consumers) {
@@ -264,6 +265,21 @@ enum opq_status opq_placement_find(struct opq_ctx *ctx, struct opq_graph *g,
                     t->consumers[t->n_consumers++] = n;
             }
         }
+    }
+    // Activations whose every quantized consumer is an attention matmul (both operands computed,
+    // rank 4: [batch, heads, tokens, dim]) can carry one scale per head.
+    for (int k = 0; k < out->n_targets; k++) {
+        struct opq_qtarget *t = &out->targets[k];
+        if (t->role != OPQ_QROLE_ACT || t->value->t.ndim != 4 || t->value->t.shape[1] <= 1)
+            continue;
+        bool attn = t->n_consumers > 0;
+        for (int c = 0; c < t->n_consumers; c++) {
+            const struct opq_node *n = t->consumers[c];
+            attn &= n->op == OPQ_OP_MATMUL && n->n_inputs == 2 && n->inputs[0] && n->inputs[1] &&
+                    !(n->inputs[0]->kind & OPQ_VK_INIT) && !(n->inputs[1]->kind & OPQ_VK_INIT);
+        }
+        if (attn)
+            t->head_axis = 1;
     }
 out:
     exclusions_free(&x);

@@ -27,6 +27,8 @@ struct opq_qtarget {
     struct opq_value  *value;
     enum opq_qrole     role;
     int                axis;        // weights: output-channel axis; -1 = per tensor
+    int                head_axis;   // activations read only by attention matmuls (rank 4,
+                                    // [B, heads, ., .]): 1, else -1 (per-head scales option)
     struct opq_node  **consumers;   // the quantized nodes that read it (graph arena)
     int                n_consumers;
 };

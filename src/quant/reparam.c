@@ -33,21 +33,128 @@ static bool consumer_weight(const struct opq_node *n, const struct opq_value *x,
     return (*rows_are_c ? (*w)->t.shape[0] : (*w)->t.shape[1]) == C;
 }
 
-bool opq_reparam_applicable(const struct opq_graph *g, const struct opq_reparam_site *s) {
-    (void)g;
-    if (!s->out || !is_float_init(s->gamma) || s->gamma->t.ndim != 1 || s->out->n_users == 0 ||
-        (s->out->kind & OPQ_VK_OUTPUT))
+// Last dim of a value's known shape, or -1.
+static int64_t last_dim(const struct opq_value *v) {
+    return (v && v->t.ndim > 0) ? v->t.shape[v->t.ndim - 1] : -1;
+}
+
+// True if node n (reading x as its data input) moves elements without mixing the channels of the
+// last axis: the channel of every element stays (flat index mod C).
+static bool channel_preserving(const struct opq_node *n, const struct opq_value *x, int64_t C) {
+    if (n->flags & OPQ_NF_DEAD || n->n_inputs < 1 || n->inputs[0] != x || n->n_outputs < 1 ||
+        !n->outputs[0] || (n->outputs[0]->kind & OPQ_VK_OUTPUT))
+        return false;
+    for (int i = 1; i < n->n_inputs; i++)
+        if (n->inputs[i] == x)
+            return false;
+    const struct opq_value *y = n->outputs[0];
+    int r = x->t.ndim;
+    switch (n->op) {
+    case OPQ_OP_IDENTITY:
+    case OPQ_OP_DROPOUT:
+        return true;
+    case OPQ_OP_GATHER: {
+        int64_t axis = opq_node_attr_int(n, "axis", 0);
+        if (axis < 0)
+            axis += r;
+        return r > 0 && axis >= 0 && axis < r - 1 && last_dim(y) == C;
+    }
+    case OPQ_OP_SLICE: {
+        // axes must be a known initializer without the last axis (the default, every axis, is
+        // not accepted)
+        const struct opq_value *ax = n->n_inputs > 3 ? n->inputs[3] : NULL;
+        if (!ax || !(ax->kind & OPQ_VK_INIT) || !ax->t.data || ax->t.dtype != OPQ_DTYPE_INT64)
+            return false;
+        size_t na;
+        if (!opq_tensor_numel(&ax->t, &na))
+            return false;
+        for (size_t k = 0; k < na; k++) {
+            int64_t a = ((const int64_t *)ax->t.data)[k];
+            if (a < 0)
+                a += r;
+            if (a == r - 1)
+                return false;
+        }
+        return last_dim(y) == C;
+    }
+    case OPQ_OP_TRANSPOSE: {
+        const struct opq_attr *perm = opq_node_attr(n, "perm");
+        return perm && perm->type == OPQ_ATTR_INTS && perm->n == r && r > 0 &&
+               perm->ints[r - 1] == r - 1;
+    }
+    case OPQ_OP_RESHAPE:
+    case OPQ_OP_FLATTEN:
+    case OPQ_OP_SQUEEZE:
+    case OPQ_OP_UNSQUEEZE:
+        // row-major order keeps (flat index mod C) when the last dim stays C
+        return last_dim(x) == C && last_dim(y) == C;
+    default:
+        return false;
+    }
+}
+
+// Walks from v through channel-preserving ops. Collects the values whose distribution the rewrite
+// changes (v and everything on the way) and the linear consumers reading them. False if some
+// path ends anywhere else (the rewrite would not be exact).
+struct chain {
+    struct opq_value *vals[64];
+    int               n_vals;
+    struct opq_node  *lin[64];
+    struct opq_value *lin_in[64];
+    int               n_lin;
+};
+
+static bool walk(const struct opq_value *v, int64_t C, struct chain *ch) {
+    if (ch->n_vals >= 64 || v->n_users == 0 || (v->kind & OPQ_VK_OUTPUT))
+        return false;
+    ch->vals[ch->n_vals++] = (struct opq_value *)v;
+    for (int u = 0; u < v->n_users; u++) {
+        struct opq_node *n = v->users[u];
+        bool dup = false;
+        for (int k = 0; k < u; k++)
+            dup |= v->users[k] == n;
+        if (dup)
+            continue;
+        struct opq_value *w;
+        bool rows;
+        if (n->op == OPQ_OP_SHAPE || n->op == OPQ_OP_SIZE)
+            continue; // they read the shape only, which the rewrite keeps
+        if (consumer_weight(n, v, C, &w, &rows)) {
+            if (ch->n_lin >= 64)
+                return false;
+            ch->lin[ch->n_lin]      = n;
+            ch->lin_in[ch->n_lin++] = (struct opq_value *)v;
+        } else if (!channel_preserving(n, v, C) || !walk(n->outputs[0], C, ch)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static bool site_chain(const struct opq_reparam_site *s, struct chain *ch) {
+    memset(ch, 0, sizeof(*ch));
+    if (!s->out || !is_float_init(s->gamma) || s->gamma->t.ndim != 1)
         return false;
     int64_t C = s->gamma->t.shape[0];
     if (s->beta && (!is_float_init(s->beta) || s->beta->t.ndim != 1 || s->beta->t.shape[0] != C))
         return false;
-    for (int u = 0; u < s->out->n_users; u++) {
-        struct opq_value *w;
-        bool rows;
-        if (!consumer_weight(s->out->users[u], s->out, C, &w, &rows))
-            return false;
-    }
-    return true;
+    return walk(s->out, C, ch) && ch->n_lin > 0;
+}
+
+bool opq_reparam_applicable(const struct opq_graph *g, const struct opq_reparam_site *s) {
+    (void)g;
+    struct chain ch;
+    return site_chain(s, &ch);
+}
+
+int opq_reparam_changed_values(const struct opq_reparam_site *s, struct opq_value **out, int cap) {
+    struct chain ch;
+    if (!site_chain(s, &ch))
+        return 0;
+    int n = ch.n_vals < cap ? ch.n_vals : cap;
+    for (int i = 0; i < n; i++)
+        out[i] = ch.vals[i];
+    return n;
 }
 
 // Makes v private to node n's input slot i (copies it if anything else uses it) and returns it.
@@ -152,18 +259,13 @@ enum opq_status opq_reparam_apply(struct opq_graph *g, const struct opq_reparam_
         r[c] = h > 0.0 ? pow(h / H, (double)alpha) : 1.0;
     }
     // Consumers first (they may need a private copy, which changes nothing in the LN).
-    int n_users = s->out->n_users;
-    struct opq_node **users = opq_arena_alloc(g->arena, sizeof(*users) * (size_t)(n_users + 1));
-    if (!users)
-        return OPQ_ERR_NOMEM;
-    memcpy(users, s->out->users, sizeof(*users) * (size_t)n_users);
-    for (int u = 0; u < n_users; u++) {
-        struct opq_node *n = users[u];
-        if (u > 0 && users[u - 1] == n)
-            continue;
+    struct chain ch;
+    site_chain(s, &ch);
+    for (int u = 0; u < ch.n_lin; u++) {
+        struct opq_node *n = ch.lin[u];
         struct opq_value *w;
         bool rows;
-        consumer_weight(n, s->out, C, &w, &rows);
+        consumer_weight(n, ch.lin_in[u], C, &w, &rows);
         int64_t N = rows ? w->t.shape[1] : w->t.shape[0];
         float *b = consumer_bias(g, n, N);
         if (!b)

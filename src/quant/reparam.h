@@ -25,9 +25,17 @@ struct opq_reparam_site {
     struct opq_node  *ln;
 };
 
-// Checks that every user of site->out is a MatMul (x @ W, W an initializer [C, N]) or a Gemm
-// (A = x, B an initializer) so the rewrite is exact. Returns false (with no change) otherwise.
+// Checks that every path from site->out reaches a MatMul (x @ W, W an initializer [C, N]) or a
+// Gemm (A = x, B an initializer) through ops that keep the channels of the last axis apart
+// (Gather/Slice on other axes, Reshape/Flatten/Squeeze/Unsqueeze keeping the last dim, Transpose
+// keeping the last axis last, Identity, Dropout; Shape and Size users read only the shape), so
+// the rewrite is exact. A ViT head reads the
+// final LayerNorm through such a Gather (the class token). False (no change) otherwise.
 bool opq_reparam_applicable(const struct opq_graph *g, const struct opq_reparam_site *site);
+// The values whose distribution the rewrite changes: site->out and the values on the paths to
+// the linear consumers (at most cap); 0 if the site is not applicable.
+int  opq_reparam_changed_values(const struct opq_reparam_site *site, struct opq_value **out,
+                                int cap);
 
 // Applies the rewrite with the given per-channel ranges (C entries). Shared initializers are
 // copied before being changed; a MatMul consumer without a bias Add gets one. OPQ_ERR_SHAPE if

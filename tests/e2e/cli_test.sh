@@ -313,7 +313,7 @@ PYEOF
 }
 
 case_fixture_vit() {
-    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/tiny_vit.onnx
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx
     [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
     run 0 inspect "$vit"
     grep -Eq '^parameters: [1-9][0-9]* in [1-9]' out.txt || fail "inspect shows no parameters"

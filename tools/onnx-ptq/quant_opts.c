@@ -27,7 +27,8 @@ const char cli_quant_usage[] =
     "  --weight-granularity channel|tensor   (default channel)\n"
     "  --weight-scheme sym|asym              (default sym)\n"
     "  --act-scheme asym|sym                 (default asym; trt: sym)\n"
-    "  --calibrator minmax|percentile|mse|entropy   activation ranges (default percentile)\n"
+
+    "  --calibrator minmax|percentile|mse|entropy   activation ranges (default mse)\n"
     "  --percentile P      for --calibrator percentile (default 99.99)\n"
     "  --weight-calibrator minmax|mse        (default mse)\n"
     "  --exclude LIST      comma list of op types or node-name regexes to keep float\n"
@@ -35,7 +36,25 @@ const char cli_quant_usage[] =
     "  --target ort|trt    ort (default) or TensorRT's explicit-quantization rules (8-bit)\n"
     "  --reparam auto|on|off  post-LayerNorm range reparameterization (default auto)\n"
     "  --reparam-alpha A   its migration strength, 0..1 (default 1)\n"
-    "  --report FILE.json  write the quantization report as JSON\n";
+    "  --report FILE.json  write the quantization report as JSON\n"
+    "ERQ (--method erq; the paper uses --weight-scheme asym):\n"
+    "  --erq-lambda L      ridge strength per calibration token, lambda = L * tokens\n"
+    "                      (default 0.16: the paper's coe 10000 at 32 ViT images)\n"
+    "  --erq-steps N       rounding-refinement steps per output channel (default 100; 0 off)\n"
+    "  --erq-duq on|off    dual uniform weights where input columns are outliers (default on)\n"
+    "  --erq-duq-ratio R   ... when the largest column max |w| is >= R x the median\n"
+    "                      (default 1: every linear layer; measured better than qkv/fc1 only)\n"
+    "  --erq-ri on|off|flow  reparameterization initialization: LayerNorm reparameterization\n"
+    "                      with alpha 1 (default on); flow: as --reparam / --reparam-alpha\n"
+    "  --erq-aqer on|off --erq-wqer on|off   the two stages (default on; ablations)\n"
+    "  --erq-mem MB        statistics held per calibration pass (default 512)\n"
+    "block reconstruction (--method aphq):\n"
+    "  --recon-iters N     iterations per unit (default 2000)\n"
+    "  --recon-batch B     samples per iteration (default 32)\n"
+    "  --recon-loss aph|mse|fisher   output weighting of the unit loss (default aph)\n"
+    "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
+    "  --time-budget MIN   minutes for the reconstruction: fewer iterations where needed\n"
+    "  --checkpoint DIR    save each finished unit in DIR; a re-run resumes from it\n";
 
 static bool parse_int(const char *s, long lo, long hi, long *out) {
     char *e;
@@ -176,6 +195,64 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (!parse_float(val, 0.0, 1.0, &d))
             return bad(opt, val, "a number in [0, 1]");
         q->reparam_alpha = (float)d;
+    } else if (strcmp(opt, "--erq-lambda") == 0) {
+        if (!parse_float(val, 0.0, 1e9, &d))
+            return bad(opt, val, "a non-negative number");
+        q->erq.lambda = d;
+    } else if (strcmp(opt, "--erq-steps") == 0) {
+        if (!parse_int(val, 0, 1000000, &n))
+            return bad(opt, val, "a step count");
+        q->erq.steps = (int)n;
+    } else if (strcmp(opt, "--erq-duq-ratio") == 0) {
+        if (!parse_float(val, 1.0, 1e9, &d))
+            return bad(opt, val, "a ratio >= 1");
+        q->erq.duq_ratio = d;
+    } else if (strcmp(opt, "--erq-mem") == 0) {
+        if (!parse_int(val, 1, 1048576, &n))
+            return bad(opt, val, "a size in MiB");
+        q->erq.mem_mb = (int)n;
+    } else if (strcmp(opt, "--erq-duq") == 0 || strcmp(opt, "--erq-aqer") == 0 ||
+               strcmp(opt, "--erq-wqer") == 0) {
+        if (strcmp(val, "on") && strcmp(val, "off"))
+            return bad(opt, val, "on or off");
+        bool on = strcmp(val, "on") == 0;
+        if (opt[6] == 'd')
+            q->erq.duq = on;
+        else if (opt[6] == 'a')
+            q->erq.aqer = on;
+        else
+            q->erq.wqer = on;
+    } else if (strcmp(opt, "--erq-ri") == 0) {
+        if (strcmp(val, "on") == 0)
+            q->erq.ri = 1;
+        else if (strcmp(val, "off") == 0)
+            q->erq.ri = 0;
+        else if (strcmp(val, "flow") == 0)
+            q->erq.ri = -1;
+        else
+            return bad(opt, val, "on, off or flow");
+    } else if (strcmp(opt, "--recon-iters") == 0 || strcmp(opt, "--recon-batch") == 0) {
+        if (!parse_int(val, 1, 100000000, &n))
+            return bad(opt, val, "a positive count");
+        if (opt[8] == 'i')
+            q->recon.iters = (int)n;
+        else
+            q->recon.batch = (int)n;
+    } else if (strcmp(opt, "--recon-loss") == 0) {
+        int l = opq_recon_loss_from_name(val);
+        if (l < 0)
+            return bad(opt, val, "aph, mse or fisher");
+        q->recon.loss = (enum opq_recon_loss)l;
+    } else if (strcmp(opt, "--recon-qdrop") == 0) {
+        if (strcmp(val, "on") && strcmp(val, "off"))
+            return bad(opt, val, "on or off");
+        q->recon.qdrop = strcmp(val, "on") == 0;
+    } else if (strcmp(opt, "--time-budget") == 0) {
+        if (!parse_float(val, 0.0, 1e6, &d))
+            return bad(opt, val, "minutes (0: none)");
+        q->recon.time_budget = d;
+    } else if (strcmp(opt, "--checkpoint") == 0) {
+        q->recon.checkpoint = val;
     } else if (strcmp(opt, "--report") == 0) {
         *report_path = val;
     } else {
@@ -189,7 +266,10 @@ bool cli_quant_takes_value(const char *opt) {
         "--calib", "--calib-count", "--batch", "--holdout", "--resize", "--crop", "--mean",
         "--std", "--layout", "--channels", "--wbits", "--abits", "--weight-granularity",
         "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--weight-calibrator",
-        "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report"};
+        "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
+        "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
+        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",
+        "--recon-qdrop", "--time-budget", "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(opt, names[i]) == 0)
             return true;
@@ -216,6 +296,19 @@ void cli_report_print(const struct opq_report *r) {
         fprintf(stderr, "  %-48s %8s\n", "block output (held-out samples)", "SQNR dB");
         for (int i = 0; i < r->n_blocks; i++)
             fprintf(stderr, "  %-48s %8.2f\n", r->blocks[i].name, r->blocks[i].sqnr_db);
+    }
+    if (r->n_layers) {
+        fprintf(stderr, "  %-40s %9s %4s %10s %10s %10s %10s\n", "layer (relative output error)",
+                "in->out", "duq", "before", "aqer", "wqer", "rtn");
+        for (int i = 0; i < r->n_layers; i++) {
+            const struct opq_report_layer *l = &r->layers[i];
+            size_t len = strlen(l->name);
+            char io[32];
+            snprintf(io, sizeof(io), "%d->%d", l->d_in, l->d_out);
+            fprintf(stderr, "  %s%-*s %9s %4d %10.3e %10.3e %10.3e %10.3e\n", len > 40 ? "..." : "",
+                    len > 40 ? 37 : 40, len > 40 ? l->name + len - 37 : l->name, io,
+                    l->n_outliers, l->err_before, l->err_aqer, l->err_wqer, l->err_rtn);
+        }
     }
     if (r->have_eval)
         fprintf(stderr, "onnx-ptq: end to end on %d held-out samples: logits SQNR %.2f dB, "

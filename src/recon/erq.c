@@ -1,0 +1,863 @@
+/* erq.c: ERQ as the quantization flow's refinement step (see erq.h and
+ * ../shared/research/erq.md). Layers are independent: each one's statistics come from the float
+ * model's input to it, fake-quantized by its own activation quantizer; so all statistics are
+ * streamed through the unchanged float model and the new weights are written back at the end. */
+#define _POSIX_C_SOURCE 200809L
+#include "recon/erq.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "graph.h"
+#include "quant/placement.h"
+#include "quantize.h"
+#include "recon/erq_la.h"
+#include "strmap.h"
+
+#define CHUNK_ROWS 256 // tokens per Gram update
+
+void opq_erq_opts_default(struct opq_erq_opts *o) {
+    memset(o, 0, sizeof(*o));
+    o->lambda    = 0.16;
+    o->steps     = 100;
+    o->duq       = true;
+    o->duq_frac  = 0.05;
+    o->duq_ratio = 1.0;
+    o->ri        = 1;
+    o->aqer      = true;
+    o->wqer      = true;
+    o->mem_mb    = 512;
+}
+
+void opq_erq_state_free(struct opq_erq_state *s) {
+    if (!s)
+        return;
+    for (int i = 0; i < s->n_layers; i++) {
+        free(s->layers[i].w);
+        free(s->layers[i].outlier);
+        free(s->layers[i].qp_in);
+        free(s->layers[i].qp_out);
+    }
+    free(s->layers);
+    s->layers   = NULL;
+    s->n_layers = 0;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// ---- numerical kernels ---------------------------------------------------------------------------
+
+enum opq_status opq_erq_ridge_solve(struct opq_ctx *ctx, const double *A, int n, double lambda,
+                                    const double *B, int m, double *X) {
+    if (n <= 0)
+        return OPQ_OK;
+    double *a = malloc(sizeof(double) * (size_t)n * (size_t)n);
+    if (!a)
+        return OPQ_ERR_NOMEM;
+    memcpy(a, A, sizeof(double) * (size_t)n * (size_t)n);
+    for (int i = 0; i < n; i++)
+        a[(size_t)i * (size_t)n + (size_t)i] += lambda;
+    if (X != B)
+        memcpy(X, B, sizeof(double) * (size_t)n * (size_t)m);
+    bool ok = opq_erq_chol_solve(a, n, X, m);
+    free(a);
+    if (!ok)
+        return opq_set_error(ctx, OPQ_ERR_NUMERIC,
+                             "ERQ ridge solve: %dx%d system is not positive definite (lambda %g)",
+                             n, n, lambda);
+    return OPQ_OK;
+}
+
+double opq_erq_refine_row(const double *H, int k, double *d, const double *e_floor,
+                          const double *e_ceil, int steps, double *h, int *n_flips) {
+    double obj = 0.0;
+    int flips = 0;
+    for (int i = 0; i < k; i++) {
+        double s = 0.0;
+        for (int j = 0; j < k; j++)
+            s += H[(size_t)i * (size_t)k + (size_t)j] * d[j];
+        h[i] = s;
+        obj += d[i] * s;
+    }
+    for (int step = 0; step < steps; step++) {
+        int best = -1;
+        double bg = 0.0;
+        for (int j = 0; j < k; j++) {
+            double g = 2.0 * h[j];
+            if (d[j] * g > 0.0 && fabs(g) > bg) {
+                bg   = fabs(g);
+                best = j;
+            }
+        }
+        if (best < 0)
+            break;
+        double v  = d[best] - 2.0 * h[best];
+        double nd = fabs(v - e_ceil[best]) <= fabs(v - e_floor[best]) ? e_ceil[best]
+                                                                       : e_floor[best];
+        double dd = nd - d[best];
+        if (dd == 0.0)
+            break; // the same element would be chosen again: the row is finished
+        double change = 2.0 * dd * h[best] + dd * dd * H[(size_t)best * (size_t)k + (size_t)best];
+        if (change > 0.0)
+            break;
+        d[best] = nd;
+        for (int i = 0; i < k; i++)
+            h[i] += H[(size_t)i * (size_t)k + (size_t)best] * dd;
+        obj += change;
+        flips++;
+    }
+    if (n_flips)
+        *n_flips = flips;
+    return obj;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+// Linear-interpolation percentile (numpy's default) of sorted v[0..n), p in [0, 100].
+static double percentile_sorted(const double *v, int n, double p) {
+    double pos = p / 100.0 * (double)(n - 1);
+    int lo     = (int)floor(pos);
+    int hi     = lo + 1 < n ? lo + 1 : lo;
+    double f   = pos - (double)lo;
+    return v[lo] + (v[hi] - v[lo]) * f;
+}
+
+int opq_erq_duq_outliers(const double *theta, int d_out, int d_in, int ld, int k,
+                         uint8_t *outlier) {
+    memset(outlier, 0, (size_t)d_in);
+    int *count = calloc((size_t)d_in, sizeof(int));
+    long *first = malloc(sizeof(long) * (size_t)d_in);
+    double *pos = malloc(sizeof(double) * (size_t)d_in), *neg = malloc(sizeof(double) * (size_t)d_in);
+    int marked = 0;
+    if (!count || !first || !pos || !neg)
+        goto out;
+    long order = 0;
+    for (int j = 0; j < d_in; j++)
+        first[j] = LONG_MAX;
+    for (int i = 0; i < d_out; i++) {
+        const double *row = theta + (size_t)i * (size_t)ld;
+        int np = 0, nn = 0;
+        for (int j = 0; j < d_in; j++) {
+            if (row[j] > 0.0)
+                pos[np++] = row[j];
+            else if (row[j] < 0.0)
+                neg[nn++] = row[j];
+        }
+        qsort(pos, (size_t)np, sizeof(double), cmp_double);
+        qsort(neg, (size_t)nn, sizeof(double), cmp_double);
+        double tp = np ? percentile_sorted(pos, np, 99.0) : (double)INFINITY;
+        double tn = nn ? percentile_sorted(neg, nn, 1.0) : -(double)INFINITY;
+        for (int j = 0; j < d_in; j++) {
+            if (row[j] > tp || row[j] < tn) {
+                count[j]++;
+                if (first[j] == LONG_MAX)
+                    first[j] = order++;
+            }
+        }
+    }
+    for (int s = 0; s < k; s++) {
+        int best = -1;
+        for (int j = 0; j < d_in; j++) {
+            if (outlier[j] || count[j] == 0)
+                continue;
+            if (best < 0 || count[j] > count[best] ||
+                (count[j] == count[best] && first[j] < first[best]))
+                best = j;
+        }
+        if (best < 0)
+            break;
+        outlier[best] = 1;
+        marked++;
+    }
+out:
+    free(count);
+    free(first);
+    free(pos);
+    free(neg);
+    return marked;
+}
+
+// ---- layers and statistics -------------------------------------------------------------------------
+
+struct layer {
+    struct opq_node  *node;
+    struct opq_value *w;
+    float            *bias;       // NULL: no bias
+    int               t_w;        // weight target
+    int               group;      // input statistics
+    int               d_in, d_out;
+    bool              rows_are_in; // W[d_in][d_out]
+    float            *w_new, *b_new; // results, written back at the end
+};
+
+struct group {
+    struct opq_value         *x;
+    const struct opq_qparams *qa; // NULL: the input is not quantized
+    int                       d;  // D_in; the statistics are (d+1) x (d+1)
+    bool                      two_d;
+    int                       pass;
+    double                   *G, *E, *F;
+    double                    n;  // tokens seen
+};
+
+struct erq_run {
+    struct opq_ctx        *ctx;
+    struct opq_refine_ctx *rc;
+    struct opq_erq_state  *st;
+    struct layer          *layers;
+    int                    n_layers;
+    struct group          *groups;
+    int                    n_groups;
+    struct opq_strmap     *by_name; // input value name -> group + 1
+    int                    cur_pass;
+    double                *xq, *dx; // CHUNK_ROWS x (max d + 1)
+};
+
+static bool float_init(const struct opq_value *v) {
+    return v && (v->kind & OPQ_VK_INIT) && !(v->kind & OPQ_VK_INPUT) &&
+           v->t.dtype == OPQ_DTYPE_FLOAT && v->t.data;
+}
+
+// Finds the bias of a linear node: Gemm input C, or the initializer operand of the single Add
+// reading a MatMul's output. NULL if there is none the rewrite may change.
+static float *find_bias(struct opq_node *n, int d_out) {
+    struct opq_value *b = NULL;
+    if (n->op == OPQ_OP_GEMM) {
+        b = n->n_inputs >= 3 ? n->inputs[2] : NULL;
+    } else {
+        struct opq_value *y = n->outputs[0];
+        if (!y || y->n_users != 1 || (y->kind & OPQ_VK_OUTPUT))
+            return NULL;
+        struct opq_node *add = y->users[0];
+        if (add->op != OPQ_OP_ADD || add->n_inputs != 2)
+            return NULL;
+        b = add->inputs[0] == y ? add->inputs[1] : add->inputs[0];
+    }
+    size_t nb;
+    if (!float_init(b) || b->n_users != 1 || !opq_tensor_numel(&b->t, &nb) || nb != (size_t)d_out ||
+        b->t.shape[b->t.ndim - 1] != d_out)
+        return NULL;
+    return b->t.data;
+}
+
+// Collects the layers ERQ handles: MatMul x @ W and Gemm (alpha = beta = 1, transA = 0) with a
+// 2-D float weight target read by that node alone.
+static enum opq_status find_layers(struct erq_run *r) {
+    struct opq_refine_ctx *rc = r->rc;
+    struct opq_placement *pl  = rc->pl;
+    enum opq_status st        = OPQ_OK;
+    r->layers = calloc((size_t)pl->n_targets + 1, sizeof(*r->layers));
+    r->groups = calloc((size_t)pl->n_targets + 1, sizeof(*r->groups));
+    r->by_name = opq_strmap_new(r->ctx);
+    if (!r->layers || !r->groups || !r->by_name)
+        return OPQ_ERR_NOMEM;
+    for (int t = 0; t < pl->n_targets; t++) {
+        struct opq_qtarget *tg = &pl->targets[t];
+        struct opq_value *w    = tg->value;
+        if (tg->role != OPQ_QROLE_WEIGHT || tg->n_consumers != 1 || w->n_users != 1 ||
+            !float_init(w) || w->t.ndim != 2)
+            continue;
+        struct opq_node *n = tg->consumers[0];
+        if (n->n_inputs < 2 || n->inputs[1] != w || n->inputs[0] == w || !n->inputs[0])
+            continue;
+        bool rows_are_in;
+        if (n->op == OPQ_OP_MATMUL) {
+            rows_are_in = true;
+        } else if (n->op == OPQ_OP_GEMM) {
+            if (opq_node_attr_int(n, "transA", 0) != 0 || opq_node_attr_float(n, "alpha", 1.0f) != 1.0f ||
+                opq_node_attr_float(n, "beta", 1.0f) != 1.0f)
+                continue;
+            rows_are_in = opq_node_attr_int(n, "transB", 0) == 0;
+        } else {
+            continue;
+        }
+        int d_in  = (int)(rows_are_in ? w->t.shape[0] : w->t.shape[1]);
+        int d_out = (int)(rows_are_in ? w->t.shape[1] : w->t.shape[0]);
+        int n_ch  = rc->n_ch[t];
+        if (n_ch != 1 && (n_ch != d_out || rc->axis[t] != (rows_are_in ? 1 : 0)))
+            continue;
+        struct opq_value *x = n->inputs[0];
+        if (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim < 2 || x->t.shape[x->t.ndim - 1] != d_in)
+            continue;
+        intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, x->name) - 1;
+        if (gi < 0) {
+            gi = r->n_groups++;
+            struct group *g = &r->groups[gi];
+            g->x     = x;
+            g->d     = d_in;
+            g->two_d = x->t.ndim == 2;
+            for (int a = 0; a < pl->n_targets && !g->qa; a++) {
+                if (pl->targets[a].role != OPQ_QROLE_ACT || pl->targets[a].value != x)
+                    continue;
+                for (int c = 0; c < pl->targets[a].n_consumers; c++)
+                    if (pl->targets[a].consumers[c] == n)
+                        g->qa = &rc->qp[a][0];
+            }
+            if ((st = opq_strmap_put(r->by_name, x->name, (void *)(gi + 1))) != OPQ_OK)
+                return st;
+        }
+        struct layer *L = &r->layers[r->n_layers++];
+        L->node        = n;
+        L->w           = w;
+        L->t_w         = t;
+        L->group       = (int)gi;
+        L->d_in        = d_in;
+        L->d_out       = d_out;
+        L->rows_are_in = rows_are_in;
+        L->bias        = find_bias(n, d_out);
+    }
+    return OPQ_OK;
+}
+
+// Streams one tensor into its group's statistics, CHUNK_ROWS tokens at a time.
+static enum opq_status stats_capture(void *user, const char *name, const struct opq_tensor *t) {
+    struct erq_run *r = user;
+    intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, name) - 1;
+    size_t numel;
+    if (gi < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &numel))
+        return OPQ_OK;
+    struct group *g = &r->groups[gi];
+    if (g->pass != r->cur_pass || t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+        return OPQ_OK;
+    int d = g->d, P = d + 1;
+    size_t rows = numel / (size_t)d;
+    const float *x = t->data;
+    opq_erq_la_threads(r->ctx->n_threads);
+    for (size_t r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
+        int nr = (int)(rows - r0 < CHUNK_ROWS ? rows - r0 : CHUNK_ROWS);
+        for (int i = 0; i < nr; i++) {
+            const float *xi = x + (r0 + (size_t)i) * (size_t)d;
+            double *q = r->xq + (size_t)i * (size_t)P, *e = r->dx + (size_t)i * (size_t)P;
+            for (int j = 0; j < d; j++) {
+                float v = g->qa ? opq_fq(xi[j], g->qa) : xi[j];
+                q[j]    = (double)v;
+                e[j]    = (double)xi[j] - (double)v;
+            }
+            q[d] = 1.0;
+            e[d] = 0.0;
+        }
+        opq_erq_dsyrk_acc(P, nr, r->xq, P, g->G, P);
+        opq_erq_dgemm(true, false, P, P, nr, 1.0, r->xq, P, r->dx, P, 1.0, g->E, P);
+        opq_erq_dsyrk_acc(P, nr, r->dx, P, g->F, P);
+    }
+    opq_erq_la_threads(1);
+    g->n += (double)rows;
+    return OPQ_OK;
+}
+
+static void symmetrize(double *a, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            a[(size_t)i * (size_t)n + (size_t)j] = a[(size_t)j * (size_t)n + (size_t)i];
+}
+
+// ---- per-layer ERQ ---------------------------------------------------------------------------------
+
+// tr(A M B^T) over the first nc columns: A, B are d_out x ld, M is nc x nc with row stride ldm.
+static double quad(const double *A, const double *M, int ldm, const double *B, int d_out, int nc,
+                   int ld, double *tmp) {
+    opq_erq_dgemm(false, false, d_out, nc, nc, 1.0, A, ld, M, ldm, 0.0, tmp, nc);
+    double s = 0.0;
+    for (int i = 0; i < d_out; i++)
+        for (int j = 0; j < nc; j++)
+            s += tmp[(size_t)i * (size_t)nc + (size_t)j] * B[(size_t)i * (size_t)ld + (size_t)j];
+    return s;
+}
+
+struct layer_ctx {
+    const struct group *g;
+    const double *theta0;
+    int d_out, nc, P;
+    double c0, signal;
+    double *delta, *tmp;
+};
+
+// Relative output error of weights theta against the float layer on the calibration inputs.
+static double layer_err(struct layer_ctx *lc, const double *theta) {
+    size_t n = (size_t)lc->d_out * (size_t)lc->P;
+    for (size_t i = 0; i < n; i++)
+        lc->delta[i] = theta[i] - lc->theta0[i];
+    double e = quad(lc->delta, lc->g->G, lc->P, lc->delta, lc->d_out, lc->nc, lc->P, lc->tmp) -
+               2.0 * quad(lc->delta, lc->g->E, lc->P, lc->theta0, lc->d_out, lc->nc, lc->P, lc->tmp) +
+               lc->c0;
+    return lc->signal > 0.0 ? (e > 0.0 ? e : 0.0) / lc->signal : 0.0;
+}
+
+static inline float grid_value(int32_t q, const struct opq_qparams *p) {
+    return (float)(q - p->zero_point) * p->scale;
+}
+
+static inline int32_t clampq(double q, const struct opq_qparams *p) {
+    return q < (double)p->qmin ? p->qmin : (q > (double)p->qmax ? p->qmax : (int32_t)q);
+}
+
+// Grid of weight (row i, column j).
+struct grids {
+    const struct opq_qparams *single; // n_ch entries (1: per tensor)
+    int                       n_ch;
+    const uint8_t            *outlier; // NULL: single grid
+    const struct opq_qparams *qp_in, *qp_out;
+};
+
+static inline const struct opq_qparams *grid_of(const struct grids *gr, int i, int j) {
+    if (gr->outlier)
+        return gr->outlier[j] ? &gr->qp_out[i] : &gr->qp_in[i];
+    return &gr->single[gr->n_ch > 1 ? i : 0];
+}
+
+// Fits per-row qparams on the columns selected by sel (NULL: all; else columns with sel[j] ==
+// want) of theta (d_out x ld, first d_in columns).
+static enum opq_status fit_rows(const double *theta, int d_out, int d_in, int ld,
+                                const uint8_t *sel, int want, int n_ch, int32_t qmin,
+                                int32_t qmax, bool symmetric, enum opq_wcalib method,
+                                struct opq_qparams *out) {
+    int cnt = 0;
+    for (int j = 0; j < d_in; j++)
+        cnt += !sel || sel[j] == want;
+    if (cnt == 0)
+        return OPQ_OK;
+    float *buf = malloc(sizeof(float) * (size_t)d_out * (size_t)cnt);
+    if (!buf)
+        return OPQ_ERR_NOMEM;
+    for (int i = 0; i < d_out; i++) {
+        int c = 0;
+        for (int j = 0; j < d_in; j++)
+            if (!sel || sel[j] == want)
+                buf[(size_t)i * (size_t)cnt + (size_t)c++] =
+                    (float)theta[(size_t)i * (size_t)ld + (size_t)j];
+    }
+    size_t n = (size_t)d_out * (size_t)cnt;
+    enum opq_status st = n_ch > 1 ? opq_weight_qparams(buf, n, (size_t)d_out, (size_t)cnt, qmin,
+                                                       qmax, symmetric, method, out)
+                                  : opq_weight_qparams(buf, n, 1, n, qmin, qmax, symmetric,
+                                                       method, out);
+    free(buf);
+    return st;
+}
+
+// Progressive quantization with rounding refinement and ridge compensation (Wqer), or plain
+// round to nearest when wqer is off. theta (d_out x P) ends with every weight column on its grid.
+static enum opq_status wqer(struct erq_run *r, const struct group *g, double *theta, int d_out,
+                            int d_in, int nc, const struct grids *gr, bool do_wqer,
+                            long *n_flips) {
+    int P = g->d + 1;
+    double lambda2 = r->st->opts.lambda * g->n;
+    int steps = r->st->opts.steps;
+    int kmax = (nc + 1) / 2 + 1;
+    size_t nk = (size_t)d_out * (size_t)kmax;
+    double *dl = malloc(sizeof(double) * nk), *ef = malloc(sizeof(double) * nk);
+    double *ec = malloc(sizeof(double) * nk);
+    int32_t *qf = malloc(sizeof(int32_t) * nk), *qc = malloc(sizeof(int32_t) * nk);
+    double *H = malloc(sizeof(double) * (size_t)kmax * (size_t)kmax);
+    double *h = malloc(sizeof(double) * (size_t)kmax);
+    size_t rmax = (size_t)nc;
+    double *A = malloc(sizeof(double) * rmax * rmax), *M = malloc(sizeof(double) * rmax * (size_t)kmax);
+    double *dR = malloc(sizeof(double) * rmax * (size_t)d_out);
+    enum opq_status st = OPQ_OK;
+    if (!dl || !ef || !ec || !qf || !qc || !H || !h || !A || !M || !dR) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    if (!do_wqer) {
+        for (int i = 0; i < d_out; i++)
+            for (int j = 0; j < d_in; j++) {
+                double *t = &theta[(size_t)i * (size_t)P + (size_t)j];
+                const struct opq_qparams *p = grid_of(gr, i, j);
+                *t = (double)grid_value(clampq(nearbyint(*t / (double)p->scale) + p->zero_point, p), p);
+            }
+        goto out;
+    }
+    const double *s = g->G + d_in; // column of the ones: sum of the quantized inputs (stride P)
+    int done = 0, n = nc;
+    while (done < d_in) {
+        int k = n / 2 > 0 ? n / 2 : 1;
+        if (done + k > d_in)
+            k = d_in - done;
+        int r0 = done + k, nr = nc - r0;
+        // Candidate codes and errors of the columns in S, per row (row-major d_out x k).
+        for (int i = 0; i < d_out; i++)
+            for (int c = 0; c < k; c++) {
+                int j = done + c;
+                double x = theta[(size_t)i * (size_t)P + (size_t)j];
+                const struct opq_qparams *p = grid_of(gr, i, j);
+                double u = x / (double)p->scale;
+                int32_t q_n = clampq(nearbyint(u) + p->zero_point, p);
+                int32_t q_f = clampq(floor(u) + p->zero_point, p);
+                int32_t q_c = clampq(ceil(u) + p->zero_point, p);
+                size_t o = (size_t)i * (size_t)k + (size_t)c;
+                qf[o] = q_f;
+                qc[o] = q_c;
+                ef[o] = (double)grid_value(q_f, p) - x;
+                ec[o] = (double)grid_value(q_c, p) - x;
+                dl[o] = (double)grid_value(q_n, p) - x;
+            }
+        // Rounding refinement on H_S = (G_SS - mu mu^T) / (N - 1), mu = s_S / N.
+        if (steps > 0 && g->n > 1.0) {
+            for (int a = 0; a < k; a++)
+                for (int b = 0; b < k; b++) {
+                    double mu_a = s[(size_t)(done + a) * (size_t)P] / g->n;
+                    double mu_b = s[(size_t)(done + b) * (size_t)P] / g->n;
+                    H[(size_t)a * (size_t)k + (size_t)b] =
+                        (g->G[(size_t)(done + a) * (size_t)P + (size_t)(done + b)] - mu_a * mu_b) /
+                        (g->n - 1.0);
+                }
+            for (int i = 0; i < d_out; i++) {
+                int f = 0;
+                size_t o = (size_t)i * (size_t)k;
+                opq_erq_refine_row(H, k, dl + o, ef + o, ec + o, steps, h, &f);
+                *n_flips += f;
+            }
+        }
+        // Ridge compensation of the remaining columns R = [r0, nc): d_R = -M d_S.
+        if (nr > 0) {
+            for (int a = 0; a < nr; a++) {
+                memcpy(A + (size_t)a * (size_t)nr, g->G + (size_t)(r0 + a) * (size_t)P + r0,
+                       sizeof(double) * (size_t)nr);
+                memcpy(M + (size_t)a * (size_t)k, g->G + (size_t)(r0 + a) * (size_t)P + done,
+                       sizeof(double) * (size_t)k);
+            }
+            if ((st = opq_erq_ridge_solve(r->ctx, A, nr, lambda2, M, k, M)) != OPQ_OK)
+                goto out;
+            // dR (nr x d_out) = -M (nr x k) * dS^T, dS = dl (d_out x k)
+            opq_erq_dgemm(false, true, nr, d_out, k, -1.0, M, k, dl, k, 0.0, dR, d_out);
+            for (int i = 0; i < d_out; i++)
+                for (int a = 0; a < nr; a++)
+                    theta[(size_t)i * (size_t)P + (size_t)(r0 + a)] +=
+                        dR[(size_t)a * (size_t)d_out + (size_t)i];
+        }
+        // S onto the grid: the code whose error is the chosen one.
+        for (int i = 0; i < d_out; i++)
+            for (int c = 0; c < k; c++) {
+                size_t o = (size_t)i * (size_t)k + (size_t)c;
+                int j = done + c;
+                const struct opq_qparams *p = grid_of(gr, i, j);
+                int32_t q = fabs(dl[o] - ec[o]) < fabs(dl[o] - ef[o]) ? qc[o] : qf[o];
+                theta[(size_t)i * (size_t)P + (size_t)j] = (double)grid_value(q, p);
+            }
+        done += k;
+        n -= k;
+    }
+out:
+    free(dl);
+    free(ef);
+    free(ec);
+    free(qf);
+    free(qc);
+    free(H);
+    free(h);
+    free(A);
+    free(M);
+    free(dR);
+    return st;
+}
+
+static double column_ratio(const double *theta, int d_out, int d_in, int ld) {
+    double *c = calloc((size_t)d_in, sizeof(double));
+    if (!c)
+        return 0.0;
+    for (int i = 0; i < d_out; i++)
+        for (int j = 0; j < d_in; j++)
+            c[j] = fmax(c[j], fabs(theta[(size_t)i * (size_t)ld + (size_t)j]));
+    qsort(c, (size_t)d_in, sizeof(double), cmp_double);
+    double ratio = c[d_in / 2] > 0.0 ? c[d_in - 1] / c[d_in / 2] : 0.0;
+    free(c);
+    return ratio;
+}
+
+static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_erq_layer *out) {
+    struct opq_refine_ctx *rc = r->rc;
+    const struct opq_erq_opts *eo = &r->st->opts;
+    const struct group *g = &r->groups[L->group];
+    int d_in = L->d_in, d_out = L->d_out, P = d_in + 1, nc = d_in + (L->bias ? 1 : 0);
+    size_t tn = (size_t)d_out * (size_t)P;
+    struct opq_qparams *qp = rc->qp[L->t_w];
+    int n_ch = rc->n_ch[L->t_w];
+    bool symmetric = !rc->opts->w_asym || rc->opts->target == OPQ_TARGET_TRT;
+    double *th0 = calloc(tn, sizeof(double)), *th = calloc(tn, sizeof(double));
+    double *delta = malloc(sizeof(double) * tn), *tmp = malloc(sizeof(double) * tn);
+    double *rhs = malloc(sizeof(double) * (size_t)P * (size_t)d_out);
+    enum opq_status st = OPQ_OK;
+    if (!th0 || !th || !delta || !tmp || !rhs) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    const float *w = L->w->t.data;
+    for (int i = 0; i < d_out; i++) {
+        for (int j = 0; j < d_in; j++)
+            th0[(size_t)i * (size_t)P + (size_t)j] =
+                (double)(L->rows_are_in ? w[(size_t)j * (size_t)d_out + (size_t)i]
+                                        : w[(size_t)i * (size_t)d_in + (size_t)j]);
+        th0[(size_t)i * (size_t)P + (size_t)d_in] = L->bias ? (double)L->bias[i] : 0.0;
+    }
+    struct layer_ctx lc = {.g = g, .theta0 = th0, .d_out = d_out, .nc = nc, .P = P,
+                           .delta = delta, .tmp = tmp};
+    lc.c0 = quad(th0, g->F, P, th0, d_out, nc, P, tmp);
+    lc.signal = quad(th0, g->G, P, th0, d_out, nc, P, tmp) +
+                2.0 * quad(th0, g->E, P, th0, d_out, nc, P, tmp) + lc.c0;
+    snprintf(out->name, sizeof(out->name), "%s", L->node->name ? L->node->name : L->w->name);
+    out->d_in  = d_in;
+    out->d_out = d_out;
+    out->err_before = layer_err(&lc, th0);
+    // Reference: round to nearest on the flow's grids.
+    memcpy(th, th0, sizeof(double) * tn);
+    for (int i = 0; i < d_out; i++)
+        for (int j = 0; j < d_in; j++) {
+            double *t = &th[(size_t)i * (size_t)P + (size_t)j];
+            *t = (double)opq_fq((float)*t, &qp[n_ch > 1 ? i : 0]);
+        }
+    out->err_rtn = layer_err(&lc, th);
+
+    // Aqer: (G + l1 I) dTheta^T = E Theta^T over the nc used columns.
+    memcpy(th, th0, sizeof(double) * tn);
+    double t0 = now_s();
+    if (eo->aqer && g->qa) {
+        double l1 = eo->lambda * g->n * (g->two_d ? 0.02 : 1.0);
+        opq_erq_dgemm(false, true, nc, d_out, nc, 1.0, g->E, P, th0, P, 0.0, rhs, d_out);
+        double *A = malloc(sizeof(double) * (size_t)nc * (size_t)nc);
+        if (!A) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        for (int a = 0; a < nc; a++)
+            memcpy(A + (size_t)a * (size_t)nc, g->G + (size_t)a * (size_t)P, sizeof(double) * (size_t)nc);
+        st = opq_erq_ridge_solve(r->ctx, A, nc, l1, rhs, d_out, rhs);
+        free(A);
+        if (st != OPQ_OK)
+            goto out;
+        for (int i = 0; i < d_out; i++)
+            for (int j = 0; j < nc; j++)
+                th[(size_t)i * (size_t)P + (size_t)j] += rhs[(size_t)j * (size_t)d_out + (size_t)i];
+    }
+    out->err_aqer = layer_err(&lc, th);
+    r->st->t_aqer += now_s() - t0;
+
+    // Grids re-fitted on the updated weights; DUQ where columns are outliers.
+    t0 = now_s();
+    struct grids gr = {.single = qp, .n_ch = n_ch};
+    int32_t qmin = qp[0].qmin, qmax = qp[0].qmax;
+    enum opq_wcalib method = rc->opts->wcalib;
+    int k_out = (int)floor(eo->duq_frac * (double)d_out);
+    if (k_out > d_in / 2)
+        k_out = d_in / 2;
+    if (eo->duq && n_ch == d_out && k_out > 0 && column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
+        out->outlier = malloc((size_t)d_in);
+        out->qp_in   = calloc((size_t)d_out, sizeof(*out->qp_in));
+        out->qp_out  = calloc((size_t)d_out, sizeof(*out->qp_out));
+        if (!out->outlier || !out->qp_in || !out->qp_out) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        out->n_outliers = opq_erq_duq_outliers(th, d_out, d_in, P, k_out, out->outlier);
+    }
+    if (out->n_outliers > 0) {
+        if ((st = fit_rows(th, d_out, d_in, P, out->outlier, 0, n_ch, qmin, qmax, symmetric,
+                           method, out->qp_in)) != OPQ_OK ||
+            (st = fit_rows(th, d_out, d_in, P, out->outlier, 1, n_ch, qmin, qmax, symmetric,
+                           method, out->qp_out)) != OPQ_OK)
+            goto out;
+        gr.outlier = out->outlier;
+        gr.qp_in   = out->qp_in;
+        gr.qp_out  = out->qp_out;
+    } else if ((st = fit_rows(th, d_out, d_in, P, NULL, 0, n_ch, qmin, qmax, symmetric, method,
+                              qp)) != OPQ_OK) {
+        goto out;
+    }
+    long flips = 0;
+    if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, &flips)) != OPQ_OK)
+        goto out;
+    out->err_wqer = layer_err(&lc, th);
+    r->st->t_wqer += now_s() - t0;
+
+    // Results in the initializer's layout (written back once every layer is done).
+    size_t wn = (size_t)d_in * (size_t)d_out;
+    L->w_new = malloc(sizeof(float) * wn);
+    L->b_new = L->bias ? malloc(sizeof(float) * (size_t)d_out) : NULL;
+    if (!L->w_new || (L->bias && !L->b_new)) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    for (int i = 0; i < d_out; i++) {
+        for (int j = 0; j < d_in; j++) {
+            float v = (float)th[(size_t)i * (size_t)P + (size_t)j];
+            L->w_new[L->rows_are_in ? (size_t)j * (size_t)d_out + (size_t)i
+                                    : (size_t)i * (size_t)d_in + (size_t)j] = v;
+        }
+        if (L->bias)
+            L->b_new[i] = (float)th[(size_t)i * (size_t)P + (size_t)d_in];
+    }
+    if (out->n_outliers > 0) {
+        out->node        = L->node;
+        out->axis        = rc->axis[L->t_w];
+        out->n_ch        = n_ch;
+        out->rows_are_in = L->rows_are_in;
+        out->shape[0]    = L->w->t.shape[0];
+        out->shape[1]    = L->w->t.shape[1];
+        out->w           = malloc(sizeof(float) * wn);
+        if (!out->w) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        memcpy(out->w, L->w_new, sizeof(float) * wn);
+        // The flow encodes this weight on one grid before the DUQ rewrite replaces it: give it the
+        // inlier grid.
+        for (int i = 0; i < d_out; i++)
+            qp[i] = out->qp_in[i];
+    }
+    opq_log(r->ctx, OPQ_LOG_DEBUG, "erq: %s: %ld rounding flips", out->name, flips);
+out:
+    free(th0);
+    free(th);
+    free(delta);
+    free(tmp);
+    free(rhs);
+    return st;
+}
+
+// ---- driver ----------------------------------------------------------------------------------------
+
+enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
+    struct opq_erq_state *s = user;
+    struct erq_run r = {.ctx = rc->ctx, .rc = rc, .st = s};
+    const char **names = NULL;
+    enum opq_status st = find_layers(&r);
+    if (st != OPQ_OK)
+        goto out;
+    opq_erq_state_free(s);
+    s->layers = calloc((size_t)r.n_layers + 1, sizeof(*s->layers));
+    names     = calloc((size_t)r.n_groups + 1, sizeof(*names));
+    int dmax  = 1;
+    for (int gi = 0; gi < r.n_groups; gi++)
+        dmax = r.groups[gi].d > dmax ? r.groups[gi].d : dmax;
+    r.xq = malloc(sizeof(double) * CHUNK_ROWS * (size_t)(dmax + 1));
+    r.dx = malloc(sizeof(double) * CHUNK_ROWS * (size_t)(dmax + 1));
+    if (!s->layers || !names || !r.xq || !r.dx) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
+    // Passes over the calibration data, each holding at most mem_mb of statistics.
+    double budget = (double)(s->opts.mem_mb > 0 ? s->opts.mem_mb : 1) * 1048576.0;
+    int n_pass = 0;
+    double used = 0.0;
+    for (int gi = 0; gi < r.n_groups; gi++) {
+        double b = 3.0 * 8.0 * (double)(r.groups[gi].d + 1) * (double)(r.groups[gi].d + 1);
+        if (gi == 0 || used + b > budget) {
+            n_pass++;
+            used = 0.0;
+        }
+        used += b;
+        r.groups[gi].pass = n_pass - 1;
+    }
+    opq_log(r.ctx, OPQ_LOG_INFO, "erq: %d linear layers, %d inputs, %d calibration pass(es) over %d "
+            "samples", r.n_layers, r.n_groups, n_pass, rc->n_calib);
+    int n_done = 0;
+    for (int pass = 0; pass < n_pass; pass++) {
+        double t0 = now_s();
+        int n_names = 0;
+        for (int gi = 0; gi < r.n_groups; gi++) {
+            struct group *g = &r.groups[gi];
+            if (g->pass != pass)
+                continue;
+            size_t PP = (size_t)(g->d + 1) * (size_t)(g->d + 1);
+            g->G = calloc(PP, sizeof(double));
+            g->E = calloc(PP, sizeof(double));
+            g->F = calloc(PP, sizeof(double));
+            if (!g->G || !g->E || !g->F) {
+                st = OPQ_ERR_NOMEM;
+                goto out;
+            }
+            names[n_names++] = g->x->name;
+        }
+        r.cur_pass = pass;
+        st = opq_calib_stream(r.ctx, rc->model, rc->src, 0, rc->n_calib, rc->opts->batch, names,
+                              n_names, stats_capture, &r, "erq statistics");
+        if (st != OPQ_OK)
+            goto out;
+        for (int gi = 0; gi < r.n_groups; gi++) {
+            struct group *g = &r.groups[gi];
+            if (g->pass != pass)
+                continue;
+            int P = g->d + 1;
+            symmetrize(g->G, P);
+            symmetrize(g->F, P);
+            if (g->n < 1.0) {
+                st = opq_set_error(r.ctx, OPQ_ERR_INTERNAL, "erq: no calibration data reached '%s'",
+                                   g->x->name);
+                goto out;
+            }
+        }
+        s->t_stats += now_s() - t0;
+        opq_erq_la_threads(r.ctx->n_threads);
+        for (int li = 0; li < r.n_layers; li++) {
+            struct layer *L = &r.layers[li];
+            if (r.groups[L->group].pass != pass)
+                continue;
+            st = do_layer(&r, L, &s->layers[s->n_layers]);
+            s->n_layers++;
+            if (st != OPQ_OK) {
+                opq_erq_la_threads(1);
+                goto out;
+            }
+            opq_progress(r.ctx, "erq layers", ++n_done, r.n_layers);
+        }
+        opq_erq_la_threads(1);
+        for (int gi = 0; gi < r.n_groups; gi++) {
+            struct group *g = &r.groups[gi];
+            if (g->pass != pass)
+                continue;
+            free(g->G);
+            free(g->E);
+            free(g->F);
+            g->G = g->E = g->F = NULL;
+        }
+    }
+    // Write back.
+    for (int li = 0; li < r.n_layers; li++) {
+        struct layer *L = &r.layers[li];
+        memcpy(L->w->t.data, L->w_new, sizeof(float) * (size_t)L->d_in * (size_t)L->d_out);
+        if (L->bias)
+            memcpy(L->bias, L->b_new, sizeof(float) * (size_t)L->d_out);
+    }
+    opq_log(r.ctx, OPQ_LOG_INFO, "erq: relative output error per layer (calibration set)");
+    opq_log(r.ctx, OPQ_LOG_INFO, "  %-40s %9s %5s %10s %10s %10s %10s", "layer", "in->out", "duq",
+            "before", "aqer", "wqer", "(rtn)");
+    for (int i = 0; i < s->n_layers; i++) {
+        const struct opq_erq_layer *l = &s->layers[i];
+        size_t len = strlen(l->name);
+        char io[32];
+        snprintf(io, sizeof(io), "%d->%d", l->d_in, l->d_out);
+        opq_log(r.ctx, OPQ_LOG_INFO, "  %s%-*s %9s %5d %10.3e %10.3e %10.3e %10.3e",
+                len > 40 ? "..." : "", len > 40 ? 37 : 40, len > 40 ? l->name + len - 37 : l->name,
+                io, l->n_outliers, l->err_before, l->err_aqer, l->err_wqer, l->err_rtn);
+    }
+out:
+    opq_erq_la_threads(1);
+    if (r.layers)
+        for (int li = 0; li < r.n_layers; li++) {
+            free(r.layers[li].w_new);
+            free(r.layers[li].b_new);
+        }
+    if (r.groups)
+        for (int gi = 0; gi < r.n_groups; gi++) {
+            free(r.groups[gi].G);
+            free(r.groups[gi].E);
+            free(r.groups[gi].F);
+        }
+    free(r.layers);
+    free(r.groups);
+    free(r.xq);
+    free(r.dx);
+    free(names);
+    opq_strmap_free(r.by_name);
+    return st;
+}

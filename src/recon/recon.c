@@ -1,0 +1,1573 @@
+/* recon.c: the block-reconstruction engine (see recon.h for the method). Layout of this file:
+ * graph analysis (units, sub-ranges, quantizers), unit forward/backward around the executor,
+ * losses and output weights, the training loop, checkpoints, and the refine hook. */
+#define _POSIX_C_SOURCE 200809L
+#include "recon/recon.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "calib_data.h"
+#include "graph.h"
+#include "quant/placement.h"
+#include "quantize.h"
+#include "recognize.h"
+#include "rng.h"
+
+void opq_recon_report_free(struct opq_recon_report *r) {
+    if (!r)
+        return;
+    free(r->units);
+    r->units = NULL;
+    r->n_units = 0;
+}
+
+// ---- state --------------------------------------------------------------------------------------
+
+enum wmode { W_FLOAT = 0, W_SOFT, W_HARD };
+enum amode { A_OFF = 0, A_HARD, A_SOFT };
+
+// An activation quantizer of the current unit (per tensor, or per channel along rc->axis[t]).
+struct site {
+    int t;                  // placement target
+    int vi;                 // value index
+    int prod;               // producer node index; -1: the unit input
+    struct opq_qparams *qp; // rc->qp[t][n_ch]: scales written back when hardening
+    int n_ch;
+    size_t inner;   // elements after the channel axis (per tensor: all)
+    float *scale;   // [n_ch] trained step sizes
+    float *m, *v;   // [n_ch] Adam state
+    float *gs;      // [n_ch] gradient of the current iteration
+    double *dscale; // [n_ch] its accumulation
+    float *x;       // pre-quantization values of the batch
+    uint8_t *keep;  // 1: element quantized in this iteration
+};
+
+// A weight with AdaRound rounding variables.
+struct wparam {
+    int t;
+    struct opq_value *v;
+    size_t n, inner;
+    int n_ch;
+    const struct opq_qparams *qp; // n_ch entries
+    float *w0;                    // the model's float data
+    float *wq;                    // quantized values handed to the executor
+    float *base;                  // floor(w0 / s)
+    float *alpha, *m, *v2, *g, *dwda;
+};
+
+struct sub {
+    int first, last;
+    int *ext; // values read from outside the sub-range (no initializers)
+    int n_ext;
+    int *outs; // values produced here and read after it (or the unit output)
+    int n_outs;
+    int *wts; // wparam indices read here
+    int n_wts;
+};
+
+struct unit {
+    int first, last;
+    char name[64];
+    int in_vi, out_vi;
+    struct sub *subs;
+    int n_subs;
+    struct site *sites;
+    int n_sites;
+    struct wparam *wps;
+    int n_wps;
+};
+
+struct eng {
+    struct opq_ctx *ctx;
+    struct opq_refine_ctx *rc;
+    const struct opq_recon_opts *o;
+    struct opq_graph *g;
+    struct opq_exec *ex;
+    int B, N;
+    bool *dyn;      // per value
+    int *site_of;   // per value: site index + 1 in the current unit
+    void **fwd;     // per value: one batch of data
+    float **grd;    // per value: its gradient
+    size_t *bbytes; // per value: bytes of one batch
+    struct unit *units;
+    int n_units;
+    int logits_vi;
+    int64_t K;        // classes
+    float *logits_fp; // N * K (Fisher)
+    struct opq_rng rng;
+    uint64_t fingerprint;
+};
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static long peak_rss_kb(void) {
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
+}
+
+static enum opq_status nomem(struct opq_ctx *ctx) {
+    return opq_set_error(ctx, OPQ_ERR_NOMEM, "reconstruction: out of memory");
+}
+
+static int node_pos(const struct opq_node *n) {
+    return n ? n->index : -1;
+}
+
+// A named tensor for value vi with the planned shape and the given data.
+static struct opq_named_tensor named(const struct eng *e, int vi, void *data) {
+    const struct opq_value *v = e->g->values[vi];
+    struct opq_named_tensor nt = {.name = v->name, .t = *opq_exec_value(e->ex, v->name)};
+    nt.t.data = data;
+    return nt;
+}
+
+// ---- graph analysis -----------------------------------------------------------------------------
+
+// Values that change from run to run: graph inputs, trainable weights and what depends on them
+// (Shape/Size/Constant results are folded at plan time whatever their inputs).
+static void mark_dynamic(struct eng *e) {
+    struct opq_graph *g = e->g;
+    for (int i = 0; i < g->n_values; i++) {
+        uint32_t k = g->values[i]->kind;
+        e->dyn[i] = ((k & OPQ_VK_INPUT) && !(k & OPQ_VK_INIT)) || (k & OPQ_VK_PARAM);
+    }
+    for (int i = 0; i < g->n_nodes; i++) {
+        struct opq_node *n = g->nodes[i];
+        if (n->op == OPQ_OP_SHAPE || n->op == OPQ_OP_SIZE || n->op == OPQ_OP_CONSTANT)
+            continue;
+        bool d = false;
+        for (int j = 0; j < n->n_inputs; j++)
+            d = d || (n->inputs[j] && e->dyn[n->inputs[j]->index]);
+        for (int j = 0; j < n->n_outputs && d; j++)
+            if (n->outputs[j])
+                e->dyn[n->outputs[j]->index] = true;
+    }
+}
+
+// True if value v (produced before node `first`) is read by a node at index >= first.
+static bool read_from(const struct opq_value *v, int first, int last) {
+    for (int u = 0; u < v->n_users; u++) {
+        int p = v->users[u]->index;
+        if (p >= first && p <= last)
+            return true;
+    }
+    return false;
+}
+
+// Appends vi to a small set (arrays sized by the caller).
+static void set_add(int *a, int *n, int vi) {
+    for (int i = 0; i < *n; i++)
+        if (a[i] == vi)
+            return;
+    a[(*n)++] = vi;
+}
+
+static int cmp_int(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+// The one dynamic value crossing into node `first` from before it.
+static enum opq_status state_at(struct eng *e, int first, int *vi) {
+    struct opq_graph *g = e->g;
+    int found = -1;
+    for (int i = 0; i < g->n_values; i++) {
+        struct opq_value *v = g->values[i];
+        if (!e->dyn[i] || (v->kind & OPQ_VK_INIT))
+            continue;
+        if (node_pos(v->producer) >= first)
+            continue;
+        if (!read_from(v, first, g->n_nodes - 1))
+            continue;
+        if (found >= 0)
+            return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "reconstruction: more than one value crosses into node %d "
+                                 "('%s' and '%s'); units need a single input",
+                                 first, g->values[found]->name, v->name);
+        found = i;
+    }
+    if (found < 0)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: no value crosses into node %d", first);
+    *vi = found;
+    return OPQ_OK;
+}
+
+static enum opq_status build_unit(struct eng *e, struct unit *U, int ui) {
+    struct opq_refine_ctx *rc = e->rc;
+    struct opq_graph *g = e->g;
+    struct opq_placement *pl = rc->pl;
+    enum opq_status st;
+    if ((st = state_at(e, U->first, &U->in_vi)) != OPQ_OK)
+        return st;
+    if (U->last == g->n_nodes - 1) {
+        U->out_vi = e->logits_vi;
+    } else if ((st = state_at(e, U->last + 1, &U->out_vi)) != OPQ_OK) {
+        return st;
+    }
+    int op = node_pos(g->values[U->out_vi]->producer);
+    if (op < U->first || op > U->last)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: unit %d (nodes %d..%d) does not produce '%s'", ui,
+                             U->first, U->last, g->values[U->out_vi]->name);
+    // quantizers
+    U->sites = calloc((size_t)pl->n_targets + 1, sizeof(*U->sites));
+    U->wps = calloc((size_t)pl->n_targets + 1, sizeof(*U->wps));
+    int *splits = calloc((size_t)pl->n_targets + 2, sizeof(int));
+    if (!U->sites || !U->wps || !splits) {
+        free(splits);
+        return nomem(e->ctx);
+    }
+    int n_splits = 0;
+    for (int t = 0; t < pl->n_targets; t++) {
+        struct opq_qtarget *tg = &pl->targets[t];
+        bool in_unit = false;
+        for (int c = 0; c < tg->n_consumers; c++)
+            in_unit = in_unit ||
+                      (tg->consumers[c]->index >= U->first && tg->consumers[c]->index <= U->last);
+        if (!in_unit)
+            continue;
+        struct opq_value *v = tg->value;
+        if (tg->role == OPQ_QROLE_WEIGHT) {
+            struct wparam *w = &U->wps[U->n_wps++];
+            w->t = t;
+            w->v = v;
+            w->n_ch = rc->n_ch[t];
+            w->qp = rc->qp[t];
+            w->w0 = v->t.data; // the model's buffer: hardened weights are written here
+            if (!opq_tensor_numel(&v->t, &w->n) || v->t.dtype != OPQ_DTYPE_FLOAT) {
+                free(splits);
+                return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                     "reconstruction: weight '%s' is not a float tensor", v->name);
+            }
+            w->inner = 1;
+            if (w->n_ch > 1)
+                for (int d = rc->axis[t] + 1; d < v->t.ndim; d++)
+                    w->inner *= (size_t)v->t.shape[d];
+            continue;
+        }
+        struct site *s = &U->sites[U->n_sites++];
+        s->t = t;
+        s->vi = v->index;
+        s->qp = rc->qp[t];
+        s->n_ch = rc->n_ch[t] > 0 ? rc->n_ch[t] : 1;
+        s->prod = node_pos(v->producer);
+        if (s->prod < U->first) {
+            if (v->index != U->in_vi && e->dyn[v->index]) {
+                free(splits);
+                return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                     "reconstruction: activation '%s' is quantized in unit '%s' "
+                                     "but computed before it",
+                                     v->name, U->name);
+            }
+            if (!e->dyn[v->index]) { // a constant input of a quantized op: nothing to learn
+                U->n_sites--;
+                continue;
+            }
+            s->prod = -1;
+        } else {
+            // every reader of a quantized value inside the unit must be a quantized consumer
+            for (int u = 0; u < v->n_users; u++) {
+                struct opq_node *r = v->users[u];
+                if (r->index < U->first || r->index > U->last || r->op == OPQ_OP_SHAPE ||
+                    r->op == OPQ_OP_SIZE)
+                    continue;
+                bool q = false;
+                for (int c = 0; c < tg->n_consumers; c++)
+                    q = q || tg->consumers[c] == r;
+                if (!q) {
+                    free(splits);
+                    return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                         "reconstruction: activation '%s' feeds both quantized "
+                                         "and float nodes (node '%s')",
+                                         v->name, r->name);
+                }
+            }
+            if (s->prod < U->last)
+                splits[n_splits++] = s->prod;
+        }
+    }
+    qsort(splits, (size_t)n_splits, sizeof(int), cmp_int);
+    U->subs = calloc((size_t)n_splits + 1, sizeof(*U->subs));
+    if (!U->subs) {
+        free(splits);
+        return nomem(e->ctx);
+    }
+    int start = U->first;
+    for (int i = 0; i <= n_splits; i++) {
+        int end = i < n_splits ? splits[i] : U->last;
+        if (end < start)
+            continue;
+        U->subs[U->n_subs++] = (struct sub){.first = start, .last = end};
+        start = end + 1;
+    }
+    free(splits);
+    // sub-range inputs and outputs
+    for (int r = 0; r < U->n_subs; r++) {
+        struct sub *S = &U->subs[r];
+        int cap = 0;
+        for (int i = S->first; i <= S->last; i++)
+            cap += g->nodes[i]->n_inputs + g->nodes[i]->n_outputs;
+        S->ext = calloc((size_t)cap + 1, sizeof(int));
+        S->outs = calloc((size_t)cap + 2, sizeof(int));
+        S->wts = calloc((size_t)U->n_wps + 1, sizeof(int));
+        if (!S->ext || !S->outs || !S->wts)
+            return nomem(e->ctx);
+        for (int i = S->first; i <= S->last; i++) {
+            struct opq_node *n = g->nodes[i];
+            for (int j = 0; j < n->n_inputs; j++) {
+                struct opq_value *v = n->inputs[j];
+                if (!v || !e->dyn[v->index])
+                    continue;
+                if (v->kind & OPQ_VK_INIT) {
+                    for (int w = 0; w < U->n_wps; w++)
+                        if (U->wps[w].v == v)
+                            set_add(S->wts, &S->n_wts, w);
+                    continue;
+                }
+                if (node_pos(v->producer) < S->first)
+                    set_add(S->ext, &S->n_ext, v->index);
+            }
+            for (int j = 0; j < n->n_outputs; j++) {
+                struct opq_value *v = n->outputs[j];
+                if (!v || !e->dyn[v->index])
+                    continue;
+                if (v->index == U->out_vi || read_from(v, S->last + 1, g->n_nodes - 1))
+                    set_add(S->outs, &S->n_outs, v->index);
+            }
+        }
+    }
+    return OPQ_OK;
+}
+
+static void free_units(struct eng *e) {
+    for (int u = 0; u < e->n_units; u++) {
+        struct unit *U = &e->units[u];
+        for (int r = 0; r < U->n_subs; r++) {
+            free(U->subs[r].ext);
+            free(U->subs[r].outs);
+            free(U->subs[r].wts);
+        }
+        free(U->subs);
+        free(U->sites);
+        free(U->wps);
+    }
+    free(e->units);
+}
+
+// Units: cut the node list at the first node of every block and after its last node.
+static enum opq_status find_units(struct eng *e) {
+    struct opq_graph *g = e->g;
+    struct opq_recognized *rec = NULL;
+    enum opq_status st = opq_recognize(e->ctx, g, &rec);
+    if (st != OPQ_OK)
+        return st;
+    int *cuts = calloc((size_t)rec->n_items * 2 + 2, sizeof(int));
+    if (!cuts) {
+        opq_recognized_free(rec);
+        return nomem(e->ctx);
+    }
+    int nc = 0;
+    cuts[nc++] = 0;
+    for (int i = 0; i < rec->n_items; i++) {
+        if (rec->items[i].kind != OPQ_PAT_BLOCK)
+            continue;
+        cuts[nc++] = rec->items[i].first;
+        if (rec->items[i].last + 1 < g->n_nodes)
+            cuts[nc++] = rec->items[i].last + 1;
+    }
+    qsort(cuts, (size_t)nc, sizeof(int), cmp_int);
+    e->units = calloc((size_t)nc + 1, sizeof(*e->units));
+    if (!e->units) {
+        free(cuts);
+        opq_recognized_free(rec);
+        return nomem(e->ctx);
+    }
+    int n_blocks = 0;
+    for (int i = 0; i < nc; i++) {
+        if (i > 0 && cuts[i] == cuts[i - 1])
+            continue;
+        int end = (i + 1 < nc) ? cuts[i + 1] - 1 : g->n_nodes - 1;
+        for (int k = i + 1; k < nc && cuts[k] == cuts[i]; k++)
+            end = (k + 1 < nc) ? cuts[k + 1] - 1 : g->n_nodes - 1;
+        struct unit *U = &e->units[e->n_units++];
+        U->first = cuts[i];
+        U->last = end;
+        bool block = false;
+        for (int k = 0; k < rec->n_items; k++)
+            block =
+                block || (rec->items[k].kind == OPQ_PAT_BLOCK && rec->items[k].first == U->first);
+        if (block)
+            snprintf(U->name, sizeof(U->name), "block %d", n_blocks++);
+        else if (U->first == 0)
+            snprintf(U->name, sizeof(U->name), "embedding");
+        else if (U->last == g->n_nodes - 1)
+            snprintf(U->name, sizeof(U->name), "head");
+        else
+            snprintf(U->name, sizeof(U->name), "between %d", n_blocks);
+    }
+    free(cuts);
+    opq_recognized_free(rec);
+    if (n_blocks == 0)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: no transformer block recognized in the model");
+    for (int u = 0; u < e->n_units; u++)
+        if ((st = build_unit(e, &e->units[u], u)) != OPQ_OK)
+            return st;
+    return OPQ_OK;
+}
+
+// ---- unit forward / backward --------------------------------------------------------------------
+
+static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
+    (void)e;
+    for (int k = 0; k < U->n_wps; k++) {
+        struct wparam *w = &U->wps[k];
+        if (wm == W_FLOAT) {
+            w->v->t.data = w->w0;
+            continue;
+        }
+        for (size_t i = 0; i < w->n; i++) {
+            const struct opq_qparams *p =
+                &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+            float z = (float)p->zero_point, dh = 0.0f, h;
+            if (wm == W_SOFT)
+                h = opq_adaround_h(w->alpha[i], &dh);
+            else
+                h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
+            float q = w->base[i] + h + z;
+            bool clamped = q < (float)p->qmin || q > (float)p->qmax;
+            q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
+            w->wq[i] = (q - z) * p->scale;
+            if (wm == W_SOFT)
+                w->dwda[i] = clamped ? 0.0f : p->scale * dh;
+        }
+        w->v->t.data = w->wq;
+    }
+}
+
+static size_t site_ch(const struct site *s, size_t i) {
+    return s->n_ch > 1 ? (i / s->inner) % (size_t)s->n_ch : 0;
+}
+
+// Bernoulli draws 8 bits at a time: true with probability thr / 256.
+struct coin {
+    uint32_t bits;
+    int left;
+};
+
+static bool coin_flip(struct opq_rng *r, struct coin *c, uint32_t thr) {
+    if (c->left == 0) {
+        c->bits = opq_rng_u32(r);
+        c->left = 4;
+    }
+    uint32_t b = c->bits & 0xffu;
+    c->bits >>= 8;
+    c->left--;
+    return b < thr;
+}
+
+static uint32_t coin_threshold(float p) {
+    return (uint32_t)lrintf(p * 256.0f);
+}
+
+static void site_forward(struct eng *e, struct site *s, enum amode am) {
+    size_t n = e->bbytes[s->vi] / sizeof(float);
+    float *y = e->fwd[s->vi];
+    if (am == A_OFF)
+        return;
+    bool train = am == A_SOFT;
+    bool drop = train && e->o->qdrop;
+    if (train)
+        memcpy(s->x, y, n * sizeof(float));
+    struct coin cn = {0};
+    uint32_t thr = coin_threshold(e->o->drop_prob);
+    for (size_t i0 = 0; i0 < n; i0 += s->inner) {
+        size_t c = site_ch(s, i0);
+        const struct opq_qparams *p = &s->qp[c];
+        float sc = s->scale[c], z = (float)p->zero_point;
+        float lo = (float)p->qmin, hi = (float)p->qmax;
+        size_t end = i0 + s->inner < n ? i0 + s->inner : n;
+        for (size_t i = i0; i < end; i++) {
+            uint8_t k = drop ? coin_flip(&e->rng, &cn, thr) : 1;
+            if (train)
+                s->keep[i] = k;
+            if (k) {
+                float q = nearbyintf(y[i] / sc) + z;
+                q = q < lo ? lo : (q > hi ? hi : q);
+                y[i] = (q - z) * sc;
+            }
+        }
+    }
+}
+
+// dy (in place) -> dx, and the LSQ step-size gradient.
+static void site_backward(struct eng *e, struct site *s) {
+    size_t n = e->bbytes[s->vi] / sizeof(float);
+    float *dy = e->grd[s->vi];
+    for (size_t i0 = 0; i0 < n; i0 += s->inner) {
+        size_t c = site_ch(s, i0);
+        const struct opq_qparams *p = &s->qp[c];
+        float sc = s->scale[c], z = (float)p->zero_point;
+        float lo = (float)p->qmin - z, hi = (float)p->qmax - z;
+        size_t end = i0 + s->inner < n ? i0 + s->inner : n;
+        double ds = 0.0;
+        for (size_t i = i0; i < end; i++) {
+            if (!s->keep[i])
+                continue;
+            float xs = s->x[i] / sc;
+            float r = nearbyintf(xs);
+            if (r < lo) {
+                ds += (double)(dy[i] * lo);
+                dy[i] = 0.0f;
+            } else if (r > hi) {
+                ds += (double)(dy[i] * hi);
+                dy[i] = 0.0f;
+            } else {
+                ds += (double)(dy[i] * (r - xs));
+            }
+        }
+        s->dscale[c] += ds;
+    }
+}
+
+// Forward of unit U on one batch xin (planned input bytes). Result in e->fwd[U->out_vi].
+static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm, enum amode am,
+                                    const float *xin) {
+    enum opq_status st = OPQ_OK;
+    set_weights(e, U, wm);
+    memcpy(e->fwd[U->in_vi], xin, e->bbytes[U->in_vi]);
+    if (e->site_of[U->in_vi])
+        site_forward(e, &U->sites[e->site_of[U->in_vi] - 1], am);
+    struct opq_named_tensor prov[64];
+    for (int r = 0; r < U->n_subs && st == OPQ_OK; r++) {
+        struct sub *S = &U->subs[r];
+        if (S->n_ext > (int)ARRAY_SIZE(prov))
+            return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "reconstruction: too many inputs to nodes %d..%d", S->first,
+                                 S->last);
+        for (int i = 0; i < S->n_ext; i++)
+            prov[i] = named(e, S->ext[i], e->fwd[S->ext[i]]);
+        if ((st = opq_exec_run_range(e->ex, S->first, S->last, prov, S->n_ext)) != OPQ_OK)
+            break;
+        for (int i = 0; i < S->n_outs; i++) {
+            int vi = S->outs[i];
+            const struct opq_tensor *t = opq_exec_value(e->ex, e->g->values[vi]->name);
+            memcpy(e->fwd[vi], t->data, e->bbytes[vi]);
+            if (e->site_of[vi])
+                site_forward(e, &U->sites[e->site_of[vi] - 1], am);
+        }
+    }
+    return st;
+}
+
+// Backward of the last unit_forward given dL/d(output) in e->grd[U->out_vi]: weight gradients
+// into wparam.g, step-size gradients into site.dscale.
+static enum opq_status unit_backward(struct eng *e, struct unit *U) {
+    enum opq_status st = OPQ_OK;
+    struct opq_named_tensor prov[64], seeds[64];
+    const char *wrt[128];
+    int wrt_vi[128];
+    struct opq_tensor grads[128];
+    for (int r = U->n_subs - 1; r >= 0; r--) {
+        struct sub *S = &U->subs[r];
+        int n_seeds = 0, n_wrt = 0;
+        if (S->n_outs > (int)ARRAY_SIZE(seeds) || S->n_ext > (int)ARRAY_SIZE(prov) ||
+            S->n_ext + S->n_wts > (int)ARRAY_SIZE(wrt))
+            return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                 "reconstruction: too many values cross nodes %d..%d", S->first,
+                                 S->last);
+        for (int i = 0; i < S->n_outs; i++) {
+            int vi = S->outs[i];
+            if (e->g->values[vi]->t.dtype != OPQ_DTYPE_FLOAT && !e->grd[vi])
+                continue;
+            if (e->site_of[vi])
+                site_backward(e, &U->sites[e->site_of[vi] - 1]);
+            seeds[n_seeds++] = named(e, vi, e->grd[vi]);
+        }
+        for (int i = 0; i < S->n_ext; i++) {
+            int vi = S->ext[i];
+            prov[i] = named(e, vi, e->fwd[vi]);
+            if (!e->grd[vi] || (vi == U->in_vi && !e->site_of[vi]))
+                continue;
+            wrt_vi[n_wrt] = vi;
+            wrt[n_wrt++] = e->g->values[vi]->name;
+        }
+        int n_val = n_wrt;
+        for (int i = 0; i < S->n_wts; i++) {
+            wrt_vi[n_wrt] = -1 - S->wts[i];
+            wrt[n_wrt++] = U->wps[S->wts[i]].v->name;
+        }
+        if (n_wrt == 0 || n_seeds == 0)
+            continue;
+        st = opq_exec_backward(e->ex, S->first, S->last, prov, S->n_ext, seeds, n_seeds, wrt, n_wrt,
+                               grads);
+        if (st != OPQ_OK)
+            return st;
+        for (int i = 0; i < n_wrt; i++) {
+            const float *gsrc = grads[i].data;
+            float *dst = i < n_val ? e->grd[wrt_vi[i]] : U->wps[-1 - wrt_vi[i]].g;
+            size_t n = i < n_val ? e->bbytes[wrt_vi[i]] / sizeof(float) : U->wps[-1 - wrt_vi[i]].n;
+            for (size_t k = 0; k < n; k++)
+                dst[k] += gsrc[k];
+        }
+    }
+    if (e->site_of[U->in_vi])
+        site_backward(e, &U->sites[e->site_of[U->in_vi] - 1]);
+    return OPQ_OK;
+}
+
+// ---- output weights -----------------------------------------------------------------------------
+
+static void softmax_t(const float *z, int64_t K, double T, double *p) {
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t k = 0; k < K; k++)
+        mx = fmax(mx, (double)z[k] / T);
+    for (int64_t k = 0; k < K; k++) {
+        p[k] = exp((double)z[k] / T - mx);
+        sum += p[k];
+    }
+    for (int64_t k = 0; k < K; k++)
+        p[k] /= sum;
+}
+
+enum opq_status opq_recon_aph(struct opq_exec *ex, struct opq_graph *g, const char *out, int first,
+                              int last, const float *O, int n, int B, float T, double *hbar) {
+    struct opq_ctx *ctx = g->ctx;
+    const struct opq_tensor *ot = opq_exec_value(ex, out);
+    if (!ot || ot->dtype != OPQ_DTYPE_FLOAT || g->n_outputs < 1 || B <= 0 || n % B != 0)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "APH: bad arguments for '%s'", out ? out : "?");
+    const char *lname = g->outputs[0]->name;
+    const struct opq_tensor *lt = opq_exec_value(ex, lname);
+    size_t per = ot->nbytes / sizeof(float) / (size_t)B;
+    int64_t K = (int64_t)(lt->nbytes / sizeof(float)) / B;
+    size_t nb = (size_t)B * (size_t)K;
+    enum opq_status st = OPQ_OK;
+    double *p = malloc(sizeof(double) * nb), *u = calloc(nb, sizeof(double));
+    float *seed = malloc(sizeof(float) * nb), *z = malloc(sizeof(float) * nb);
+    float *pert = malloc(ot->nbytes);
+    if (!p || !u || !seed || !z || !pert) {
+        st = opq_set_error(ctx, OPQ_ERR_NOMEM, "APH: out of memory");
+        goto out;
+    }
+    memset(hbar, 0, sizeof(double) * per);
+    for (int b0 = 0; b0 < n; b0 += B) {
+        const float *Ob = O + (size_t)b0 * per;
+        struct opq_named_tensor prov = {.name = out, .t = *ot};
+        prov.t.data = (void *)Ob;
+        if ((st = opq_exec_run_range(ex, first, last, &prov, 1)) != OPQ_OK)
+            goto out;
+        memcpy(z, opq_exec_value(ex, lname)->data, sizeof(float) * nb);
+        for (int i = 0; i < B; i++)
+            softmax_t(z + (size_t)i * (size_t)K, K, (double)T, p + (size_t)i * (size_t)K);
+        struct opq_named_tensor sd = {.name = lname, .t = *lt};
+        sd.t.data = seed;
+        struct opq_tensor grad;
+        // u = J . 1 (per sample)
+        if (K <= OPQ_RECON_APH_MAX_EXACT) {
+            for (int64_t c = 0; c < K; c++) {
+                memset(seed, 0, sizeof(float) * nb);
+                for (int i = 0; i < B; i++)
+                    seed[(size_t)i * (size_t)K + (size_t)c] = 1.0f;
+                st = opq_exec_backward(ex, first, last, &prov, 1, &sd, 1, &out, 1, &grad);
+                if (st != OPQ_OK)
+                    goto out;
+                const float *G = grad.data;
+                for (int i = 0; i < B; i++) {
+                    double s = 0.0;
+                    for (size_t k = 0; k < per; k++)
+                        s += (double)G[(size_t)i * per + k];
+                    u[(size_t)i * (size_t)K + (size_t)c] = s;
+                }
+            }
+        } else {
+            // central difference of the logits along the all-ones direction
+            double ss = 0.0;
+            for (size_t k = 0; k < per * (size_t)B; k++)
+                ss += (double)Ob[k] * (double)Ob[k];
+            double eps = 1e-2 * fmax(sqrt(ss / (double)(per * (size_t)B)), 1e-3);
+            for (int sgn = 1; sgn >= -1; sgn -= 2) {
+                for (size_t k = 0; k < per * (size_t)B; k++)
+                    pert[k] = (float)((double)Ob[k] + sgn * eps);
+                prov.t.data = pert;
+                if ((st = opq_exec_run_range(ex, first, last, &prov, 1)) != OPQ_OK)
+                    goto out;
+                const float *zz = opq_exec_value(ex, lname)->data;
+                for (size_t k = 0; k < nb; k++)
+                    u[k] += sgn * (double)zz[k] / (2.0 * eps);
+            }
+            prov.t.data = (void *)Ob;
+        }
+        // v = H_z u, then h = |J^T v|
+        for (int i = 0; i < B; i++) {
+            const double *pi = p + (size_t)i * (size_t)K;
+            double *ui = u + (size_t)i * (size_t)K;
+            double pu = 0.0;
+            for (int64_t k = 0; k < K; k++)
+                pu += pi[k] * ui[k];
+            for (int64_t k = 0; k < K; k++) {
+                seed[(size_t)i * (size_t)K + (size_t)k] =
+                    (float)((pi[k] * ui[k] - pi[k] * pu) / ((double)T * (double)T * B));
+                ui[k] = 0.0;
+            }
+        }
+        st = opq_exec_backward(ex, first, last, &prov, 1, &sd, 1, &out, 1, &grad);
+        if (st != OPQ_OK)
+            goto out;
+        const float *G = grad.data;
+        for (int i = 0; i < B; i++)
+            for (size_t k = 0; k < per; k++)
+                hbar[k] += fabs((double)G[(size_t)i * per + k]);
+    }
+    for (size_t k = 0; k < per; k++)
+        hbar[k] /= (double)n;
+out:
+    free(p);
+    free(u);
+    free(seed);
+    free(z);
+    free(pert);
+    return st;
+}
+
+// ---- the engine ---------------------------------------------------------------------------------
+
+struct unit_data {
+    size_t per_in, per_out; // floats per sample
+    float *X, *Xq, *Y;      // N samples each
+    float *hw;              // per_out (APH, MSE) or N * per_out (Fisher); NULL for the head
+    bool hw_per_sample;
+    bool head;
+    float *xin, *ybat, *hbat; // one batch
+};
+
+// Loss on one batch (Yq in e->fwd[out]); with dY != NULL also its gradient times `scale`.
+static double unit_loss(struct eng *e, struct unit *U, struct unit_data *d, const float *Y,
+                        const float *hw, float *dY, double scale) {
+    const float *Yq = e->fwd[U->out_vi];
+    size_t n = (size_t)e->B * d->per_out;
+    double L = 0.0;
+    if (d->head) {
+        int64_t K = (int64_t)d->per_out;
+        double *p = malloc(sizeof(double) * 2 * (size_t)K);
+        if (!p)
+            return NAN;
+        for (int i = 0; i < e->B; i++) {
+            const float *y = Y + (size_t)i * (size_t)K, *yq = Yq + (size_t)i * (size_t)K;
+            softmax_t(y, K, 1.0, p);
+            softmax_t(yq, K, 1.0, p + K);
+            for (int64_t k = 0; k < K; k++) {
+                if (p[k] > 0.0)
+                    L += p[k] * (log(p[k]) - log(fmax(p[K + k], 1e-300)));
+                if (dY)
+                    dY[(size_t)i * (size_t)K + (size_t)k] =
+                        (float)(scale * (p[K + k] - p[k]) / e->B);
+            }
+        }
+        free(p);
+        return L / e->B;
+    }
+    for (size_t i = 0; i < n; i++) {
+        double w = hw ? (double)hw[d->hw_per_sample ? i : i % d->per_out] : 1.0;
+        double df = (double)Yq[i] - (double)Y[i];
+        L += w * df * df;
+        if (dY)
+            dY[i] = (float)(scale * 2.0 * w * df / (double)n);
+    }
+    return L / (double)n;
+}
+
+static double sqnr_db(double sig, double noise) {
+    if (noise <= 0.0)
+        return 200.0;
+    return 10.0 * log10(sig / noise);
+}
+
+// Runs U over all N samples of Xin in mode (wm, am); accumulates SQNR and loss against d->Y;
+// Yout (optional) receives the outputs.
+static enum opq_status unit_eval(struct eng *e, struct unit *U, struct unit_data *d, enum wmode wm,
+                                 enum amode am, const float *Xin, float *Yout, double *sqnr,
+                                 double *werr) {
+    double sig = 0.0, noise = 0.0, L = 0.0;
+    size_t nb_out = (size_t)e->B * d->per_out;
+    for (int b0 = 0; b0 < e->N; b0 += e->B) {
+        enum opq_status st = unit_forward(e, U, wm, am, Xin + (size_t)b0 * d->per_in);
+        if (st != OPQ_OK)
+            return st;
+        const float *Yq = e->fwd[U->out_vi];
+        const float *Y = d->Y + (size_t)b0 * d->per_out;
+        for (size_t i = 0; i < nb_out; i++) {
+            double df = (double)Yq[i] - (double)Y[i];
+            sig += (double)Y[i] * (double)Y[i];
+            noise += df * df;
+        }
+        const float *hw = d->hw;
+        if (hw && d->hw_per_sample)
+            hw += (size_t)b0 * d->per_out;
+        L += unit_loss(e, U, d, Y, hw, NULL, 0.0);
+        if (Yout)
+            memcpy(Yout + (size_t)b0 * d->per_out, Yq, sizeof(float) * nb_out);
+    }
+    *sqnr = sqnr_db(sig, noise);
+    *werr = L / (double)(e->N / e->B);
+    return OPQ_OK;
+}
+
+// Fisher weights: per sample (dKL/dO)^2 with O the float unit applied to the quantized input.
+static enum opq_status fisher_weights(struct eng *e, struct unit *U, struct unit_data *d) {
+    struct opq_graph *g = e->g;
+    const char *lname = g->values[e->logits_vi]->name;
+    const char *oname = g->values[U->out_vi]->name;
+    size_t nbk = (size_t)e->B * (size_t)e->K;
+    double T = (double)e->o->temp;
+    float *seed = malloc(sizeof(float) * nbk);
+    double *q = malloc(sizeof(double) * (size_t)e->K);
+    double *p = malloc(sizeof(double) * (size_t)e->K);
+    enum opq_status st = OPQ_OK;
+    if (!seed || !q || !p) {
+        st = nomem(e->ctx);
+        goto out;
+    }
+    for (int b0 = 0; b0 < e->N && st == OPQ_OK; b0 += e->B) {
+        if ((st = unit_forward(e, U, W_FLOAT, A_OFF, d->Xq + (size_t)b0 * d->per_in)) != OPQ_OK)
+            break;
+        struct opq_named_tensor prov = named(e, U->out_vi, e->fwd[U->out_vi]);
+        if ((st = opq_exec_run_range(e->ex, U->last + 1, g->n_nodes - 1, &prov, 1)) != OPQ_OK)
+            break;
+        const float *z = opq_exec_value(e->ex, lname)->data;
+        for (int i = 0; i < e->B; i++) {
+            softmax_t(z + (size_t)i * (size_t)e->K, e->K, T, q);
+            softmax_t(e->logits_fp + (size_t)(b0 + i) * (size_t)e->K, e->K, T, p);
+            for (int64_t k = 0; k < e->K; k++)
+                seed[(size_t)i * (size_t)e->K + (size_t)k] = (float)((q[k] - p[k]) / (T * e->B));
+        }
+        struct opq_named_tensor sd = named(e, e->logits_vi, seed);
+        struct opq_tensor grad;
+        st = opq_exec_backward(e->ex, U->last + 1, g->n_nodes - 1, &prov, 1, &sd, 1, &oname, 1,
+                               &grad);
+        if (st != OPQ_OK)
+            break;
+        const float *G = grad.data;
+        for (size_t k = 0; k < (size_t)e->B * d->per_out; k++)
+            d->hw[(size_t)b0 * d->per_out + k] = G[k] * G[k];
+    }
+out:
+    free(seed);
+    free(q);
+    free(p);
+    return st;
+}
+
+static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit_data *d) {
+    if (d->head)
+        return OPQ_OK;
+    enum opq_recon_loss l = e->o->loss;
+    d->hw_per_sample = l == OPQ_RECON_LOSS_FISHER;
+    size_t n = d->hw_per_sample ? (size_t)e->N * d->per_out : d->per_out;
+    d->hw = malloc(sizeof(float) * n);
+    if (!d->hw)
+        return nomem(e->ctx);
+    if (l == OPQ_RECON_LOSS_MSE) {
+        for (size_t i = 0; i < n; i++)
+            d->hw[i] = 1.0f;
+        return OPQ_OK;
+    }
+    if (l == OPQ_RECON_LOSS_FISHER)
+        return fisher_weights(e, U, d);
+    double *h = malloc(sizeof(double) * d->per_out);
+    if (!h)
+        return nomem(e->ctx);
+    enum opq_status st = opq_recon_aph(e->ex, e->g, e->g->values[U->out_vi]->name, U->last + 1,
+                                       e->g->n_nodes - 1, d->Y, e->N, e->B, e->o->temp, h);
+    for (size_t i = 0; st == OPQ_OK && i < d->per_out; i++)
+        d->hw[i] = (float)h[i];
+    free(h);
+    return st;
+}
+
+// ---- training -----------------------------------------------------------------------------------
+
+static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
+    for (int k = 0; k < U->n_wps; k++) {
+        struct wparam *w = &U->wps[k];
+        w->wq = malloc(sizeof(float) * w->n);
+        w->base = malloc(sizeof(float) * w->n);
+        w->alpha = malloc(sizeof(float) * w->n);
+        w->m = calloc(w->n, sizeof(float));
+        w->v2 = calloc(w->n, sizeof(float));
+        w->g = calloc(w->n, sizeof(float));
+        w->dwda = calloc(w->n, sizeof(float));
+        if (!w->wq || !w->base || !w->alpha || !w->m || !w->v2 || !w->g || !w->dwda)
+            return nomem(e->ctx);
+        for (size_t i = 0; i < w->n; i++) {
+            const struct opq_qparams *p =
+                &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+            float r = w->w0[i] / p->scale;
+            w->base[i] = floorf(r);
+            w->alpha[i] = opq_adaround_alpha0(r - w->base[i]);
+        }
+    }
+    for (int k = 0; k < U->n_sites; k++) {
+        struct site *s = &U->sites[k];
+        size_t n = e->bbytes[s->vi] / sizeof(float);
+        size_t nc = (size_t)s->n_ch;
+        s->x = malloc(sizeof(float) * n);
+        s->keep = malloc(n);
+        s->scale = malloc(sizeof(float) * nc);
+        s->m = calloc(nc, sizeof(float));
+        s->v = calloc(nc, sizeof(float));
+        s->gs = calloc(nc, sizeof(float));
+        s->dscale = calloc(nc, sizeof(double));
+        if (!s->x || !s->keep || !s->scale || !s->m || !s->v || !s->gs || !s->dscale)
+            return nomem(e->ctx);
+        for (size_t c = 0; c < nc; c++)
+            s->scale[c] = s->qp[c].scale;
+        s->inner = n;
+        if (s->n_ch > 1) {
+            const struct opq_tensor *t = opq_exec_value(e->ex, e->g->values[s->vi]->name);
+            int axis = e->rc->axis[s->t];
+            if (axis < 0 || axis >= t->ndim || t->shape[axis] != s->n_ch)
+                return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                     "reconstruction: activation '%s': %d scales along axis %d "
+                                     "do not match its shape",
+                                     e->g->values[s->vi]->name, s->n_ch, axis);
+            s->inner = 1;
+            for (int d = axis + 1; d < t->ndim; d++)
+                s->inner *= (size_t)t->shape[d];
+        }
+        e->site_of[s->vi] = k + 1;
+    }
+    return OPQ_OK;
+}
+
+static void free_unit_params(struct eng *e, struct unit *U) {
+    for (int k = 0; k < U->n_wps; k++) {
+        struct wparam *w = &U->wps[k];
+        if (w->w0)
+            w->v->t.data = w->w0;
+        free(w->wq);
+        free(w->base);
+        free(w->alpha);
+        free(w->m);
+        free(w->v2);
+        free(w->g);
+        free(w->dwda);
+        w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = NULL;
+    }
+    for (int k = 0; k < U->n_sites; k++) {
+        struct site *s = &U->sites[k];
+        free(s->x);
+        free(s->keep);
+        free(s->scale);
+        free(s->m);
+        free(s->v);
+        free(s->gs);
+        free(s->dscale);
+        s->x = s->scale = s->m = s->v = s->gs = NULL;
+        s->keep = NULL;
+        s->dscale = NULL;
+        e->site_of[s->vi] = 0;
+    }
+}
+
+static void zero_grads(struct eng *e, struct unit *U) {
+    for (int r = 0; r < U->n_subs; r++) {
+        struct sub *S = &U->subs[r];
+        for (int i = 0; i < S->n_ext; i++)
+            if (e->grd[S->ext[i]])
+                memset(e->grd[S->ext[i]], 0, e->bbytes[S->ext[i]]);
+        for (int i = 0; i < S->n_outs; i++)
+            if (e->grd[S->outs[i]])
+                memset(e->grd[S->outs[i]], 0, e->bbytes[S->outs[i]]);
+    }
+    for (int k = 0; k < U->n_wps; k++)
+        memset(U->wps[k].g, 0, sizeof(float) * U->wps[k].n);
+    for (int k = 0; k < U->n_sites; k++)
+        memset(U->sites[k].dscale, 0, sizeof(double) * (size_t)U->sites[k].n_ch);
+}
+
+// One training step's forward + backward on a random batch; returns the loss through *L.
+static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
+                                  double *L) {
+    for (int b = 0; b < e->B; b++) {
+        uint32_t j = opq_rng_below(&e->rng, (uint32_t)e->N);
+        const float *xq = d->Xq + (size_t)j * d->per_in, *xf = d->X + (size_t)j * d->per_in;
+        float *dst = d->xin + (size_t)b * d->per_in;
+        if (e->o->qdrop) {
+            struct coin cn = {0};
+            for (size_t k = 0; k < d->per_in; k++)
+                dst[k] = coin_flip(&e->rng, &cn, 128) ? xq[k] : xf[k];
+        } else {
+            memcpy(dst, xq, sizeof(float) * d->per_in);
+        }
+        memcpy(d->ybat + (size_t)b * d->per_out, d->Y + (size_t)j * d->per_out,
+               sizeof(float) * d->per_out);
+        if (d->hw && d->hw_per_sample)
+            memcpy(d->hbat + (size_t)b * d->per_out, d->hw + (size_t)j * d->per_out,
+                   sizeof(float) * d->per_out);
+    }
+    enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin);
+    if (st != OPQ_OK)
+        return st;
+    zero_grads(e, U);
+    const float *hw = d->hw_per_sample ? d->hbat : d->hw;
+    *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
+    double L0v = L0 > 0.0 ? L0 : *L;
+    if (!(L0v > 0.0))
+        L0v = 1.0;
+    unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    return unit_backward(e, U);
+}
+
+static void train_update(struct eng *e, struct unit *U, int it, int iters) {
+    const struct opq_recon_opts *o = e->o;
+    int warm = (int)(o->warmup * (float)iters);
+    bool reg = it >= warm;
+    double beta = o->beta_end;
+    if (iters > warm) {
+        double t = (double)(it - warm) / (double)(iters - warm);
+        beta = (double)o->beta_end + (double)(o->beta_start - o->beta_end) * fmax(0.0, 1.0 - t);
+    }
+    for (int k = 0; k < U->n_wps; k++) {
+        struct wparam *w = &U->wps[k];
+        for (size_t i = 0; i < w->n; i++) {
+            float dh;
+            float h = opq_adaround_h(w->alpha[i], &dh);
+            double ga = (double)w->g[i] * (double)w->dwda[i];
+            if (reg && dh != 0.0f) {
+                double x = 2.0 * (double)h - 1.0, ax = fabs(x);
+                if (ax > 0.0)
+                    ga += -(double)o->reg_weight * beta * pow(ax, beta - 1.0) *
+                          (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
+            }
+            w->g[i] = (float)ga;
+        }
+        opq_adam_step(w->alpha, w->g, w->m, w->v2, w->n, o->lr_round, it + 1);
+    }
+    double lr =
+        0.5 * (double)o->lr_act * (1.0 + cos(3.14159265358979323846 * (double)it / (double)iters));
+    for (int k = 0; k < U->n_sites; k++) {
+        struct site *s = &U->sites[k];
+        for (int c = 0; c < s->n_ch; c++)
+            s->gs[c] = (float)s->dscale[c];
+        opq_adam_step(s->scale, s->gs, s->m, s->v, (size_t)s->n_ch, (float)lr, it + 1);
+        for (int c = 0; c < s->n_ch; c++)
+            if (!(s->scale[c] > 1e-8f))
+                s->scale[c] = 1e-8f;
+    }
+}
+
+// Hardening: weights to floor + [alpha >= 0] on their grid (in the model), step sizes into the
+// qparams. Returns the fraction of weights rounded away from nearest.
+static double harden(struct eng *e, struct unit *U) {
+    (void)e;
+    size_t flips = 0, total = 0;
+    for (int k = 0; k < U->n_wps; k++) {
+        struct wparam *w = &U->wps[k];
+        for (size_t i = 0; i < w->n; i++) {
+            const struct opq_qparams *p =
+                &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+            float z = (float)p->zero_point;
+            float q = opq_adaround_hard(w->w0[i], p->scale, w->alpha[i]);
+            flips += q != nearbyintf(w->w0[i] / p->scale);
+            q += z;
+            q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
+            w->w0[i] = (q - z) * p->scale;
+        }
+        total += w->n;
+        w->v->t.data = w->w0;
+    }
+    for (int k = 0; k < U->n_sites; k++)
+        for (int c = 0; c < U->sites[k].n_ch; c++)
+            U->sites[k].qp[c].scale = U->sites[k].scale[c];
+    return total ? (double)flips / (double)total : 0.0;
+}
+
+// ---- checkpoints --------------------------------------------------------------------------------
+
+#define CKPT_MAGIC "OPQRCK01"
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t fingerprint(const struct eng *e) {
+    const struct opq_recon_opts *o = e->o;
+    const struct opq_quant_opts *q = e->rc->opts;
+    uint64_t h = 1469598103934665603ull;
+    int32_t ints[] = {
+        e->g->n_nodes,    e->rc->pl->n_targets, e->N, e->B, o->iters, o->loss, o->qdrop,
+        q ? q->wbits : 0, q ? q->abits : 0};
+    h = fnv(h, ints, sizeof(ints));
+    float fl[] = {o->drop_prob,  o->temp,     o->reg_weight, o->warmup,
+                  o->beta_start, o->beta_end, o->lr_round,   o->lr_act};
+    h = fnv(h, fl, sizeof(fl));
+    h = fnv(h, &o->seed, sizeof(o->seed));
+    size_t layout = sizeof(struct opq_recon_unit_report);
+    h = fnv(h, &layout, sizeof(layout));
+    h = fnv(h, &o->time_budget, sizeof(o->time_budget));
+    for (int t = 0; t < e->rc->pl->n_targets; t++) {
+        const char *nm = e->rc->pl->targets[t].value->name;
+        h = fnv(h, nm, strlen(nm) + 1);
+        h = fnv(h, e->rc->qp[t], sizeof(struct opq_qparams) * (size_t)e->rc->n_ch[t]);
+    }
+    return h;
+}
+
+static void ckpt_path(const struct eng *e, int ui, char *buf, size_t cap) {
+    snprintf(buf, cap, "%s/unit_%03d.bin", e->o->checkpoint, ui);
+}
+
+// Saves the unit's hardened weights, every activation step size and the unit report. Written
+// to a temporary name and renamed, so an interrupted run never leaves a torn file.
+static enum opq_status ckpt_save(struct eng *e, int ui, const struct opq_recon_unit_report *ur) {
+    struct unit *U = &e->units[ui];
+    char path[4096], tmp[4200];
+    ckpt_path(e, ui, path, sizeof(path));
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f)
+        return opq_set_error(e->ctx, OPQ_ERR_IO, "%s: cannot write checkpoint: %s", tmp,
+                             strerror(errno));
+    bool ok = fwrite(CKPT_MAGIC, 8, 1, f) == 1 && fwrite(&e->fingerprint, 8, 1, f) == 1 &&
+              fwrite(&ui, sizeof(ui), 1, f) == 1 && fwrite(ur, sizeof(*ur), 1, f) == 1;
+    for (int k = 0; ok && k < U->n_wps; k++)
+        ok = fwrite(U->wps[k].w0, sizeof(float), U->wps[k].n, f) == U->wps[k].n;
+    for (int t = 0; ok && t < e->rc->pl->n_targets; t++) {
+        if (e->rc->pl->targets[t].role != OPQ_QROLE_ACT)
+            continue;
+        for (int c = 0; ok && c < e->rc->n_ch[t]; c++)
+            ok = fwrite(&e->rc->qp[t][c].scale, sizeof(float), 1, f) == 1;
+    }
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        return opq_set_error(e->ctx, OPQ_ERR_IO, "%s: cannot write checkpoint", path);
+    }
+    return OPQ_OK;
+}
+
+// Loads unit ui from the checkpoint if a matching file exists (*found). A file from another
+// model or other options is ignored with a warning.
+static enum opq_status ckpt_load(struct eng *e, int ui, struct opq_recon_unit_report *ur,
+                                 bool *found) {
+    struct unit *U = &e->units[ui];
+    char path[4096];
+    *found = false;
+    ckpt_path(e, ui, path, sizeof(path));
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return OPQ_OK;
+    char magic[8];
+    uint64_t fp = 0;
+    int idx = -1;
+    struct opq_recon_unit_report r;
+    bool ok = fread(magic, 8, 1, f) == 1 && memcmp(magic, CKPT_MAGIC, 8) == 0 &&
+              fread(&fp, 8, 1, f) == 1 && fread(&idx, sizeof(idx), 1, f) == 1 &&
+              fread(&r, sizeof(r), 1, f) == 1;
+    if (!ok || fp != e->fingerprint || idx != ui) {
+        fclose(f);
+        opq_log(e->ctx, OPQ_LOG_WARN, "%s: checkpoint of another model or options, ignored", path);
+        return OPQ_OK;
+    }
+    for (int k = 0; ok && k < U->n_wps; k++)
+        ok = fread(U->wps[k].w0, sizeof(float), U->wps[k].n, f) == U->wps[k].n;
+    for (int t = 0; ok && t < e->rc->pl->n_targets; t++) {
+        if (e->rc->pl->targets[t].role != OPQ_QROLE_ACT)
+            continue;
+        for (int c = 0; ok && c < e->rc->n_ch[t]; c++)
+            ok = fread(&e->rc->qp[t][c].scale, sizeof(float), 1, f) == 1;
+    }
+    fclose(f);
+    if (!ok)
+        return opq_set_error(e->ctx, OPQ_ERR_IO, "%s: truncated checkpoint", path);
+    *ur = r;
+    ur->resumed = true;
+    *found = true;
+    return OPQ_OK;
+}
+
+// ---- driver -------------------------------------------------------------------------------------
+
+// Marks the weight targets trainable and plans the executor with every crossing value pinned.
+static enum opq_status eng_setup(struct eng *e) {
+    struct opq_refine_ctx *rc = e->rc;
+    struct opq_graph *g = e->g;
+    if (opq_calib_n_inputs(rc->src) != 1)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: models with %d inputs are not supported (1 needed)",
+                             opq_calib_n_inputs(rc->src));
+    if (g->n_outputs < 1)
+        return opq_set_error(e->ctx, OPQ_ERR_INVALID_MODEL, "reconstruction: no graph output");
+    e->logits_vi = g->outputs[0]->index;
+    for (int t = 0; t < rc->pl->n_targets; t++)
+        if (rc->pl->targets[t].role == OPQ_QROLE_WEIGHT)
+            rc->pl->targets[t].value->kind |= OPQ_VK_PARAM;
+    size_t nv = (size_t)g->n_values + 1;
+    e->dyn = calloc(nv, sizeof(*e->dyn));
+    e->site_of = calloc(nv, sizeof(*e->site_of));
+    e->fwd = calloc(nv, sizeof(*e->fwd));
+    e->grd = calloc(nv, sizeof(*e->grd));
+    e->bbytes = calloc(nv, sizeof(*e->bbytes));
+    if (!e->dyn || !e->site_of || !e->fwd || !e->grd || !e->bbytes)
+        return nomem(e->ctx);
+    mark_dynamic(e);
+    enum opq_status st = find_units(e);
+    if (st != OPQ_OK)
+        return st;
+    // pinned: everything that crosses a sub-range boundary
+    int cap = 0;
+    for (int u = 0; u < e->n_units; u++)
+        for (int r = 0; r < e->units[u].n_subs; r++)
+            cap += e->units[u].subs[r].n_ext + e->units[u].subs[r].n_outs;
+    const char **pin = calloc((size_t)cap + 1, sizeof(*pin));
+    int *pin_vi = calloc((size_t)cap + 1, sizeof(int));
+    if (!pin || !pin_vi) {
+        free(pin);
+        free(pin_vi);
+        return nomem(e->ctx);
+    }
+    int np = 0;
+    for (int u = 0; u < e->n_units; u++)
+        for (int r = 0; r < e->units[u].n_subs; r++) {
+            struct sub *S = &e->units[u].subs[r];
+            for (int i = 0; i < S->n_ext; i++)
+                set_add(pin_vi, &np, S->ext[i]);
+            for (int i = 0; i < S->n_outs; i++)
+                set_add(pin_vi, &np, S->outs[i]);
+        }
+    for (int i = 0; i < np; i++)
+        pin[i] = g->values[pin_vi[i]]->name;
+    const struct opq_tensor *s = opq_calib_sample_shape(rc->src, 0);
+    struct opq_named_tensor shape = {.name = opq_calib_input_name(rc->src, 0), .t = *s};
+    shape.t.ndim = s->ndim + 1;
+    shape.t.shape[0] = e->B;
+    memcpy(&shape.t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+    shape.t.data = NULL;
+    struct opq_exec_opts eo = {.batch = e->B, .pinned = pin, .n_pinned = np};
+    st = opq_exec_plan(e->ctx, rc->model, &shape, 1, &eo, &e->ex);
+    for (int i = 0; st == OPQ_OK && i < np; i++) {
+        int vi = pin_vi[i];
+        const struct opq_tensor *t = opq_exec_value(e->ex, g->values[vi]->name);
+        e->bbytes[vi] = t->nbytes;
+        e->fwd[vi] = calloc(1, t->nbytes + 1);
+        if (!e->fwd[vi]) {
+            st = nomem(e->ctx);
+            break;
+        }
+        if (t->dtype == OPQ_DTYPE_FLOAT) {
+            e->grd[vi] = calloc(1, t->nbytes + 1);
+            if (!e->grd[vi])
+                st = nomem(e->ctx);
+        }
+    }
+    free(pin);
+    free(pin_vi);
+    if (st != OPQ_OK)
+        return st;
+    // unit boundaries are cached per sample: they must have the batch as leading dim
+    for (int u = 0; u < e->n_units; u++) {
+        int vis[2] = {e->units[u].in_vi, e->units[u].out_vi};
+        for (int k = 0; k < 2; k++) {
+            const struct opq_tensor *t = opq_exec_value(e->ex, g->values[vis[k]]->name);
+            if (t->dtype != OPQ_DTYPE_FLOAT || t->ndim < 1 || t->shape[0] != e->B)
+                return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                                     "reconstruction: unit boundary '%s' is not a float tensor "
+                                     "with the batch as first dim",
+                                     g->values[vis[k]]->name);
+            if (!e->bbytes[vis[k]])
+                e->bbytes[vis[k]] = t->nbytes;
+        }
+    }
+    const struct opq_tensor *lt = opq_exec_value(e->ex, g->values[e->logits_vi]->name);
+    e->K = lt->ndim == 2 ? lt->shape[1] : 0;
+    if (lt->ndim != 2 || lt->dtype != OPQ_DTYPE_FLOAT)
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: the first graph output '%s' must be float logits "
+                             "[batch, classes]",
+                             g->values[e->logits_vi]->name);
+    return OPQ_OK;
+}
+
+static void eng_free(struct eng *e) {
+    struct opq_graph *g = e->g;
+    if (e->units)
+        for (int u = 0; u < e->n_units; u++)
+            free_unit_params(e, &e->units[u]);
+    for (int t = 0; e->rc && t < e->rc->pl->n_targets; t++)
+        if (e->rc->pl->targets[t].role == OPQ_QROLE_WEIGHT)
+            e->rc->pl->targets[t].value->kind &= ~(uint32_t)OPQ_VK_PARAM;
+    if (e->fwd)
+        for (int i = 0; i < g->n_values; i++) {
+            free(e->fwd[i]);
+            free(e->grd[i]);
+        }
+    free(e->fwd);
+    free(e->grd);
+    free(e->bbytes);
+    free(e->dyn);
+    free(e->site_of);
+    free(e->logits_fp);
+    free_units(e);
+    opq_exec_free(e->ex);
+}
+
+static void free_unit_data(struct unit_data *d) {
+    free(d->X);
+    free(d->Xq);
+    free(d->Y);
+    free(d->hw);
+    free(d->xin);
+    free(d->ybat);
+    free(d->hbat);
+}
+
+// Iterations for this unit under the time budget: the remaining time shared by the remaining
+// units, measured with two untimed-state passes.
+static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_data *d,
+                                    double t_start, int ui, int *iters) {
+    *iters = e->o->iters;
+    if (e->o->time_budget <= 0.0)
+        return OPQ_OK;
+    double t0 = now_s(), L;
+    for (int k = 0; k < 2; k++) {
+        enum opq_status st = train_pass(e, U, d, 1.0, &L);
+        if (st != OPQ_OK)
+            return st;
+    }
+    double per_iter = (now_s() - t0) / 2.0 * 1.1; // + the optimizer step
+    double left = e->o->time_budget * 60.0 - (now_s() - t_start);
+    double share = left / (double)(e->n_units - ui) * 0.9;
+    double n = share / fmax(per_iter, 1e-9);
+    if (n < (double)*iters)
+        *iters = n < 10.0 ? 10 : (int)n;
+    return OPQ_OK;
+}
+
+// Progress labels: the CLI keeps the label pointer between calls, so they must be static.
+static const char *const phase_names[] = {
+    "reconstruct unit 0",  "reconstruct unit 1",  "reconstruct unit 2",  "reconstruct unit 3",
+    "reconstruct unit 4",  "reconstruct unit 5",  "reconstruct unit 6",  "reconstruct unit 7",
+    "reconstruct unit 8",  "reconstruct unit 9",  "reconstruct unit 10", "reconstruct unit 11",
+    "reconstruct unit 12", "reconstruct unit 13", "reconstruct unit 14", "reconstruct unit 15",
+    "reconstruct unit 16", "reconstruct unit 17", "reconstruct unit 18", "reconstruct unit 19",
+    "reconstruct unit 20", "reconstruct unit 21", "reconstruct unit 22", "reconstruct unit 23",
+    "reconstruct unit 24", "reconstruct unit 25", "reconstruct unit 26", "reconstruct unit 27",
+    "reconstruct unit 28", "reconstruct unit 29", "reconstruct unit 30", "reconstruct unit 31",
+    "reconstruct unit 32", "reconstruct unit 33", "reconstruct unit 34", "reconstruct unit 35",
+    "reconstruct unit 36", "reconstruct unit 37", "reconstruct unit 38", "reconstruct unit 39",
+    "reconstruct unit 40", "reconstruct unit 41", "reconstruct unit 42", "reconstruct unit 43",
+    "reconstruct unit 44", "reconstruct unit 45", "reconstruct unit 46", "reconstruct unit 47",
+    "reconstruct unit 48", "reconstruct unit 49", "reconstruct unit 50", "reconstruct unit 51",
+    "reconstruct unit 52", "reconstruct unit 53", "reconstruct unit 54", "reconstruct unit 55",
+    "reconstruct unit 56", "reconstruct unit 57", "reconstruct unit 58", "reconstruct unit 59",
+    "reconstruct unit 60", "reconstruct unit 61", "reconstruct unit 62", "reconstruct unit 63",
+};
+
+static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, double t_start,
+                                  struct opq_recon_unit_report *ur) {
+    struct unit *U = &e->units[ui];
+    enum opq_status st;
+    double t0 = now_s();
+    if ((st = alloc_unit_params(e, U)) != OPQ_OK)
+        return st;
+    if ((st = output_weights(e, U, d)) != OPQ_OK)
+        return st;
+    // before: round to nearest with the calibrated ranges
+    if ((st = unit_eval(e, U, d, W_HARD, A_HARD, d->Xq, NULL, &ur->sqnr_before,
+                        &ur->werr_before)) != OPQ_OK)
+        return st;
+    int iters;
+    if ((st = budget_iters(e, U, d, t_start, ui, &iters)) != OPQ_OK)
+        return st;
+    opq_rng_seed(&e->rng, e->o->seed, 1000u + (uint64_t)ui);
+    const char *phase = phase_names[ui % (int)ARRAY_SIZE(phase_names)];
+    double L0 = 0.0, L = 0.0, Lsum = 0.0, t_train = now_s();
+    int step = iters / 100 > 0 ? iters / 100 : 1;
+    for (int it = 0; it < iters; it++) {
+        if ((st = train_pass(e, U, d, L0, &L)) != OPQ_OK)
+            return st;
+        if (it == 0)
+            L0 = L > 0.0 ? L : 1.0;
+        Lsum += L;
+        train_update(e, U, it, iters);
+        if ((it + 1) % step == 0 || it + 1 == iters)
+            opq_progress(e->ctx, phase, it + 1, iters);
+        if ((it + 1) % (iters / 10 > 0 ? iters / 10 : 1) == 0) {
+            opq_log(e->ctx, OPQ_LOG_DEBUG, "%s: iteration %d/%d, loss %.4f", U->name, it + 1, iters,
+                    2.0 * Lsum / L0 / (double)(iters / 10 > 0 ? iters / 10 : 1));
+            Lsum = 0.0;
+        }
+    }
+    ur->iters = iters;
+    ur->iter_ms = 1e3 * (now_s() - t_train) / iters;
+    ur->flip_frac = harden(e, U);
+    ur->seconds = now_s() - t0;
+    return OPQ_OK;
+}
+
+enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_opts *o,
+                              struct opq_recon_report *report) {
+    struct eng e = {.ctx = rc->ctx, .rc = rc, .o = o, .g = rc->model->graph, .B = o->batch};
+    struct unit_data d = {0};
+    struct opq_recon_report rep = {0};
+    enum opq_status st = OPQ_OK;
+    double t_start = now_s();
+    if (o->batch < 1 || o->iters < 1)
+        return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
+                             "reconstruction: batch and iterations must "
+                             "be positive");
+    int n = rc->n_calib;
+    if (o->count > 0 && o->count < n)
+        n = o->count;
+    e.N = n / o->batch * o->batch;
+    if (e.N < o->batch)
+        return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
+                             "reconstruction: %d calibration samples, at least one batch of %d "
+                             "needed",
+                             n, o->batch);
+    if (o->checkpoint && mkdir(o->checkpoint, 0777) != 0 && errno != EEXIST)
+        return opq_set_error(rc->ctx, OPQ_ERR_IO, "%s: cannot create checkpoint folder: %s",
+                             o->checkpoint, strerror(errno));
+    if ((st = eng_setup(&e)) != OPQ_OK)
+        goto out;
+    e.fingerprint = fingerprint(&e);
+    rep.units = calloc((size_t)e.n_units, sizeof(*rep.units));
+    if (!rep.units) {
+        st = nomem(e.ctx);
+        goto out;
+    }
+    rep.n_units = e.n_units;
+    // unit 0 input: the calibration samples themselves
+    d.per_in = e.bbytes[e.units[0].in_vi] / sizeof(float) / (size_t)e.B;
+    d.X = malloc(sizeof(float) * (size_t)e.N * d.per_in);
+    d.Xq = malloc(sizeof(float) * (size_t)e.N * d.per_in);
+    if (!d.X || !d.Xq) {
+        st = nomem(e.ctx);
+        goto out;
+    }
+    if ((st = opq_calib_read(rc->src, 0, 0, e.N, d.X)) != OPQ_OK)
+        goto out;
+    memcpy(d.Xq, d.X, sizeof(float) * (size_t)e.N * d.per_in);
+    if (o->loss == OPQ_RECON_LOSS_FISHER) { // the float model's logits
+        e.logits_fp = malloc(sizeof(float) * (size_t)e.N * (size_t)e.K);
+        if (!e.logits_fp) {
+            st = nomem(e.ctx);
+            goto out;
+        }
+        for (int b0 = 0; b0 < e.N && st == OPQ_OK; b0 += e.B) {
+            struct opq_named_tensor in = named(&e, e.units[0].in_vi, d.X + (size_t)b0 * d.per_in);
+            if ((st = opq_exec_run_range(e.ex, 0, e.g->n_nodes - 1, &in, 1)) != OPQ_OK)
+                break;
+            memcpy(e.logits_fp + (size_t)b0 * (size_t)e.K,
+                   opq_exec_value(e.ex, e.g->values[e.logits_vi]->name)->data,
+                   sizeof(float) * (size_t)e.B * (size_t)e.K);
+        }
+        if (st != OPQ_OK)
+            goto out;
+    }
+    for (int ui = 0; ui < e.n_units; ui++) {
+        struct unit *U = &e.units[ui];
+        struct opq_recon_unit_report *ur = &rep.units[ui];
+        d.per_in = e.bbytes[U->in_vi] / sizeof(float) / (size_t)e.B;
+        d.per_out = e.bbytes[U->out_vi] / sizeof(float) / (size_t)e.B;
+        d.head = U->out_vi == e.logits_vi;
+        d.Y = malloc(sizeof(float) * (size_t)e.N * d.per_out);
+        d.xin = malloc(sizeof(float) * (size_t)e.B * d.per_in);
+        d.ybat = malloc(sizeof(float) * (size_t)e.B * d.per_out);
+        d.hbat = malloc(sizeof(float) * (size_t)e.B * d.per_out);
+        float *Xq_next = malloc(sizeof(float) * (size_t)e.N * d.per_out);
+        if (!d.Y || !d.xin || !d.ybat || !d.hbat || !Xq_next) {
+            free(Xq_next);
+            st = nomem(e.ctx);
+            goto out;
+        }
+        // float targets
+        double dummy_s, dummy_w, t_fwd = now_s();
+        if ((st = unit_eval(&e, U, &d, W_FLOAT, A_OFF, d.X, d.Y, &dummy_s, &dummy_w)) != OPQ_OK) {
+            free(Xq_next);
+            goto out;
+        }
+        ur->fwd_ms = 1e3 * (now_s() - t_fwd) / (e.N / e.B);
+        bool found = false;
+        if ((st = alloc_unit_params(&e, U)) == OPQ_OK && o->checkpoint)
+            st = ckpt_load(&e, ui, ur, &found);
+        for (int k = 0; found && k < U->n_sites; k++)
+            for (int c = 0; c < U->sites[k].n_ch; c++)
+                U->sites[k].scale[c] = U->sites[k].qp[c].scale;
+        if (st == OPQ_OK && !found) {
+            free_unit_params(&e, U);
+            st = recon_unit(&e, ui, &d, t_start, ur);
+        }
+        snprintf(ur->name, sizeof(ur->name), "%s", U->name);
+        ur->first = U->first;
+        ur->last = U->last;
+        ur->n_weights = 0;
+        for (int k = 0; k < U->n_wps; k++)
+            ur->n_weights += (int)U->wps[k].n;
+        ur->n_acts = U->n_sites;
+        // after: the hardened unit on the quantized input gives the next quantized input
+        if (st == OPQ_OK) {
+            double sq, we;
+            st = unit_eval(&e, U, &d, W_FLOAT, A_HARD, d.Xq, Xq_next, &sq, &we);
+            if (st == OPQ_OK && !found) {
+                ur->sqnr_after = sq;
+                ur->werr_after = we;
+                ur->peak_rss_kb = peak_rss_kb();
+                if (o->checkpoint)
+                    st = ckpt_save(&e, ui, ur);
+            }
+        }
+        free_unit_params(&e, U);
+        if (st != OPQ_OK) {
+            free(Xq_next);
+            goto out;
+        }
+        opq_log(e.ctx, OPQ_LOG_INFO,
+                "reconstruct %-10s %5d iters  SQNR %6.2f -> %6.2f dB  %s %.4g -> %.4g  flips "
+                "%4.1f%%  %.1f s (iteration %.1f ms = %.1fx forward)  peak %ld MB%s",
+                U->name, ur->iters, ur->sqnr_before, ur->sqnr_after,
+                d.head ? "KL" : opq_recon_loss_name(o->loss), ur->werr_before, ur->werr_after,
+                100.0 * ur->flip_frac, ur->seconds, ur->iter_ms,
+                ur->fwd_ms > 0.0 ? ur->iter_ms / ur->fwd_ms : 0.0, ur->peak_rss_kb / 1024,
+                found ? " (checkpoint)" : "");
+        free(d.X);
+        free(d.Xq);
+        free(d.hw);
+        d.hw = NULL;
+        d.X = d.Y;
+        d.Xq = Xq_next;
+        d.Y = NULL;
+        free(d.xin);
+        free(d.ybat);
+        free(d.hbat);
+        d.xin = d.ybat = d.hbat = NULL;
+    }
+out:
+    free_unit_data(&d);
+    eng_free(&e);
+    if (st == OPQ_OK && report)
+        *report = rep;
+    else
+        opq_recon_report_free(&rep);
+    return st;
+}
+
+enum opq_status opq_recon_refine(void *user, struct opq_refine_ctx *rc) {
+    const struct opq_recon_opts *o = user ? user : &rc->opts->recon;
+    return opq_recon_run(rc, o, NULL);
+}

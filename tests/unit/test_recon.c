@@ -1,0 +1,331 @@
+/* test_recon.c: the reconstruction engine (recon/recon.h).
+ *   - AdaRound: h(alpha0(f)) = f, dh/dalpha against finite differences, hardening equals
+ *     floor(w/s) + [alpha >= 0];
+ *   - Adam minimises a quadratic;
+ *   - APH weights (exact J.1 by reverse mode, then J^T H_z J.1) against a finite-difference
+ *     Hessian row sum of the KL loss on a tiny two-layer head;
+ *   - block reconstruction on the vit_tiny fixture (random calibration data) lowers every unit's
+ *     output error below round-to-nearest, leaves weights exactly on their grid, and a run
+ *     resumed from a checkpoint after an interruption writes a byte-identical model. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "exec.h"
+#include "gb.h"
+#include "quant/placement.h"
+#include "quantize.h"
+#include "recon/recon.h"
+#include "rng.h"
+
+static void test_adaround(void **state) {
+    (void)state;
+    for (int i = 0; i < 100; i++) {
+        float f = (float)i / 100.0f;
+        float a = opq_adaround_alpha0(f);
+        assert_true(fabsf(opq_adaround_h(a, NULL) - f) < 1e-5f);
+        // derivative against central differences (away from the clipped ends)
+        float dh;
+        opq_adaround_h(a, &dh);
+        if (f > 0.05f && f < 0.95f) {
+            float e = 1e-3f;
+            double fd =
+                ((double)opq_adaround_h(a + e, NULL) - (double)opq_adaround_h(a - e, NULL)) /
+                (2.0 * (double)e);
+            assert_true(fabs(fd - (double)dh) < 1e-3);
+        }
+    }
+    assert_true(opq_adaround_h(-20.0f, NULL) == 0.0f);
+    assert_true(opq_adaround_h(20.0f, NULL) == 1.0f);
+    float dh;
+    opq_adaround_h(20.0f, &dh);
+    assert_true(dh == 0.0f); // clipped: no gradient
+    // hardening: floor + [alpha >= 0], whatever the fractional part
+    struct opq_rng r;
+    opq_rng_seed(&r, 7, 1);
+    for (int i = 0; i < 1000; i++) {
+        float s = 0.01f + opq_rng_uniform(&r);
+        float w = 4.0f * opq_rng_normal(&r);
+        float a = 6.0f * (opq_rng_uniform(&r) - 0.5f);
+        float want = floorf(w / s) + (a >= 0.0f ? 1.0f : 0.0f);
+        assert_true(opq_adaround_hard(w, s, a) == want);
+    }
+    assert_true(opq_adaround_hard(1.25f, 0.5f, 0.0f) == 3.0f); // alpha = 0 rounds up
+    assert_true(opq_adaround_hard(-1.25f, 0.5f, -1e-6f) == -3.0f);
+}
+
+static void test_adam(void **state) {
+    (void)state;
+    float p[3] = {1.0f, -2.0f, 3.0f}, m[3] = {0}, v[3] = {0}, g[3];
+    const float target[3] = {0.5f, 0.25f, -1.0f};
+    for (int t = 1; t <= 3000; t++) {
+        for (int i = 0; i < 3; i++)
+            g[i] = 2.0f * (p[i] - target[i]);
+        opq_adam_step(p, g, m, v, 3, 0.01f, t);
+    }
+    for (int i = 0; i < 3; i++)
+        assert_true(fabsf(p[i] - target[i]) < 1e-2f);
+    // first step moves every parameter by lr against its gradient's sign
+    float q[2] = {0.0f, 0.0f}, mq[2] = {0}, vq[2] = {0}, gq[2] = {3.0f, -1e-3f};
+    opq_adam_step(q, gq, mq, vq, 2, 0.1f, 1);
+    assert_true(fabsf(q[0] + 0.1f) < 1e-4f && fabsf(q[1] - 0.1f) < 1e-3f);
+}
+
+// O [B, 6] -> MatMul W2 [6, 8] -> Tanh -> MatMul W3 [8, 5] -> z (logits)
+static struct opq_model *tiny_head(struct opq_ctx *ctx, int B) {
+    struct opq_model *m = gb_new(ctx);
+    float w2[48], w3[40];
+    struct opq_rng r;
+    opq_rng_seed(&r, 3, 0);
+    for (int i = 0; i < 48; i++)
+        w2[i] = 0.6f * opq_rng_normal(&r);
+    for (int i = 0; i < 40; i++)
+        w3[i] = 0.8f * opq_rng_normal(&r);
+    gb_input(m, "O", OPQ_DTYPE_FLOAT, GB_SHAPE(B, 6));
+    gb_init_f32(m, "w2", GB_SHAPE(6, 8), w2);
+    gb_init_f32(m, "w3", GB_SHAPE(8, 5), w3);
+    gb_node(m, "MatMul", "O,w2", "a");
+    gb_node(m, "Tanh", "a", "t");
+    gb_node(m, "MatMul", "t,w3", "z");
+    gb_output(m, "z");
+    gb_verify(m);
+    return m;
+}
+
+static void softmax_rows(const float *z, int B, int K, double T, double *p) {
+    for (int i = 0; i < B; i++) {
+        double mx = -1e300, s = 0.0;
+        for (int k = 0; k < K; k++)
+            mx = fmax(mx, (double)z[i * K + k] / T);
+        for (int k = 0; k < K; k++)
+            s += (p[i * K + k] = exp((double)z[i * K + k] / T - mx));
+        for (int k = 0; k < K; k++)
+            p[i * K + k] /= s;
+    }
+}
+
+// dKL(p || softmax(z(O)/T))/dO (batchmean) at O.
+static void kl_grad(struct opq_exec *ex, const float *O, int B, double T, const double *p,
+                    float *g) {
+    struct opq_named_tensor in = {.name = "O", .t = *opq_exec_value(ex, "O")};
+    in.t.data = (void *)O;
+    assert_int_equal(opq_exec_run_range(ex, 0, 2, &in, 1), OPQ_OK);
+    const float *z = opq_exec_value(ex, "z")->data;
+    double q[64];
+    softmax_rows(z, B, 5, T, q);
+    float seed[64];
+    for (int k = 0; k < B * 5; k++)
+        seed[k] = (float)((q[k] - p[k]) / (T * B));
+    struct opq_named_tensor sd = {.name = "z", .t = *opq_exec_value(ex, "z")};
+    sd.t.data = seed;
+    const char *wrt = "O";
+    struct opq_tensor grad;
+    assert_int_equal(opq_exec_backward(ex, 0, 2, &in, 1, &sd, 1, &wrt, 1, &grad), OPQ_OK);
+    memcpy(g, grad.data, sizeof(float) * (size_t)B * 6);
+}
+
+static void test_aph_vs_finite_differences(void **state) {
+    (void)state;
+    const int B = 4, n = 8;
+    const float T = 2.0f; // a small temperature makes the curvature large enough for fp32 FD
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = tiny_head(ctx, B);
+    struct opq_named_tensor shape = {.name = "O", .t = gb_value(m, "O")->t};
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &shape, 1, NULL, &ex), OPQ_OK);
+    float O[8 * 6];
+    struct opq_rng r;
+    opq_rng_seed(&r, 11, 0);
+    for (int i = 0; i < n * 6; i++)
+        O[i] = opq_rng_normal(&r);
+    double hbar[6];
+    assert_int_equal(opq_recon_aph(ex, m->graph, "O", 0, 2, O, n, B, T, hbar), OPQ_OK);
+    // finite-difference Hessian row sums: (g(O + e 1) - g(O - e 1)) / 2e, per sample
+    double fd[6] = {0};
+    const float eps = 1e-2f;
+    for (int b0 = 0; b0 < n; b0 += B) {
+        double p[64];
+        struct opq_named_tensor in = {.name = "O", .t = *opq_exec_value(ex, "O")};
+        in.t.data = O + b0 * 6;
+        assert_int_equal(opq_exec_run_range(ex, 0, 2, &in, 1), OPQ_OK);
+        softmax_rows(opq_exec_value(ex, "z")->data, B, 5, T, p);
+        float Op[24], Om[24], gp[24], gm[24];
+        for (int i = 0; i < B * 6; i++) {
+            Op[i] = O[b0 * 6 + i] + eps;
+            Om[i] = O[b0 * 6 + i] - eps;
+        }
+        kl_grad(ex, Op, B, T, p, gp);
+        kl_grad(ex, Om, B, T, p, gm);
+        for (int i = 0; i < B * 6; i++)
+            fd[i % 6] += fabs(((double)gp[i] - (double)gm[i]) / (2.0 * (double)eps));
+    }
+    double maxh = 0.0;
+    for (int k = 0; k < 6; k++) {
+        fd[k] /= n;
+        maxh = fmax(maxh, fabs(fd[k]));
+    }
+    assert_true(maxh > 1e-4); // the test is not vacuous
+    for (int k = 0; k < 6; k++)
+        assert_true(fabs(hbar[k] - fd[k]) <= 2e-3 * maxh + 1e-7);
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+// ---- reconstruction on the fixture -------------------------------------------------------------
+
+struct run {
+    struct opq_recon_opts ro;
+    struct opq_recon_report rep;
+    bool have;
+};
+
+static enum opq_status refine_hook(void *user, struct opq_refine_ctx *rc) {
+    struct run *r = user;
+    enum opq_status st = opq_recon_run(rc, &r->ro, &r->rep);
+    r->have = st == OPQ_OK;
+    // weights left on their grid: s * (q - z) reproduces q
+    for (int t = 0; st == OPQ_OK && t < rc->pl->n_targets; t++) {
+        struct opq_qtarget *tg = &rc->pl->targets[t];
+        if (tg->role != OPQ_QROLE_WEIGHT)
+            continue;
+        size_t n, inner = 1;
+        assert_true(opq_tensor_numel(&tg->value->t, &n));
+        if (rc->n_ch[t] > 1)
+            for (int d = rc->axis[t] + 1; d < tg->value->t.ndim; d++)
+                inner *= (size_t)tg->value->t.shape[d];
+        const float *w = tg->value->t.data;
+        for (size_t i = 0; i < n; i++) {
+            const struct opq_qparams *p =
+                &rc->qp[t][rc->n_ch[t] > 1 ? (i / inner) % (size_t)rc->n_ch[t] : 0];
+            float q = w[i] / p->scale;
+            assert_true(fabsf(q - nearbyintf(q)) < 1e-3f);
+        }
+    }
+    return st;
+}
+
+static const char *fixture(void) {
+    return OPQ_SOURCE_DIR "/fixtures/models/vit_tiny_op17.onnx";
+}
+
+// Quantizes the fixture W4A4 with reconstruction; *buf receives the serialized model.
+static void quantize_fixture(struct run *r, void **buf, size_t *len) {
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = NULL;
+    assert_int_equal(opq_model_load(ctx, fixture(), &m), OPQ_OK);
+    struct opq_quant_opts o;
+    opq_quant_opts_default(&o);
+    o.wbits = o.abits = 4;
+    o.calib.path = "random";
+    o.calib.count = 40;
+    o.calib.seed = 5;
+    o.holdout = 8;
+    o.batch = 8;
+    o.refine = refine_hook;
+    o.refine_user = r;
+    if (opq_quantize(ctx, m, &o, NULL) != OPQ_OK)
+        fail_msg("%s", opq_ctx_errmsg(ctx));
+    assert_int_equal(opq_model_save_buffer(ctx, m, buf, len), OPQ_OK);
+    void *copy = malloc(*len);
+    memcpy(copy, *buf, *len);
+    opq_buffer_free(ctx, *buf);
+    *buf = copy;
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void small_opts(struct opq_recon_opts *ro) {
+    opq_recon_opts_default(ro);
+    ro->iters = 30;
+    ro->batch = 8;
+    ro->loss = OPQ_RECON_LOSS_APH;
+}
+
+static void test_reconstruction_lowers_error(void **state) {
+    (void)state;
+    if (access(fixture(), R_OK) != 0)
+        skip();
+    struct run r = {0};
+    small_opts(&r.ro);
+    r.ro.iters = 60;
+    r.ro.loss  = OPQ_RECON_LOSS_MSE; // APH weights of random inputs are ~1e-15: check MSE here
+    void *buf;
+    size_t len;
+    quantize_fixture(&r, &buf, &len);
+    assert_true(r.have);
+    assert_true(r.rep.n_units == 6); // embedding, 4 blocks, head
+    assert_string_equal(r.rep.units[1].name, "block 0");
+    for (int u = 0; u < r.rep.n_units; u++) {
+        const struct opq_recon_unit_report *ur = &r.rep.units[u];
+        assert_true(ur->iters == 60 && ur->n_weights > 0);
+        // the weighted error on the (quantized) input the unit was trained on drops below RTN's
+        // (the head's KL on random inputs is tiny: 60 iterations only have to keep it level)
+        bool head = u == r.rep.n_units - 1;
+        if (!(ur->werr_after < ur->werr_before * (head ? 1.05 : 1.0)))
+            fail_msg("%s: %g -> %g", ur->name, ur->werr_before, ur->werr_after);
+        assert_true(ur->flip_frac > 0.0 && ur->flip_frac < 0.5);
+    }
+    opq_recon_report_free(&r.rep);
+    free(buf);
+}
+
+static void rm_checkpoint(const char *dir, int from, int to) {
+    char p[512];
+    for (int u = from; u < to; u++) {
+        snprintf(p, sizeof(p), "%s/unit_%03d.bin", dir, u);
+        remove(p);
+    }
+}
+
+static void test_resume_is_byte_identical(void **state) {
+    (void)state;
+    if (access(fixture(), R_OK) != 0)
+        skip();
+    char dir[] = "/tmp/opq_recon_ckpt_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    struct run a = {0}, b = {0}, c = {0};
+    small_opts(&a.ro);
+    a.ro.checkpoint = dir;
+    void *ba, *bb, *bc;
+    size_t la, lb, lc;
+    quantize_fixture(&a, &ba, &la);
+    // interrupted after unit 2: the later units' states are missing
+    rm_checkpoint(dir, 3, 6);
+    b.ro = a.ro;
+    quantize_fixture(&b, &bb, &lb);
+    assert_true(b.rep.units[0].resumed && b.rep.units[2].resumed && !b.rep.units[3].resumed);
+    assert_true(la == lb && memcmp(ba, bb, la) == 0);
+    // and equal to a run without checkpoints
+    small_opts(&c.ro);
+    quantize_fixture(&c, &bc, &lc);
+    assert_true(la == lc && memcmp(ba, bc, la) == 0);
+    rm_checkpoint(dir, 0, 6);
+    rmdir(dir);
+    opq_recon_report_free(&a.rep);
+    opq_recon_report_free(&b.rep);
+    opq_recon_report_free(&c.rep);
+    free(ba);
+    free(bb);
+    free(bc);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_adaround),
+        cmocka_unit_test(test_adam),
+        cmocka_unit_test(test_aph_vs_finite_differences),
+        cmocka_unit_test(test_reconstruction_lowers_error),
+        cmocka_unit_test(test_resume_is_byte_identical),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -28,6 +28,9 @@ static const struct method methods[] = {
     {"erq", "ERQ: activation and weight quantization error reduction (ridge regression, "
             "rounding refinement, dual uniform weights)",
      {"remove-identity", "cleanup-dead", "quantize-erq", NULL}},
+    {"aphq", "APHQ-ViT block reconstruction: AdaRound + LSQ per unit, APH-weighted loss, QDrop "
+             "(no MLP reconstruction yet)",
+     {"remove-identity", "cleanup-dead", "quantize-aphq", NULL}},
 };
 
 bool opq_method_quantizes(const char *name) {
@@ -36,7 +39,8 @@ bool opq_method_quantizes(const char *name) {
             continue;
         for (int k = 0; methods[i].passes[k]; k++)
             if (strcmp(methods[i].passes[k], "quantize") == 0 ||
-                strcmp(methods[i].passes[k], "quantize-erq") == 0)
+                strcmp(methods[i].passes[k], "quantize-erq") == 0 ||
+                strcmp(methods[i].passes[k], "quantize-aphq") == 0)
                 return true;
     }
     return false;

@@ -6,7 +6,9 @@
  * 4): BLIS-style blocking (KC x NC panels of op(B), MC x KC blocks of op(A), both packed) around
  * a 12 x 32 register-blocked micro-kernel (24 zmm accumulators), masked stores at the N edge
  * and zero-padded A rows at the M edge. Each C element is summed in the same order whatever
- * M/N range a thread computes, so results do not depend on the thread count. */
+ * M/N range a thread computes, so results do not depend on the thread count. With a thread
+ * pool, both operands are packed once (in parallel, into the pool's workspace) and the threads
+ * share C tiles (sgemm_avx512_mt), instead of each repacking all of op(B) for its rows. */
 #include "blas.h"
 
 #include <stdlib.h>
@@ -176,7 +178,8 @@ T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
             float *dst = g->pa + s * g->k * MR;
             for (int64_t p = 0; p < g->k; p++) {
                 for (int64_t r = 0; r < rows; r++)
-                    dst[p * MR + r] = g->ta ? g->a[p * g->lda + i0 + r] : g->a[(i0 + r) * g->lda + p];
+                    dst[p * MR + r] =
+                        g->ta ? g->a[p * g->lda + i0 + r] : g->a[(i0 + r) * g->lda + p];
                 for (int64_t r = rows; r < MR; r++)
                     dst[p * MR + r] = 0.0f;
             }
@@ -195,7 +198,8 @@ T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
             }
             for (int64_t p = 0; p < g->k; p++) {
                 for (int64_t c = 0; c < cols; c++)
-                    dst[p * NR + c] = g->tb ? g->b[(j0 + c) * g->ldb + p] : g->b[p * g->ldb + j0 + c];
+                    dst[p * NR + c] =
+                        g->tb ? g->b[(j0 + c) * g->ldb + p] : g->b[p * g->ldb + j0 + c];
                 for (int64_t c = cols; c < NR; c++)
                     dst[p * NR + c] = 0.0f;
             }

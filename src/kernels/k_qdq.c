@@ -179,6 +179,46 @@ static enum opq_status quantize_infer(struct opq_kctx *k, const struct opq_node 
     return opq_kl_finish(k, n, out);
 }
 
+static bool is_q8(enum opq_dtype dt) {
+    return dt == OPQ_DTYPE_INT8 || dt == OPQ_DTYPE_UINT8;
+}
+
+// Zero point `si` of an int8/uint8 tensor as float (0 without one).
+static float zp8(const struct opq_tensor *zp, size_t si) {
+    if (!zp)
+        return 0.0f;
+    return zp->dtype == OPQ_DTYPE_INT8 ? (float)((const int8_t *)zp->data)[si]
+                                       : (float)((const uint8_t *)zp->data)[si];
+}
+
+// Fast path of QuantizeLinear: float32 in, int8/uint8 out, one scale per tensor or per slice of
+// the axis (no blocks along the inner dims). Same arithmetic as the general loop: x / s, round
+// half to even, add the zero point, saturate; NaN maps to the zero point.
+static void quantize_q8(const struct qmap *m, const struct opq_tensor *x,
+                        const struct opq_tensor *sc, const struct opq_tensor *zp,
+                        enum opq_dtype qt, float lo, float hi, void *out) {
+    const float *xs = x->data, *ss = sc->data;
+    size_t i = 0;
+    for (size_t o = 0; o < m->outer; o++)
+        for (int64_t a = 0; a < m->dim; a++) {
+            size_t si = o * m->so + (size_t)(a / m->bs) * m->sa;
+            float s = ss[si], z = zp8(zp, si);
+            for (size_t t = 0; t < m->inner; t++, i++) {
+                // round half to even without a libm call (so the loop vectorises): adding and
+                // removing 1.5 * 2^23 rounds exactly like nearbyintf in the default rounding mode
+                // for |r| < 2^22; larger values saturate anyway, NaN stays NaN
+                float r = xs[i] / s;
+                r       = fabsf(r) < 4194304.0f ? (r + 12582912.0f) - 12582912.0f : r;
+                float v = r + z;
+                v = v != v ? z : (v < lo ? lo : (v > hi ? hi : v));
+                if (qt == OPQ_DTYPE_INT8)
+                    ((int8_t *)out)[i] = (int8_t)v;
+                else
+                    ((uint8_t *)out)[i] = (uint8_t)v;
+            }
+        }
+}
+
 static enum opq_status quantize_forward(struct opq_kctx *k, const struct opq_node *n,
                                         const struct opq_tensor *const *in,
                                         struct opq_tensor *out) {
@@ -196,6 +236,10 @@ static enum opq_status quantize_forward(struct opq_kctx *k, const struct opq_nod
     if (opq_dtype_is_packed4(qt))
         memset(out->data, 0, out->nbytes);
     bool fast = x->dtype == OPQ_DTYPE_FLOAT && sc->dtype == OPQ_DTYPE_FLOAT;
+    if (fast && is_q8(qt) && (!zp || zp->dtype == qt) && m.st == 0) {
+        quantize_q8(&m, x, sc, zp, qt, (float)lo, (float)hi, out->data);
+        return OPQ_OK;
+    }
     size_t i = 0;
     for (size_t o = 0; o < m.outer; o++)
         for (int64_t a = 0; a < m.dim; a++)
@@ -262,6 +306,24 @@ static enum opq_status dequantize_forward(struct opq_kctx *k, const struct opq_n
     if (st)
         return st;
     bool fast = sc->dtype == OPQ_DTYPE_FLOAT;
+    if (fast && out->dtype == OPQ_DTYPE_FLOAT && is_q8(x->dtype) && (!zp || zp->dtype == x->dtype) &&
+        m.st == 0) {
+        // fast path: int8/uint8 codes, one scale per tensor or per slice of the axis
+        float *y = out->data;
+        size_t i = 0;
+        for (size_t o = 0; o < m.outer; o++)
+            for (int64_t a = 0; a < m.dim; a++) {
+                size_t si = o * m.so + (size_t)(a / m.bs) * m.sa;
+                float s = ((const float *)sc->data)[si], z = zp8(zp, si);
+                if (x->dtype == OPQ_DTYPE_INT8)
+                    for (size_t t = 0; t < m.inner; t++, i++)
+                        y[i] = ((float)((const int8_t *)x->data)[i] - z) * s;
+                else
+                    for (size_t t = 0; t < m.inner; t++, i++)
+                        y[i] = ((float)((const uint8_t *)x->data)[i] - z) * s;
+            }
+        return OPQ_OK;
+    }
     size_t i = 0;
     for (size_t o = 0; o < m.outer; o++)
         for (int64_t a = 0; a < m.dim; a++)

@@ -419,9 +419,8 @@ static enum opq_status find_units(struct eng *e) {
     }
     free(cuts);
     opq_recognized_free(rec);
-    if (n_blocks == 0)
-        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
-                             "reconstruction: no transformer block recognized in the model");
+    if (e->n_units == 1) // no block recognized: the whole model is one unit
+        snprintf(e->units[0].name, sizeof(e->units[0].name), "model");
     for (int u = 0; u < e->n_units; u++)
         if ((st = build_unit(e, &e->units[u], u)) != OPQ_OK)
             return st;
@@ -1431,15 +1430,21 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
         return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
                              "reconstruction: batch and iterations must "
                              "be positive");
+    if (rc->pl->n_qnodes == 0)
+        return OPQ_OK; // nothing quantized, nothing to reconstruct
     int n = rc->n_calib;
     if (o->count > 0 && o->count < n)
         n = o->count;
-    e.N = n / o->batch * o->batch;
-    if (e.N < o->batch)
-        return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
-                             "reconstruction: %d calibration samples, at least one batch of %d "
-                             "needed",
-                             n, o->batch);
+    if (n < 1)
+        return opq_set_error(rc->ctx, OPQ_ERR_USAGE, "reconstruction: no calibration samples");
+    if (e.B > n) { // fewer samples than a batch: one batch of all of them
+        opq_log(rc->ctx, OPQ_LOG_WARN,
+                "reconstruction: %d calibration samples, batch lowered "
+                "from %d",
+                n, e.B);
+        e.B = n;
+    }
+    e.N = n / e.B * e.B;
     if (o->checkpoint && mkdir(o->checkpoint, 0777) != 0 && errno != EEXIST)
         return opq_set_error(rc->ctx, OPQ_ERR_IO, "%s: cannot create checkpoint folder: %s",
                              o->checkpoint, strerror(errno));

@@ -413,18 +413,48 @@ enum opq_status opq_weight_qparams(const float *w, size_t n, size_t n_ch, size_t
         }
         for (size_t ch = 0; ch < n_ch; ch++)
             best[ch] = INFINITY;
-        // Clipping factors 1.00, 0.99, ... 0.50: one sweep over the weight per factor.
+        // Clipping factors 1.00, 0.99, ... 0.50: one sweep over the weight per factor. Element
+        // (o, c, t) of the [outer][n_ch][inner] view belongs to channel c; the channel's scale,
+        // zero point and grid sit in arrays so the innermost loop has no calls or divisions by
+        // index and vectorises. Rounding is half to even (1.5 * 2^23 trick, exact for |r| < 2^22;
+        // larger values clamp anyway).
+        float *cs = malloc(n_ch * sizeof(float)), *cz = malloc(n_ch * sizeof(float));
+        float *clo = malloc(n_ch * sizeof(float)), *chi = malloc(n_ch * sizeof(float));
+        if (!cs || !cz || !clo || !chi) {
+            free(cs);
+            free(cz);
+            free(clo);
+            free(chi);
+            st = OPQ_ERR_NOMEM;
+            goto out_free;
+        }
+        size_t outer = n / (n_ch * inner);
         for (int k = 0; k <= 50; k++) {
             double a = 1.0 - 0.01 * k;
             for (size_t ch = 0; ch < n_ch; ch++) {
                 opq_qparams_from_range((float)(lo[ch] * a), (float)(hi[ch] * a), qmin, qmax,
                                        symmetric, &cand[ch]);
+                cs[ch]  = cand[ch].scale;
+                cz[ch]  = (float)cand[ch].zero_point;
+                clo[ch] = (float)cand[ch].qmin;
+                chi[ch] = (float)cand[ch].qmax;
                 err[ch] = 0.0;
             }
-            for (size_t i = 0; i < n; i++) {
-                size_t ch = (i / inner) % n_ch;
-                double d  = (double)w[i] - (double)opq_fq(w[i], &cand[ch]);
-                err[ch] += d * d;
+            for (size_t o = 0; o < outer; o++) {
+                for (size_t ch = 0; ch < n_ch; ch++) {
+                    const float *x = w + (o * n_ch + ch) * inner;
+                    float s = cs[ch], z = cz[ch], ql = clo[ch], qh = chi[ch];
+                    double e = 0.0;
+                    for (size_t t = 0; t < inner; t++) {
+                        float r = x[t] / s;
+                        r       = fabsf(r) < 4194304.0f ? (r + 12582912.0f) - 12582912.0f : r;
+                        float q = r + z;
+                        q       = q < ql ? ql : (q > qh ? qh : q);
+                        float d = x[t] - (q - z) * s;
+                        e += (double)(d * d);
+                    }
+                    err[ch] += e;
+                }
             }
             for (size_t ch = 0; ch < n_ch; ch++) {
                 if (err[ch] < best[ch]) {
@@ -433,6 +463,10 @@ enum opq_status opq_weight_qparams(const float *w, size_t n, size_t n_ch, size_t
                 }
             }
         }
+        free(cs);
+        free(cz);
+        free(clo);
+        free(chi);
     }
 out_free:
     free(lo);

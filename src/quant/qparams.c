@@ -142,13 +142,13 @@ void opq_observer_add(struct opq_observer *o, const float *x, size_t n) {
         observer_grow(o, amax, false);
     // Pass 2: binning. With R == 0 every finite sample is 0 and lands in bin NB/2.
     double inv = o->range > 0.0 ? (double)NB / (2.0 * o->range) : 0.0;
+    double R   = o->range;
     for (size_t i = 0; i < n; i++) {
         float v = x[i];
         if (!isfinite(v))
             continue;
-        long b = (long)floor(((double)v + o->range) * inv);
-        if (o->range == 0.0)
-            b = NB / 2;
+        // |v| < R, so (v + R) * inv >= 0 and truncation is floor (no libm call per sample)
+        long b = R == 0.0 ? NB / 2 : (long)(((double)v + R) * inv);
         if (b < 0)
             b = 0;
         if (b >= NB)

@@ -77,6 +77,8 @@ const struct opq_pass *opq_pass_find(const char *name);
 int         opq_method_count(void);
 const char *opq_method_name(int i);
 const char *opq_method_doc(int i);
+// The pass names of a method (at most cap, static strings); -1 if the method is unknown.
+int         opq_method_passes(const char *name, const char **out, int cap);
 // True if the method quantizes (and so needs calibration data).
 bool        opq_method_quantizes(const char *name);
 

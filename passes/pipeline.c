@@ -33,6 +33,20 @@ static const struct method methods[] = {
      {"remove-identity", "cleanup-dead", "quantize-aphq", NULL}},
 };
 
+int opq_method_passes(const char *name, const char **out, int cap) {
+    for (size_t i = 0; i < ARRAY_SIZE(methods); i++) {
+        if (strcmp(methods[i].name, name) != 0)
+            continue;
+        int n = 0;
+        while (methods[i].passes[n] && n < cap) {
+            out[n] = methods[i].passes[n];
+            n++;
+        }
+        return n;
+    }
+    return -1;
+}
+
 bool opq_method_quantizes(const char *name) {
     for (size_t i = 0; i < ARRAY_SIZE(methods); i++) {
         if (strcmp(methods[i].name, name) != 0)

@@ -702,8 +702,8 @@ static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
             goto out;
         }
         for (int k = 0; k < es.n; k++)
-            rep->blocks[rep->n_blocks++] =
-                (struct opq_report_block){es.names[k], sqnr_db(es.sig[k], es.noise[k])};
+            rep->blocks[rep->n_blocks++] = (struct opq_report_block){
+                strdup(es.names[k]), sqnr_db(es.sig[k], es.noise[k])};
         for (int t = 0; t < pl->n_targets && t < rep->n_tensors; t++)
             if (!rep->tensors[t].weight)
                 rep->tensors[t].sqnr_db = sqnr_db(es.act_sig[t], es.act_noise[t]);
@@ -1004,7 +1004,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         struct opq_qtarget *tg = &pl.targets[t];
         struct opq_value *v = tg->value;
         struct opq_report_tensor *rt = &rep->tensors[rep->n_tensors++];
-        rt->name   = v->name;
+        rt->name   = strdup(v->name); // the report outlives the float clone and the model
         rt->weight = tg->role == OPQ_QROLE_WEIGHT;
         struct opq_qdq_spec spec = {.opset = opset, .n_ch = n_chs[t], .axis = axes[t], .p = qp[t]};
         if (tg->role == OPQ_QROLE_WEIGHT) {
@@ -1093,6 +1093,10 @@ out:
 void opq_report_free(struct opq_report *r) {
     if (!r)
         return;
+    for (int i = 0; i < r->n_tensors; i++)
+        free((char *)r->tensors[i].name);
+    for (int i = 0; i < r->n_blocks; i++)
+        free((char *)r->blocks[i].name);
     free(r->tensors);
     free(r->blocks);
     free(r->layers);

@@ -74,7 +74,7 @@ void opq_quant_opts_default(struct opq_quant_opts *o);
 enum opq_status opq_quant_opts_check(struct opq_ctx *ctx, const struct opq_quant_opts *o);
 
 struct opq_report_tensor {
-    const char *name;
+    const char *name;                 // owned by the report (copied)
     bool        weight;
     int         bits;
     int         n_ch;
@@ -84,7 +84,7 @@ struct opq_report_tensor {
 };
 
 struct opq_report_block {
-    const char *name;     // the value at the block's output
+    const char *name;     // the value at the block's output (owned by the report)
     double      sqnr_db;  // quantized vs float model, held-out samples
 };
 

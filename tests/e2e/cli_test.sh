@@ -115,6 +115,8 @@ case_usage_errors() {
     run 1 in.onnx out.onnx --method bogus
     expect_one_error_line "unknown method 'bogus'"
     grep -q 'none' err.txt || fail "unknown method message does not list valid methods"
+    run 1 in.onnx out.onnx --passes cleanup-dead --gelu-to-relu
+    expect_one_error_line "--gelu-to-relu goes with a method"
     run 1 in.onnx out.onnx --method none --passes cleanup-dead
     expect_one_error_line "exclude each other"
     run 1 in.onnx out.onnx --threads 0
@@ -293,7 +295,7 @@ case_no_calib() {
 # The default method quantizes: Q/DQ appear, the report is written, bad options are refused.
 case_quantize_mlp() {
     make_mlp
-    run 0 mlp.onnx q.onnx --calib random --calib-count 8 --report r.json -q
+    run 0 mlp.onnx q.onnx --calib random --calib-count 16 --holdout 4 --report r.json -q
     "$PY" - <<'PYEOF' || fail "quantized model is not what was expected"
 import json, onnx
 m = onnx.load("q.onnx")
@@ -302,6 +304,7 @@ assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 2, 
 onnx.checker.check_model(m)
 r = json.load(open("r.json"))
 assert r["quantized_nodes"] == 1 and len(r["tensors"]) == 2, r
+assert r["end_to_end"]["samples"] == 4 and r["calibration_samples"] == 12, r
 PYEOF
     run 1 mlp.onnx q2.onnx --calib random --calib-count 8 --wbits 9
     expect_one_error_line "--wbits: '9' is not a bit width from 2 to 8"

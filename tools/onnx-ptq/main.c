@@ -73,6 +73,7 @@ static const char usage_text[] =
     "options of the main form:\n"
     "  --method NAME     pass preset to run (default: rtn); see --list-passes\n"
     "  --passes A,B,...  run these passes in this order instead of a method\n"
+    "  --gelu-to-relu    swap every GELU for ReLU before quantizing (logs the float change)\n"
     "  --verify          check the graph's invariants after every pass\n"
     "  --force           overwrite OUT if it exists (never when OUT is IN)\n"
     "  --external-data   write weights to OUT.data next to OUT\n"
@@ -94,6 +95,7 @@ struct main_opts {
     char                    *passes;  // comma list, owned (strdup)
     bool                     force;
     bool                     external_data;
+    bool                     gelu_to_relu;
     struct opq_pipeline_opts pipe;
     struct opq_quant_opts    quant;
     const char              *report_path;
@@ -242,6 +244,8 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             o->force = true;
         } else if (strcmp(a, "--external-data") == 0) {
             o->external_data = true;
+        } else if (strcmp(a, "--gelu-to-relu") == 0) {
+            o->gelu_to_relu = true;
         } else if ((v = opt_value(argc, argv, &i, "--method", &err)) || err) {
             if (err)
                 return CLI_EXIT_USAGE;
@@ -277,6 +281,10 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
     }
     if (o->method && o->passes) {
         cli_error("--method and --passes exclude each other");
+        return CLI_EXIT_USAGE;
+    }
+    if (o->gelu_to_relu && o->passes) {
+        cli_error("--gelu-to-relu goes with a method; with --passes, list gelu-to-relu there");
         return CLI_EXIT_USAGE;
     }
     return -1;
@@ -365,6 +373,18 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         goto out;
     }
     bool quantizes = o->passes ? false : opq_method_quantizes(method);
+    if (!o->passes && o->gelu_to_relu) {
+        // the method's passes with gelu-to-relu in front of the first quantizing one
+        const char *mp[32];
+        int nm = opq_method_passes(method, mp, 31);
+        int at = nm;
+        for (int i = 0; i < nm; i++)
+            if (strncmp(mp[i], "quantize", 8) == 0 && at == nm)
+                at = i;
+        for (int i = 0; i < nm + 1; i++)
+            names[n_names++] = i < at ? mp[i] : (i == at ? "gelu-to-relu" : mp[i - 1]);
+        o->method = NULL;
+    }
     for (int i = 0; i < n_names; i++)
         quantizes |= strcmp(names[i], "quantize") == 0;
     if (quantizes && !o->quant.calib.path) {
@@ -392,8 +412,8 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         rc = cli_fail(ctx, st, o->in);
         goto out;
     }
-    st = o->passes ? opq_pipeline_run(ctx, model, names, n_names, &o->pipe)
-                   : opq_pipeline_run_method(ctx, model, method, &o->pipe);
+    st = n_names ? opq_pipeline_run(ctx, model, names, n_names, &o->pipe)
+                 : opq_pipeline_run_method(ctx, model, method, &o->pipe);
     if (st != OPQ_OK) {
         rc = cli_fail(ctx, st, o->in);
         goto out;

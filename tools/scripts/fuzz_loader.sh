@@ -1,13 +1,13 @@
 #!/bin/sh
 # fuzz_loader.sh [SECONDS]: builds the libFuzzer target tests/fuzz/fuzz_load with clang and
-# -fsanitize=fuzzer,address,undefined in its own build folder ($OPQ_FUZZ_BUILD, default
-# /tmp/opq-fuzz-build), seeds a corpus with every libonnx-testdata model.onnx and fuzzes the
-# ONNX loader for SECONDS (default 60) in one process (no fork/jobs mode). Crashes are written to
+# -fsanitize=fuzzer,address,undefined in its own build folder ($OPQ_FUZZ_BUILD, default build-fuzz/
+# in the checkout, so every clone has its own CMake cache), seeds a corpus with every
+# libonnx-testdata model.onnx and fuzzes the ONNX loader for SECONDS (default 60) in one process (no fork/jobs mode). Crashes are written to
 # $OPQ_FUZZ_BUILD/artifacts/; the exit status is libFuzzer's (0 = nothing found).
 set -eu
 secs=${1:-60}
 root=$(cd "$(dirname "$0")/../.." && pwd)
-build=${OPQ_FUZZ_BUILD:-/tmp/opq-fuzz-build}
+build=${OPQ_FUZZ_BUILD:-$root/build-fuzz}
 testdata=${OPQ_TESTDATA_DIR:-/usr/share/libonnx-testdata/data}
 
 cmake -S "$root" -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \

@@ -3,7 +3,8 @@
 # -fsanitize=fuzzer,address,undefined in its own build folder ($OPQ_FUZZ_BUILD, default build-fuzz/
 # in the checkout, so every clone has its own CMake cache), seeds a corpus with every
 # libonnx-testdata model.onnx and fuzzes the ONNX loader for SECONDS (default 60) in one process
-# (no fork/jobs mode). Crashes are written to $OPQ_FUZZ_BUILD/artifacts/; the exit status is libFuzzer's (0 = nothing found).
+# (no fork/jobs mode). Crashes are written to $OPQ_FUZZ_BUILD/artifacts/; the exit status is
+# libFuzzer's (0 = nothing found).
 set -eu
 secs=${1:-60}
 root=$(cd "$(dirname "$0")/../.." && pwd)

@@ -56,22 +56,12 @@ static enum opq_status logits_of(struct opq_ctx *ctx, struct opq_model *m,
     struct opq_exec *ex = NULL;
     *out = NULL;
     for (int i = 0; i < k && st == OPQ_OK; i++) {
-        const struct opq_tensor *s = opq_calib_sample_shape(src, i);
-        size_t esz = s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8;
-        bufs[i] = malloc(esz * opq_calib_sample_numel(src, i) * (size_t)n);
-        if (!bufs[i]) {
+        bufs[i] = malloc(opq_calib_sample_bytes(src, i) * (size_t)n);
+        if (!bufs[i])
             st = OPQ_ERR_NOMEM;
-            break;
-        }
-        st = opq_calib_read(src, i, 0, n, bufs[i]);
-        in[i].name       = opq_calib_input_name(src, i);
-        in[i].t          = *s;
-        in[i].t.ndim     = s->ndim + 1;
-        in[i].t.shape[0] = n;
-        memcpy(&in[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-        in[i].t.data     = bufs[i];
-        in[i].t.nbytes   = esz * opq_calib_sample_numel(src, i) * (size_t)n;
     }
+    if (st == OPQ_OK)
+        st = opq_calib_batch(src, 0, n, bufs, in);
     struct opq_exec_opts eo = {.batch = n};
     struct opq_tensor y;
     size_t numel;

@@ -1,10 +1,13 @@
 /* base.c: contexts, status strings, the sticky error buffer, logging and allocation tracking. */
+#define _POSIX_C_SOURCE 200809L
 #include "base.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 
 // Each allocation carries a small header with its size so that peak memory can be tracked
 // without help from the user's allocator.
@@ -229,4 +232,15 @@ bool opq_add_size(size_t a, size_t b, size_t *out) {
         return false;
     *out = a + b;
     return true;
+}
+
+double opq_now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+long opq_peak_rss_kb(void) {
+    struct rusage ru;
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
 }

@@ -61,6 +61,11 @@ void *opq_calloc(struct opq_ctx *ctx, size_t n, size_t size);
 void *opq_realloc(struct opq_ctx *ctx, void *p, size_t n);
 void  opq_free(struct opq_ctx *ctx, void *p);
 
+// Monotonic clock in seconds, and the process's peak resident memory so far in KiB (0 if
+// unknown): the time and memory figures of reports and progress displays.
+double opq_now_s(void);
+long   opq_peak_rss_kb(void);
+
 // Checked arithmetic for sizes derived from untrusted shapes: false on overflow.
 bool opq_mul_size(size_t a, size_t b, size_t *out);
 bool opq_add_size(size_t a, size_t b, size_t *out);

@@ -951,3 +951,27 @@ enum opq_status opq_calib_read(struct opq_calib_src *s, int k, int first, int n,
     }
     return OPQ_ERR_INTERNAL;
 }
+
+size_t opq_calib_sample_bytes(const struct opq_calib_src *s, int k) {
+    return (s->dtypes[k] == OPQ_DTYPE_FLOAT ? 4 : 8) * s->numel[k];
+}
+
+enum opq_status opq_calib_batch(struct opq_calib_src *s, int first, int n, void *const *bufs,
+                                struct opq_named_tensor *in) {
+    for (int k = 0; k < s->n_inputs; k++) {
+        const struct opq_tensor *t = &s->sample[k];
+        if (bufs) {
+            enum opq_status st = opq_calib_read(s, k, first, n, bufs[k]);
+            if (st != OPQ_OK)
+                return st;
+        }
+        in[k].name       = s->names[k];
+        in[k].t          = *t;
+        in[k].t.ndim     = t->ndim + 1;
+        in[k].t.shape[0] = n;
+        memcpy(&in[k].t.shape[1], t->shape, sizeof(int64_t) * (size_t)t->ndim);
+        in[k].t.data     = bufs ? bufs[k] : NULL;
+        in[k].t.nbytes   = bufs ? opq_calib_sample_bytes(s, k) * (size_t)n : 0;
+    }
+    return OPQ_OK;
+}

@@ -15,6 +15,7 @@
 #define OPQ_CALIB_DATA_H
 
 #include "base.h"
+#include "exec.h"
 #include "ir.h"
 
 struct opq_calib_spec {
@@ -49,6 +50,13 @@ const char     *opq_calib_input_name(const struct opq_calib_src *src, int k);
 // shuffle or split. sample_numel is reported by opq_calib_sample_numel.
 enum opq_status opq_calib_read(struct opq_calib_src *src, int k, int first, int n, void *dst);
 size_t          opq_calib_sample_numel(const struct opq_calib_src *src, int k);
+// Bytes of one sample of input k in the dtype opq_calib_read writes.
+size_t          opq_calib_sample_bytes(const struct opq_calib_src *src, int k);
+// Reads samples [first, first + n) of every input k into bufs[k] (room for n samples each) and
+// describes them in in[k] as the batch the executor takes: name, dtype, shape [n, ...], data.
+// bufs NULL: shapes only, nothing is read (for planning).
+enum opq_status opq_calib_batch(struct opq_calib_src *src, int first, int n, void *const *bufs,
+                                struct opq_named_tensor *in);
 // The per-sample shape of input k (without the batch dim). Borrowed.
 const struct opq_tensor *opq_calib_sample_shape(const struct opq_calib_src *src, int k);
 

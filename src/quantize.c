@@ -34,21 +34,10 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     opq_recon_opts_default(&o->recon);
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static long peak_rss_kb(void) {
-    struct rusage ru;
-    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
-}
-
 static void phase_end(struct opq_report *r, const char *name, double t0) {
     if (!r || r->n_phases >= (int)ARRAY_SIZE(r->phases))
         return;
-    r->phases[r->n_phases++] = (struct opq_report_phase){name, now_s() - t0, peak_rss_kb()};
+    r->phases[r->n_phases++] = (struct opq_report_phase){name, opq_now_s() - t0, opq_peak_rss_kb()};
 }
 
 // ---- streaming runs over calibration samples -------------------------------------------------------
@@ -75,15 +64,7 @@ struct runner {
 static enum opq_status plan_for(struct runner *r, int n, struct opq_exec **out) {
     int k = opq_calib_n_inputs(r->src);
     struct opq_named_tensor shapes[16];
-    for (int i = 0; i < k; i++) {
-        const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
-        shapes[i].name    = opq_calib_input_name(r->src, i);
-        shapes[i].t       = *s;
-        shapes[i].t.ndim  = s->ndim + 1;
-        shapes[i].t.shape[0] = n;
-        memcpy(&shapes[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-        shapes[i].t.data  = NULL;
-    }
+    opq_calib_batch(r->src, 0, n, NULL, shapes);
     struct opq_exec_opts eo = {.batch = n};
     enum opq_status st = opq_exec_plan(r->ctx, r->model, shapes, k, &eo, out);
     if (st != OPQ_OK)
@@ -108,9 +89,7 @@ static enum opq_status run_samples(struct runner *r, int first, int count) {
     if (B <= 0)
         return OPQ_OK;
     for (int i = 0; i < k; i++) {
-        const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
-        size_t esz = s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8;
-        bufs[i] = malloc(esz * opq_calib_sample_numel(r->src, i) * (size_t)B);
+        bufs[i] = malloc(opq_calib_sample_bytes(r->src, i) * (size_t)B);
         if (!bufs[i]) {
             st = OPQ_ERR_NOMEM;
             goto out;
@@ -127,19 +106,8 @@ static enum opq_status run_samples(struct runner *r, int first, int count) {
             e = ex_tail;
         }
         struct opq_named_tensor in[16];
-        for (int i = 0; i < k; i++) {
-            if ((st = opq_calib_read(r->src, i, first + done, n, bufs[i])) != OPQ_OK)
-                goto out;
-            const struct opq_tensor *s = opq_calib_sample_shape(r->src, i);
-            in[i].name       = opq_calib_input_name(r->src, i);
-            in[i].t          = *s;
-            in[i].t.ndim     = s->ndim + 1;
-            in[i].t.shape[0] = n;
-            memcpy(&in[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-            in[i].t.data     = bufs[i];
-            in[i].t.nbytes   = (s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8) *
-                             opq_calib_sample_numel(r->src, i) * (size_t)n;
-        }
+        if ((st = opq_calib_batch(r->src, first + done, n, bufs, in)) != OPQ_OK)
+            goto out;
         // graph inputs are not computed, so the capture hook never sees them: feed them here
         for (int i = 0; i < k && r->fn; i++)
             if ((st = r->fn(r->user, in[i].name, &in[i].t)) != OPQ_OK)
@@ -602,26 +570,13 @@ static enum opq_status evaluate(struct opq_ctx *ctx, struct opq_model *fmodel,
     for (int done = 0; done < count; done += batch) {
         int n = count - done < batch ? count - done : batch;
         struct opq_named_tensor in[16];
-        for (int i = 0; i < k_in; i++) {
-            const struct opq_tensor *s = opq_calib_sample_shape(src, i);
-            size_t esz = s->dtype == OPQ_DTYPE_FLOAT ? 4 : 8;
+        for (int i = 0; i < k_in && st == OPQ_OK; i++) {
             free(bufs[i]);
-            bufs[i] = malloc(esz * opq_calib_sample_numel(src, i) * (size_t)n);
-            if (!bufs[i]) {
+            bufs[i] = malloc(opq_calib_sample_bytes(src, i) * (size_t)n);
+            if (!bufs[i])
                 st = OPQ_ERR_NOMEM;
-                break;
-            }
-            if ((st = opq_calib_read(src, i, first + done, n, bufs[i])) != OPQ_OK)
-                break;
-            in[i].name       = opq_calib_input_name(src, i);
-            in[i].t          = *s;
-            in[i].t.ndim     = s->ndim + 1;
-            in[i].t.shape[0] = n;
-            memcpy(&in[i].t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-            in[i].t.data     = bufs[i];
-            in[i].t.nbytes   = esz * opq_calib_sample_numel(src, i) * (size_t)n;
         }
-        if (st != OPQ_OK)
+        if (st != OPQ_OK || (st = opq_calib_batch(src, first + done, n, bufs, in)) != OPQ_OK)
             break;
         struct opq_exec_opts eo = {.batch = n};
         opq_exec_free(fe);
@@ -776,7 +731,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     const struct opq_qparams **act_p = NULL;
     int *n_chs = NULL, *axes = NULL;
     struct opq_placement pl = {0};
-    double t0 = now_s();
+    double t0 = opq_now_s();
     if (!rep)
         return OPQ_ERR_NOMEM;
     if ((st = check_opts(ctx, model, o)) != OPQ_OK)
@@ -816,7 +771,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
 
     // 2. One calibration pass: activation observers of every activation target, plus per-channel
     // ranges of the LayerNorm outputs that may be reparameterized.
-    t0 = now_s();
+    t0 = opq_now_s();
     if (o->reparam != 0 && (st = reparam_find(ctx, g, &rsites)) != OPQ_OK)
         goto out;
     ob.index = opq_strmap_new(ctx);
@@ -868,7 +823,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     // outputs change distribution (every consumer computes the same function as before), so only
     // they are observed again, and only when something was rewritten.
     if (rsites.n > 0) {
-        t0 = now_s();
+        t0 = opq_now_s();
         bool *applied = calloc((size_t)rsites.n, sizeof(bool));
         if (!applied) {
             st = OPQ_ERR_NOMEM;
@@ -916,7 +871,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
                 model->path);
 
     // 4a. Ranges: per-channel weight qparams and activation qparams for every target.
-    t0 = now_s();
+    t0 = opq_now_s();
     qp    = calloc((size_t)pl.n_targets + 1, sizeof(*qp));
     act_p = calloc((size_t)pl.n_targets + 1, sizeof(*act_p));
     n_chs = calloc((size_t)pl.n_targets + 1, sizeof(int));
@@ -991,13 +946,13 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     // (and then leave weights on their grid) and activation qparams, before anything is encoded.
     if (st == OPQ_OK && o->refine) {
         phase_end(rep, "ranges", t0);
-        t0 = now_s();
+        t0 = opq_now_s();
         struct opq_refine_ctx rc = {.ctx = ctx, .model = model, .opts = o, .pl = &pl, .qp = qp,
                                     .n_ch = n_chs, .axis = axes, .src = src, .n_calib = n_calib};
         st = o->refine(o->refine_user, &rc);
         if (st == OPQ_OK)
             phase_end(rep, "refine", t0);
-        t0 = now_s();
+        t0 = opq_now_s();
     }
     // 4c. Encoding.
     for (int t = 0; t < pl.n_targets && st == OPQ_OK; t++) {
@@ -1061,7 +1016,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
 
     // 5. Report on held-out samples.
     if (holdout > 0 && report_out) {
-        t0 = now_s();
+        t0 = opq_now_s();
         st = evaluate(ctx, fmodel, model, src, n_calib, holdout, o->batch, &pl, act_p, n_chs, rep);
         if (st != OPQ_OK)
             goto out;

@@ -47,12 +47,6 @@ void opq_erq_state_free(struct opq_erq_state *s) {
     s->n_layers = 0;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 // ---- numerical kernels ---------------------------------------------------------------------------
 
 enum opq_status opq_erq_ridge_solve(struct opq_ctx *ctx, const double *A, int n, double lambda,
@@ -620,7 +614,7 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
 
     // Aqer: (G + l1 I) dTheta^T = E Theta^T over the nc used columns.
     memcpy(th, th0, sizeof(double) * tn);
-    double t0 = now_s();
+    double t0 = opq_now_s();
     if (eo->aqer && g->qa) {
         double l1 = eo->lambda * g->n * (g->two_d ? 0.02 : 1.0);
         opq_erq_dgemm(false, true, nc, d_out, nc, 1.0, g->E, P, th0, P, 0.0, rhs, d_out);
@@ -640,10 +634,10 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
                 th[(size_t)i * (size_t)P + (size_t)j] += rhs[(size_t)j * (size_t)d_out + (size_t)i];
     }
     out->err_aqer = layer_err(&lc, th);
-    r->st->t_aqer += now_s() - t0;
+    r->st->t_aqer += opq_now_s() - t0;
 
     // Grids re-fitted on the updated weights; DUQ where columns are outliers.
-    t0 = now_s();
+    t0 = opq_now_s();
     struct grids gr = {.single = qp, .n_ch = n_ch};
     int32_t qmin = qp[0].qmin, qmax = qp[0].qmax;
     enum opq_wcalib method = rc->opts->wcalib;
@@ -677,7 +671,7 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, &flips)) != OPQ_OK)
         goto out;
     out->err_wqer = layer_err(&lc, th);
-    r->st->t_wqer += now_s() - t0;
+    r->st->t_wqer += opq_now_s() - t0;
 
     // Results in the initializer's layout (written back once every layer is done).
     size_t wn = (size_t)d_in * (size_t)d_out;
@@ -762,7 +756,7 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
             "samples", r.n_layers, r.n_groups, n_pass, rc->n_calib);
     int n_done = 0;
     for (int pass = 0; pass < n_pass; pass++) {
-        double t0 = now_s();
+        double t0 = opq_now_s();
         int n_names = 0;
         for (int gi = 0; gi < r.n_groups; gi++) {
             struct group *g = &r.groups[gi];
@@ -796,7 +790,7 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
                 goto out;
             }
         }
-        s->t_stats += now_s() - t0;
+        s->t_stats += opq_now_s() - t0;
         opq_erq_la_threads(r.ctx->n_threads);
         for (int li = 0; li < r.n_layers; li++) {
             struct layer *L = &r.layers[li];

@@ -105,17 +105,6 @@ struct eng {
     uint64_t fingerprint;
 };
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static long peak_rss_kb(void) {
-    struct rusage ru;
-    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
-}
-
 static enum opq_status nomem(struct opq_ctx *ctx) {
     return opq_set_error(ctx, OPQ_ERR_NOMEM, "reconstruction: out of memory");
 }
@@ -1342,14 +1331,14 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
     *iters = e->o->iters;
     if (e->o->time_budget <= 0.0)
         return OPQ_OK;
-    double t0 = now_s(), L;
+    double t0 = opq_now_s(), L;
     for (int k = 0; k < 2; k++) {
         enum opq_status st = train_pass(e, U, d, 1.0, &L);
         if (st != OPQ_OK)
             return st;
     }
-    double per_iter = (now_s() - t0) / 2.0 * 1.1; // + the optimizer step
-    double left = e->o->time_budget * 60.0 - (now_s() - t_start);
+    double per_iter = (opq_now_s() - t0) / 2.0 * 1.1; // + the optimizer step
+    double left = e->o->time_budget * 60.0 - (opq_now_s() - t_start);
     double share = left / (double)(e->n_units - ui) * 0.9;
     double n = share / fmax(per_iter, 1e-9);
     if (n < (double)*iters)
@@ -1381,7 +1370,7 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
                                   struct opq_recon_unit_report *ur) {
     struct unit *U = &e->units[ui];
     enum opq_status st;
-    double t0 = now_s();
+    double t0 = opq_now_s();
     if ((st = alloc_unit_params(e, U)) != OPQ_OK)
         return st;
     if ((st = output_weights(e, U, d)) != OPQ_OK)
@@ -1395,7 +1384,7 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
         return st;
     opq_rng_seed(&e->rng, e->o->seed, 1000u + (uint64_t)ui);
     const char *phase = phase_names[ui % (int)ARRAY_SIZE(phase_names)];
-    double L0 = 0.0, L = 0.0, Lsum = 0.0, t_train = now_s();
+    double L0 = 0.0, L = 0.0, Lsum = 0.0, t_train = opq_now_s();
     int step = iters / 100 > 0 ? iters / 100 : 1;
     for (int it = 0; it < iters; it++) {
         if ((st = train_pass(e, U, d, L0, &L)) != OPQ_OK)
@@ -1413,9 +1402,9 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
         }
     }
     ur->iters = iters;
-    ur->iter_ms = 1e3 * (now_s() - t_train) / iters;
+    ur->iter_ms = 1e3 * (opq_now_s() - t_train) / iters;
     ur->flip_frac = harden(e, U);
-    ur->seconds = now_s() - t0;
+    ur->seconds = opq_now_s() - t0;
     return OPQ_OK;
 }
 
@@ -1425,7 +1414,7 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
     struct unit_data d = {0};
     struct opq_recon_report rep = {0};
     enum opq_status st = OPQ_OK;
-    double t_start = now_s();
+    double t_start = opq_now_s();
     if (o->batch < 1 || o->iters < 1)
         return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
                              "reconstruction: batch and iterations must "
@@ -1502,12 +1491,12 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
             goto out;
         }
         // float targets
-        double dummy_s, dummy_w, t_fwd = now_s();
+        double dummy_s, dummy_w, t_fwd = opq_now_s();
         if ((st = unit_eval(&e, U, &d, W_FLOAT, A_OFF, d.X, d.Y, &dummy_s, &dummy_w)) != OPQ_OK) {
             free(Xq_next);
             goto out;
         }
-        ur->fwd_ms = 1e3 * (now_s() - t_fwd) / (e.N / e.B);
+        ur->fwd_ms = 1e3 * (opq_now_s() - t_fwd) / (e.N / e.B);
         bool found = false;
         if ((st = alloc_unit_params(&e, U)) == OPQ_OK && o->checkpoint)
             st = ckpt_load(&e, ui, ur, &found);
@@ -1532,7 +1521,7 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
             if (st == OPQ_OK && !found) {
                 ur->sqnr_after = sq;
                 ur->werr_after = we;
-                ur->peak_rss_kb = peak_rss_kb();
+                ur->peak_rss_kb = opq_peak_rss_kb();
                 if (o->checkpoint)
                     st = ckpt_save(&e, ui, ur);
             }

@@ -2,6 +2,7 @@
  * that runs passes in order, compacts dead nodes after each one and, when asked (always without
  * NDEBUG), verifies the graph after each one so a broken invariant is blamed on the pass that
  * caused it. */
+#define _POSIX_C_SOURCE 200809L // strnlen
 #include "pass.h"
 
 #include <stdio.h>
@@ -94,7 +95,11 @@ static enum opq_status prefix_error(struct opq_ctx *ctx, enum opq_status st, con
     if (ctx->status == OPQ_OK)
         return opq_set_error(ctx, st, "%s%s", prefix, opq_status_str(st));
     char msg[OPQ_ERRMSG_MAX];
-    snprintf(msg, sizeof(msg), "%s%s", prefix, ctx->errmsg);
+    size_t np = strnlen(prefix, sizeof(msg) - 1);
+    size_t nm = strnlen(ctx->errmsg, sizeof(msg) - 1 - np);
+    memcpy(msg, prefix, np);
+    memcpy(msg + np, ctx->errmsg, nm);
+    msg[np + nm] = '\0';
     memcpy(ctx->errmsg, msg, sizeof(msg));
     ctx->status = st;
     return st;

@@ -65,7 +65,7 @@ struct opq_exec {
     struct opq_threadpool *pool;
     struct opq_arena *arena;   // plan lifetime: buffers, folded constants, tables
     struct opq_arena *scratch; // kernels' temporaries, reset after every node
-    struct opq_arena *bwd;     // one backward call (gradients live here until the next)
+    struct opq_exec_tape *tape; // opq_exec_backward's (gradients live there until the next)
     struct opq_arena *bind;    // one run's bookkeeping
     struct slot *slots;
     int n_slots;
@@ -454,7 +454,6 @@ struct chain_job {
 static void chain_view(struct opq_exec *e, const struct chain *c, const struct opq_value *v,
                        int64_t r0, int64_t n, float (*loc)[CHAIN_TILE], struct opq_tensor *t) {
     const struct slot *s = slot_of(e, v);
-    memset(t, 0, sizeof(*t));
     t->dtype = OPQ_DTYPE_FLOAT;
     if (s->is_const) {
         t->ndim = 1;
@@ -634,9 +633,8 @@ enum opq_status opq_exec_plan(struct opq_ctx *ctx, struct opq_model *model,
     e->fold_small_only = opts && opts->fold_small_only;
     e->arena = opq_arena_new(ctx);
     e->scratch = opq_arena_new(ctx);
-    e->bwd = opq_arena_new(ctx);
     e->bind = opq_arena_new(ctx);
-    if (!e->arena || !e->scratch || !e->bwd || !e->bind) {
+    if (!e->arena || !e->scratch || !e->bind) {
         st = opq_set_error(ctx, OPQ_ERR_NOMEM, "out of memory creating the executor");
         goto out_fail;
     }
@@ -738,7 +736,7 @@ void opq_exec_free(struct opq_exec *e) {
     opq_threadpool_free(e->pool);
     opq_arena_free(e->arena);
     opq_arena_free(e->scratch);
-    opq_arena_free(e->bwd);
+    opq_exec_tape_free(e->tape);
     opq_arena_free(e->bind);
     opq_free(e->ctx, e);
 }
@@ -1002,22 +1000,60 @@ static void add_into(float *dst, const float *src, size_t n) {
         dst[i] += src[i];
 }
 
-enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
-                                  const struct opq_named_tensor *provided, int n_provided,
-                                  const struct opq_named_tensor *seeds, int n_seeds,
-                                  const char *const *wrt, int n_wrt, struct opq_tensor *grads) {
+// A recorded forward (see exec.h): every value of nodes first..last kept in the tape's arena.
+struct opq_exec_tape {
+    struct opq_exec *e;
+    struct opq_arena *fwd;   // the record: forward values, `need`, wrt indices
+    struct opq_arena *grads; // one reverse sweep
+    int first, last;
+    struct opq_tensor **fw; // per slot: forward value
+    bool *need;             // per slot: on a gradient path
+    int *wrt;               // value indices
+    int n_wrt;
+    bool valid;
+};
+
+enum opq_status opq_exec_tape_new(struct opq_exec *e, struct opq_exec_tape **out) {
+    struct opq_exec_tape *t = opq_calloc(e->ctx, 1, sizeof(*t));
+    *out = NULL;
+    if (!t)
+        return bwd_nomem(e);
+    t->e = e;
+    t->fwd = opq_arena_new(e->ctx);
+    t->grads = opq_arena_new(e->ctx);
+    if (!t->fwd || !t->grads) {
+        opq_exec_tape_free(t);
+        return bwd_nomem(e);
+    }
+    *out = t;
+    return OPQ_OK;
+}
+
+void opq_exec_tape_free(struct opq_exec_tape *t) {
+    if (!t)
+        return;
+    opq_arena_free(t->fwd);
+    opq_arena_free(t->grads);
+    opq_free(t->e->ctx, t);
+}
+
+enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int last,
+                                     const struct opq_named_tensor *provided, int n_provided,
+                                     const char *const *wrt, int n_wrt) {
+    struct opq_exec *e = t->e;
     struct opq_graph *g = e->g;
     enum opq_status st = OPQ_OK;
+    t->valid = false;
     if (first < 0 || last >= g->n_nodes || first > last)
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
                              last, g->n_nodes - 1);
     refresh_constants(e);
-    opq_arena_reset(e->bwd);
+    opq_arena_reset(t->fwd);
     size_t ns = (size_t)e->n_slots + 1;
-    struct opq_tensor **fw = opq_arena_alloc(e->bwd, sizeof(*fw) * ns); // forward values
-    float **gr = opq_arena_alloc(e->bwd, sizeof(*gr) * ns);             // gradients
-    bool *need = opq_arena_alloc(e->bwd, sizeof(*need) * ns);           // on a grad path
-    if (!fw || !gr || !need)
+    struct opq_tensor **fw = opq_arena_alloc(t->fwd, sizeof(*fw) * ns); // forward values
+    bool *need = opq_arena_alloc(t->fwd, sizeof(*need) * ns);           // on a grad path
+    int *wv = opq_arena_alloc(t->fwd, sizeof(*wv) * ((size_t)n_wrt + 1));
+    if (!fw || !need || !wv)
         return bwd_nomem(e);
     // 1. values available to the range: provided, constant or valid
     for (int i = 0; i < n_provided; i++) {
@@ -1028,7 +1064,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
         st = check_given(e, v, &provided[i].t);
         if (st != OPQ_OK)
             return st;
-        fw[v->index] = opq_arena_memdup(e->bwd, &provided[i].t, sizeof(provided[i].t));
+        fw[v->index] = opq_arena_memdup(t->fwd, &provided[i].t, sizeof(provided[i].t));
         if (!fw[v->index])
             return bwd_nomem(e);
     }
@@ -1038,6 +1074,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             return opq_set_error(e->ctx, OPQ_ERR_USAGE, "gradient asked for '%s': no such value",
                                  wrt[i]);
         need[v->index] = is_float(&slot_of(e, v)->t);
+        wv[i] = v->index;
     }
     // 2. forward, keeping everything
     struct opq_kctx k = kctx_of(e);
@@ -1064,15 +1101,15 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             const struct opq_value *v = n->outputs[j];
             if (!v)
                 continue;
-            struct opq_tensor *t = opq_arena_alloc(e->bwd, sizeof(*t));
-            if (!t)
+            struct opq_tensor *tt = opq_arena_alloc(t->fwd, sizeof(*tt));
+            if (!tt)
                 return bwd_nomem(e);
-            *t = slot_of(e, v)->t;
-            t->data = opq_arena_alloc_raw(e->bwd, t->nbytes);
-            if (!t->data)
+            *tt = slot_of(e, v)->t;
+            tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
+            if (!tt->data)
                 return bwd_nomem(e);
-            fw[v->index] = t;
-            if (any_need && is_float(t))
+            fw[v->index] = tt;
+            if (any_need && is_float(tt))
                 need[v->index] = true;
         }
         node_io(e, n, fw);
@@ -1084,6 +1121,36 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             return st;
         }
     }
+    t->first = first;
+    t->last = last;
+    t->fw = fw;
+    t->need = need;
+    t->wrt = wv;
+    t->n_wrt = n_wrt;
+    t->valid = true;
+    return OPQ_OK;
+}
+
+const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *t, const char *name) {
+    if (!t->valid)
+        return NULL;
+    const struct opq_value *v = opq_graph_value(t->e->g, name);
+    return v ? t->fw[v->index] : NULL;
+}
+
+enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
+                                       const struct opq_named_tensor *seeds, int n_seeds,
+                                       struct opq_tensor *grads) {
+    struct opq_exec *e = t->e;
+    struct opq_graph *g = e->g;
+    enum opq_status st = OPQ_OK;
+    if (!t->valid)
+        return opq_set_error(e->ctx, OPQ_ERR_USAGE, "backward: no forward recorded on the tape");
+    struct opq_tensor **fw = t->fw;
+    opq_arena_reset(t->grads);
+    float **gr = opq_arena_alloc(t->grads, sizeof(*gr) * ((size_t)e->n_slots + 1)); // gradients
+    if (!gr)
+        return bwd_nomem(e);
     // 3. seeds
     for (int i = 0; i < n_seeds; i++) {
         struct opq_value *v = opq_graph_value(g, seeds[i].name);
@@ -1098,13 +1165,15 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
         if (gr[v->index]) {
             add_into(gr[v->index], seeds[i].t.data, nb / sizeof(float));
         } else {
-            gr[v->index] = opq_arena_memdup(e->bwd, seeds[i].t.data, nb);
+            gr[v->index] = opq_arena_memdup(t->grads, seeds[i].t.data, nb);
             if (!gr[v->index])
                 return bwd_nomem(e);
         }
     }
     // 4. reverse sweep
-    for (int i = last; i >= first; i--) {
+    struct opq_kctx k = kctx_of(e);
+    int lo = stop > t->first ? stop : t->first;
+    for (int i = t->last; i >= lo; i--) {
         struct opq_node *n = g->nodes[i];
         if (!e->kern[i] || e->folded[i])
             continue;
@@ -1113,7 +1182,7 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
             has_dout = has_dout || (n->outputs[j] && gr[n->outputs[j]->index]);
         bool want_din = false;
         for (int j = 0; j < n->n_inputs; j++)
-            want_din = want_din || (n->inputs[j] && need[n->inputs[j]->index]);
+            want_din = want_din || (n->inputs[j] && t->need[n->inputs[j]->index]);
         if (!has_dout || !want_din)
             continue;
         if (!e->kern[i]->backward)
@@ -1132,8 +1201,8 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
                 continue;
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
-            if (need[v->index]) {
-                e->dins[j].data = opq_arena_alloc_raw(e->bwd, e->dins[j].nbytes);
+            if (t->need[v->index]) {
+                e->dins[j].data = opq_arena_alloc_raw(t->grads, e->dins[j].nbytes);
                 if (!e->dins[j].data)
                     return bwd_nomem(e);
             }
@@ -1157,11 +1226,11 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
         }
     }
     // 5. results
-    for (int i = 0; i < n_wrt; i++) {
-        struct opq_value *v = opq_graph_value(g, wrt[i]);
+    for (int i = 0; i < t->n_wrt; i++) {
+        struct opq_value *v = g->values[t->wrt[i]];
         grads[i] = slot_of(e, v)->t;
         if (!gr[v->index]) {
-            gr[v->index] = opq_arena_alloc(e->bwd, grads[i].nbytes);
+            gr[v->index] = opq_arena_alloc(t->grads, grads[i].nbytes);
             if (!gr[v->index])
                 return bwd_nomem(e);
         }
@@ -1169,4 +1238,19 @@ enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
         grads[i].data = gr[v->index];
     }
     return OPQ_OK;
+}
+
+enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,
+                                  const struct opq_named_tensor *provided, int n_provided,
+                                  const struct opq_named_tensor *seeds, int n_seeds,
+                                  const char *const *wrt, int n_wrt, struct opq_tensor *grads) {
+    if (!e->tape) {
+        enum opq_status st = opq_exec_tape_new(e, &e->tape);
+        if (st != OPQ_OK)
+            return st;
+    }
+    enum opq_status st = opq_exec_tape_record(e->tape, first, last, provided, n_provided, wrt, n_wrt);
+    if (st != OPQ_OK)
+        return st;
+    return opq_exec_tape_backward(e->tape, first, seeds, n_seeds, grads);
 }

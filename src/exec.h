@@ -88,6 +88,28 @@ enum opq_status opq_exec_backward(struct opq_exec *exec, int first, int last,
                                   const struct opq_named_tensor *seeds, int n_seeds,
                                   const char *const *wrt, int n_wrt, struct opq_tensor *grads);
 
+// A tape: the forward half of opq_exec_backward kept for several reverse sweeps (e.g. one per
+// class, or one per training step of a sub-range after the step's own forward). A tape holds
+// every value its range computes; values it reads from outside the range (provided data,
+// initializers, earlier runs' results) are borrowed and must stay unchanged until its last
+// sweep. OPQ_VK_PARAM data read by the range must not change between record and sweeps.
+struct opq_exec_tape;
+enum opq_status opq_exec_tape_new(struct opq_exec *exec, struct opq_exec_tape **out);
+void opq_exec_tape_free(struct opq_exec_tape *tape);
+// Runs nodes first..last (as opq_exec_run_range) and records them; gradients will be computed
+// for the n_wrt values named (they define which nodes are on a gradient path).
+enum opq_status opq_exec_tape_record(struct opq_exec_tape *tape, int first, int last,
+                                     const struct opq_named_tensor *provided, int n_provided,
+                                     const char *const *wrt, int n_wrt);
+// A value the recorded range computed or read (NULL if none); valid until the next record.
+const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *tape, const char *name);
+// One reverse sweep from the seeds down to node `stop` (nodes below it are skipped: pass the
+// range's first node for complete gradients). grads[i] receives d/d(wrt[i]) of the record,
+// valid until the next sweep of this tape.
+enum opq_status opq_exec_tape_backward(struct opq_exec_tape *tape, int stop,
+                                       const struct opq_named_tensor *seeds, int n_seeds,
+                                       struct opq_tensor *grads);
+
 // Planning statistics: bytes of all activation buffers (what a run holds) vs the sum of every
 // planned activation value (what a no-reuse executor would hold).
 struct opq_exec_stats {

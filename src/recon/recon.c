@@ -103,6 +103,7 @@ struct eng {
     float *logits_fp; // N * K (Fisher)
     struct opq_rng rng;
     uint64_t fingerprint;
+    float **aph; // per unit: its APH output weights from the shared pass (NULL: none)
 };
 
 static enum opq_status nomem(struct opq_ctx *ctx) {
@@ -729,6 +730,105 @@ out:
     return st;
 }
 
+enum opq_status opq_recon_aph_many(struct opq_exec *ex, struct opq_graph *g, const char *in,
+                                   const float *X, int n, int B, float T, const char *const *outs,
+                                   const int *stops, int n_outs, double **hbar) {
+    struct opq_ctx *ctx = g->ctx;
+    const struct opq_tensor *it = opq_exec_value(ex, in);
+    if (!it || g->n_outputs < 1 || B <= 0 || n % B != 0 || n_outs < 1)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "APH: bad arguments");
+    const char *lname = g->outputs[0]->name;
+    const struct opq_tensor *lt = opq_exec_value(ex, lname);
+    int64_t K = (int64_t)(lt->nbytes / sizeof(float)) / B;
+    if (K > OPQ_RECON_APH_MAX_EXACT)
+        return opq_set_error(ctx, OPQ_ERR_USAGE, "APH: %lld classes: use opq_recon_aph",
+                             (long long)K);
+    size_t nb = (size_t)B * (size_t)K, per_in = it->nbytes / sizeof(float) / (size_t)B;
+    size_t *per = calloc((size_t)n_outs, sizeof(*per));
+    double *p = malloc(sizeof(double) * nb);
+    double *u = calloc(nb * (size_t)n_outs, sizeof(double));
+    float *seed = malloc(sizeof(float) * nb);
+    struct opq_tensor *grads = calloc((size_t)n_outs, sizeof(*grads));
+    struct opq_exec_tape *tape = NULL;
+    enum opq_status st = OPQ_OK;
+    if (!per || !p || !u || !seed || !grads) {
+        st = opq_set_error(ctx, OPQ_ERR_NOMEM, "APH: out of memory");
+        goto out;
+    }
+    int lo = g->n_nodes;
+    for (int j = 0; j < n_outs; j++) {
+        const struct opq_tensor *ot = opq_exec_value(ex, outs[j]);
+        if (!ot || ot->dtype != OPQ_DTYPE_FLOAT) {
+            st = opq_set_error(ctx, OPQ_ERR_USAGE, "APH: '%s' is not a float value", outs[j]);
+            goto out;
+        }
+        per[j] = ot->nbytes / sizeof(float) / (size_t)B;
+        memset(hbar[j], 0, sizeof(double) * per[j]);
+        lo = stops[j] < lo ? stops[j] : lo;
+    }
+    if ((st = opq_exec_tape_new(ex, &tape)) != OPQ_OK)
+        goto out;
+    struct opq_named_tensor sd = {.name = lname, .t = *lt};
+    sd.t.data = seed;
+    for (int b0 = 0; b0 < n; b0 += B) {
+        struct opq_named_tensor prov = {.name = in, .t = *it};
+        prov.t.data = (void *)(X + (size_t)b0 * per_in);
+        st = opq_exec_tape_record(tape, 0, g->n_nodes - 1, &prov, 1, outs, n_outs);
+        if (st != OPQ_OK)
+            goto out;
+        const float *z = opq_exec_tape_value(tape, lname)->data;
+        for (int i = 0; i < B; i++)
+            softmax_t(z + (size_t)i * (size_t)K, K, (double)T, p + (size_t)i * (size_t)K);
+        // u_j = J_j . 1 for every value at once: one sweep per class
+        for (int64_t c = 0; c < K; c++) {
+            memset(seed, 0, sizeof(float) * nb);
+            for (int i = 0; i < B; i++)
+                seed[(size_t)i * (size_t)K + (size_t)c] = 1.0f;
+            if ((st = opq_exec_tape_backward(tape, lo, &sd, 1, grads)) != OPQ_OK)
+                goto out;
+            for (int j = 0; j < n_outs; j++) {
+                const float *G = grads[j].data;
+                for (int i = 0; i < B; i++) {
+                    double sum = 0.0;
+                    for (size_t k = 0; k < per[j]; k++)
+                        sum += (double)G[(size_t)i * per[j] + k];
+                    u[(size_t)j * nb + (size_t)i * (size_t)K + (size_t)c] = sum;
+                }
+            }
+        }
+        // h_j = |J_j^T H_z u_j|: one sweep per value, down to its producer
+        for (int j = 0; j < n_outs; j++) {
+            for (int i = 0; i < B; i++) {
+                const double *pi = p + (size_t)i * (size_t)K;
+                const double *ui = u + (size_t)j * nb + (size_t)i * (size_t)K;
+                double pu = 0.0;
+                for (int64_t k = 0; k < K; k++)
+                    pu += pi[k] * ui[k];
+                for (int64_t k = 0; k < K; k++)
+                    seed[(size_t)i * (size_t)K + (size_t)k] =
+                        (float)((pi[k] * ui[k] - pi[k] * pu) / ((double)T * (double)T * B));
+            }
+            if ((st = opq_exec_tape_backward(tape, stops[j], &sd, 1, grads)) != OPQ_OK)
+                goto out;
+            const float *G = grads[j].data;
+            for (int i = 0; i < B; i++)
+                for (size_t k = 0; k < per[j]; k++)
+                    hbar[j][k] += fabs((double)G[(size_t)i * per[j] + k]);
+        }
+    }
+    for (int j = 0; j < n_outs; j++)
+        for (size_t k = 0; k < per[j]; k++)
+            hbar[j][k] /= (double)n;
+out:
+    opq_exec_tape_free(tape);
+    free(per);
+    free(p);
+    free(u);
+    free(seed);
+    free(grads);
+    return st;
+}
+
 // ---- the engine ---------------------------------------------------------------------------------
 
 struct unit_data {
@@ -873,6 +973,10 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
     }
     if (l == OPQ_RECON_LOSS_FISHER)
         return fisher_weights(e, U, d);
+    if (e->aph && e->aph[U - e->units]) {
+        memcpy(d->hw, e->aph[U - e->units], sizeof(float) * n);
+        return OPQ_OK;
+    }
     double *h = malloc(sizeof(double) * d->per_out);
     if (!h)
         return nomem(e->ctx);
@@ -1189,6 +1293,138 @@ static enum opq_status ckpt_load(struct eng *e, int ui, struct opq_recon_unit_re
     return OPQ_OK;
 }
 
+// ---- shared APH pass ----------------------------------------------------------------------------
+//
+// APH weights depend only on the float model, the calibration samples, the batch and the
+// temperature, not on bits, rounding or method: they are computed for every unit in one pass
+// before reconstruction and, with a checkpoint folder, kept in DIR/aph.bin, so any later run
+// (another method or bit width) with the same folder reuses them.
+
+#define APH_MAGIC "OPQAPH01"
+
+static uint64_t aph_fingerprint(const struct eng *e, const float *X, size_t per_in) {
+    uint64_t h = 1469598103934665603ull;
+    int32_t ints[] = {e->g->n_nodes, e->n_units, e->N, e->B};
+    h = fnv(h, ints, sizeof(ints));
+    h = fnv(h, &e->o->temp, sizeof(e->o->temp));
+    h = fnv(h, X, sizeof(float) * (size_t)e->N * per_in);
+    for (int t = 0; t < e->rc->pl->n_targets; t++) {
+        const struct opq_value *v = e->rc->pl->targets[t].value;
+        h = fnv(h, v->name, strlen(v->name) + 1);
+        if (e->rc->pl->targets[t].role == OPQ_QROLE_WEIGHT && v->t.data)
+            h = fnv(h, v->t.data, v->t.nbytes);
+    }
+    return h;
+}
+
+static bool aph_load(struct eng *e, const char *path, uint64_t fp) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return false;
+    char magic[8];
+    uint64_t h = 0;
+    bool ok = fread(magic, 8, 1, f) == 1 && memcmp(magic, APH_MAGIC, 8) == 0 &&
+              fread(&h, 8, 1, f) == 1 && h == fp;
+    for (int u = 0; ok && u < e->n_units; u++) {
+        uint64_t n = 0;
+        size_t want = e->aph[u] ? e->bbytes[e->units[u].out_vi] / sizeof(float) / (size_t)e->B : 0;
+        ok = fread(&n, 8, 1, f) == 1 && n == want;
+        if (ok && n)
+            ok = fread(e->aph[u], sizeof(float), n, f) == n;
+    }
+    fclose(f);
+    return ok;
+}
+
+static enum opq_status aph_save(struct eng *e, const char *path, uint64_t fp) {
+    char tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f)
+        return opq_set_error(e->ctx, OPQ_ERR_IO, "%s: cannot write checkpoint: %s", tmp,
+                             strerror(errno));
+    bool ok = fwrite(APH_MAGIC, 8, 1, f) == 1 && fwrite(&fp, 8, 1, f) == 1;
+    for (int u = 0; ok && u < e->n_units; u++) {
+        uint64_t n = e->aph[u] ? e->bbytes[e->units[u].out_vi] / sizeof(float) / (size_t)e->B : 0;
+        ok = fwrite(&n, 8, 1, f) == 1 && (!n || fwrite(e->aph[u], sizeof(float), n, f) == n);
+    }
+    ok = (fclose(f) == 0) && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        return opq_set_error(e->ctx, OPQ_ERR_IO, "%s: cannot write checkpoint", path);
+    }
+    return OPQ_OK;
+}
+
+// APH weights of every unit but the head, from the float model on the calibration samples X.
+static enum opq_status aph_all(struct eng *e, const float *X, size_t per_in) {
+    int n = 0;
+    for (int u = 0; u < e->n_units; u++)
+        n += e->units[u].out_vi != e->logits_vi;
+    if (n == 0)
+        return OPQ_OK;
+    e->aph = calloc((size_t)e->n_units, sizeof(*e->aph));
+    const char **outs = calloc((size_t)n, sizeof(*outs));
+    int *stops = calloc((size_t)n, sizeof(*stops));
+    double **h = calloc((size_t)n, sizeof(*h));
+    enum opq_status st = OPQ_OK;
+    if (!e->aph || !outs || !stops || !h) {
+        st = nomem(e->ctx);
+        goto out;
+    }
+    int j = 0;
+    for (int u = 0; u < e->n_units; u++) {
+        struct unit *U = &e->units[u];
+        if (U->out_vi == e->logits_vi)
+            continue;
+        size_t per = e->bbytes[U->out_vi] / sizeof(float) / (size_t)e->B;
+        e->aph[u] = malloc(sizeof(float) * per);
+        h[j] = malloc(sizeof(double) * per);
+        if (!e->aph[u] || !h[j]) {
+            st = nomem(e->ctx);
+            goto out;
+        }
+        outs[j] = e->g->values[U->out_vi]->name;
+        stops[j++] = U->last + 1;
+    }
+    double t0 = opq_now_s();
+    uint64_t fp = 0;
+    char path[4096] = "";
+    if (e->o->checkpoint) {
+        fp = aph_fingerprint(e, X, per_in);
+        snprintf(path, sizeof(path), "%s/aph.bin", e->o->checkpoint);
+        if (aph_load(e, path, fp)) {
+            opq_log(e->ctx, OPQ_LOG_INFO, "APH weights of %d units: from %s", n, path);
+            goto out;
+        }
+    }
+    opq_progress(e->ctx, "APH weights", 0, 1);
+    st = opq_recon_aph_many(e->ex, e->g, e->g->values[e->units[0].in_vi]->name, X, e->N, e->B,
+                            e->o->temp, outs, stops, n, h);
+    opq_progress(e->ctx, "APH weights", 1, 1);
+    j = 0;
+    for (int u = 0; st == OPQ_OK && u < e->n_units; u++) {
+        if (!e->aph[u])
+            continue;
+        size_t per = e->bbytes[e->units[u].out_vi] / sizeof(float) / (size_t)e->B;
+        for (size_t k = 0; k < per; k++)
+            e->aph[u][k] = (float)h[j][k];
+        j++;
+    }
+    if (st == OPQ_OK)
+        opq_log(e->ctx, OPQ_LOG_INFO, "APH weights of %d units in one pass: %.1f s", n,
+                opq_now_s() - t0);
+    if (st == OPQ_OK && e->o->checkpoint)
+        st = aph_save(e, path, fp);
+out:
+    for (int k = 0; h && k < n; k++)
+        free(h[k]);
+    free(h);
+    free(outs);
+    free(stops);
+    return st;
+}
+
 // ---- driver -------------------------------------------------------------------------------------
 
 // Marks the weight targets trainable and plans the executor with every crossing value pinned.
@@ -1310,6 +1546,9 @@ static void eng_free(struct eng *e) {
     free(e->dyn);
     free(e->site_of);
     free(e->logits_fp);
+    for (int u = 0; e->aph && u < e->n_units; u++)
+        free(e->aph[u]);
+    free(e->aph);
     free_units(e);
     opq_exec_free(e->ex);
 }
@@ -1457,6 +1696,9 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
     if ((st = opq_calib_read(rc->src, 0, 0, e.N, d.X)) != OPQ_OK)
         goto out;
     memcpy(d.Xq, d.X, sizeof(float) * (size_t)e.N * d.per_in);
+    if (o->loss == OPQ_RECON_LOSS_APH && e.K <= OPQ_RECON_APH_MAX_EXACT &&
+        (st = aph_all(&e, d.X, d.per_in)) != OPQ_OK)
+        goto out;
     if (o->loss == OPQ_RECON_LOSS_FISHER) { // the float model's logits
         e.logits_fp = malloc(sizeof(float) * (size_t)e.N * (size_t)e.K);
         if (!e.logits_fp) {

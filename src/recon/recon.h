@@ -119,5 +119,12 @@ void opq_adam_step(float *p, const float *g, float *m, float *v, size_t n, float
 // KL(p || softmax(z / T)) with p the float prediction (batchmean: H carries 1/B).
 enum opq_status opq_recon_aph(struct opq_exec *ex, struct opq_graph *g, const char *out, int first,
                               int last, const float *O, int n, int B, float T, double *hbar);
+// The same for n_outs values of the float model at once (K <= OPQ_RECON_APH_MAX_EXACT), from
+// the graph input `in` (X: n samples): per batch one forward tape, K reverse sweeps give every
+// J_j . 1, then one sweep per value, down to node stops[j] (the first node after its producer),
+// gives |J_j^T H_z J_j . 1|. hbar[j] receives value j's per-sample weights.
+enum opq_status opq_recon_aph_many(struct opq_exec *ex, struct opq_graph *g, const char *in,
+                                   const float *X, int n, int B, float T, const char *const *outs,
+                                   const int *stops, int n_outs, double **hbar);
 
 #endif

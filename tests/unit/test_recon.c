@@ -181,6 +181,52 @@ static void test_aph_vs_finite_differences(void **state) {
     opq_ctx_free(ctx);
 }
 
+// The shared pass (one tape, all values at once) equals the per-value computation.
+static void test_aph_many_matches_single(void **state) {
+    (void)state;
+    const int B = 4, n = 8;
+    const float T = 2.0f;
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = tiny_head(ctx, B);
+    struct opq_named_tensor shape = {.name = "O", .t = gb_value(m, "O")->t};
+    struct opq_exec *ex = NULL;
+    const char *pin[2] = {"a", "t"}; // keep their buffers for reading after a run
+    struct opq_exec_opts eo = {.pinned = pin, .n_pinned = 2};
+    assert_int_equal(opq_exec_plan(ctx, m, &shape, 1, &eo, &ex), OPQ_OK);
+    float O[8 * 6], A[8 * 8], Tt[8 * 8];
+    struct opq_rng r;
+    opq_rng_seed(&r, 12, 0);
+    for (int i = 0; i < n * 6; i++)
+        O[i] = opq_rng_normal(&r);
+    for (int b0 = 0; b0 < n; b0 += B) { // the float values of "a" and "t"
+        struct opq_named_tensor in = {.name = "O", .t = *opq_exec_value(ex, "O")};
+        in.t.data = O + b0 * 6;
+        assert_int_equal(opq_exec_run_range(ex, 0, 2, &in, 1), OPQ_OK);
+        memcpy(A + b0 * 8, opq_exec_value(ex, "a")->data, sizeof(float) * (size_t)B * 8);
+        memcpy(Tt + b0 * 8, opq_exec_value(ex, "t")->data, sizeof(float) * (size_t)B * 8);
+    }
+    double ha[8], ht[8], hm_a[8], hm_t[8], hm_o[6], ho[6];
+    assert_int_equal(opq_recon_aph(ex, m->graph, "a", 1, 2, A, n, B, T, ha), OPQ_OK);
+    assert_int_equal(opq_recon_aph(ex, m->graph, "t", 2, 2, Tt, n, B, T, ht), OPQ_OK);
+    assert_int_equal(opq_recon_aph(ex, m->graph, "O", 0, 2, O, n, B, T, ho), OPQ_OK);
+    const char *outs[3] = {"t", "a", "O"};
+    int stops[3] = {2, 1, 0};
+    double *h[3] = {hm_t, hm_a, hm_o};
+    assert_int_equal(opq_recon_aph_many(ex, m->graph, "O", O, n, B, T, outs, stops, 3, h), OPQ_OK);
+    double mx = 0.0;
+    for (int k = 0; k < 8; k++) {
+        mx = fmax(mx, ha[k]);
+        assert_true(fabs(hm_a[k] - ha[k]) <= 1e-6 * fabs(ha[k]) + 1e-12);
+        assert_true(fabs(hm_t[k] - ht[k]) <= 1e-6 * fabs(ht[k]) + 1e-12);
+    }
+    for (int k = 0; k < 6; k++)
+        assert_true(fabs(hm_o[k] - ho[k]) <= 1e-6 * fabs(ho[k]) + 1e-12);
+    assert_true(mx > 1e-4); // not vacuous
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 // ---- reconstruction on the fixture -------------------------------------------------------------
 
 struct run {
@@ -324,6 +370,7 @@ int main(void) {
         cmocka_unit_test(test_adaround),
         cmocka_unit_test(test_adam),
         cmocka_unit_test(test_aph_vs_finite_differences),
+        cmocka_unit_test(test_aph_many_matches_single),
         cmocka_unit_test(test_reconstruction_lowers_error),
         cmocka_unit_test(test_resume_is_byte_identical),
     };

@@ -21,6 +21,7 @@ struct chunk {
 struct opq_arena {
     struct opq_ctx *ctx;
     struct chunk   *head;
+    struct chunk   *spare; // chunks kept by opq_arena_rewind for reuse
     size_t          total;
 };
 
@@ -40,16 +41,35 @@ struct opq_arena *opq_arena_new(struct opq_ctx *ctx) {
     return a;
 }
 
-void opq_arena_free(struct opq_arena *a) {
-    if (!a)
-        return;
-    struct chunk *c = a->head;
+static void free_list(struct opq_arena *a, struct chunk *c) {
     while (c) {
         struct chunk *n = c->next;
         opq_free(a->ctx, c);
         c = n;
     }
+}
+
+void opq_arena_free(struct opq_arena *a) {
+    if (!a)
+        return;
+    free_list(a, a->head);
+    free_list(a, a->spare);
     opq_free(a->ctx, a);
+}
+
+void opq_arena_rewind(struct opq_arena *a) {
+    if (!a || !a->head)
+        return;
+    struct chunk *c = a->head->next;
+    while (c) {
+        struct chunk *n = c->next;
+        c->next  = a->spare;
+        a->spare = c;
+        c        = n;
+    }
+    a->head->next = NULL;
+    a->head->used = 0;
+    a->total      = 0;
 }
 
 void opq_arena_reset(struct opq_arena *a) {
@@ -67,6 +87,18 @@ void opq_arena_reset(struct opq_arena *a) {
 }
 
 static struct chunk *chunk_new(struct opq_arena *a, size_t size) {
+    // a spare chunk from opq_arena_rewind: the smallest that fits
+    struct chunk **best = NULL;
+    for (struct chunk **pp = &a->spare; *pp; pp = &(*pp)->next)
+        if ((*pp)->size >= size && (!best || (*pp)->size < (*best)->size))
+            best = pp;
+    if (best) {
+        struct chunk *c = *best;
+        *best           = c->next;
+        c->next         = NULL;
+        c->used         = 0;
+        return c;
+    }
     size_t bytes;
     if (!opq_add_size(header_size(), size, &bytes) || !opq_add_size(bytes, ARENA_ALIGN, &bytes))
         return NULL;

@@ -14,6 +14,10 @@ struct opq_arena *opq_arena_new(struct opq_ctx *ctx);
 void              opq_arena_free(struct opq_arena *a);
 // Drops every allocation but keeps the first chunk for reuse.
 void              opq_arena_reset(struct opq_arena *a);
+// Drops every allocation but keeps all chunks, reused by later allocations that fit (for
+// arenas refilled with the same sizes again and again, e.g. executor tapes: no malloc, no
+// page faults after the first round).
+void              opq_arena_rewind(struct opq_arena *a);
 
 // 64-byte aligned, zero-filled memory owned by the arena; NULL on out-of-memory.
 void *opq_arena_alloc(struct opq_arena *a, size_t n);

@@ -1048,7 +1048,7 @@ enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int las
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "node range %d..%d is outside 0..%d", first,
                              last, g->n_nodes - 1);
     refresh_constants(e);
-    opq_arena_reset(t->fwd);
+    opq_arena_rewind(t->fwd);
     size_t ns = (size_t)e->n_slots + 1;
     struct opq_tensor **fw = opq_arena_alloc(t->fwd, sizeof(*fw) * ns); // forward values
     bool *need = opq_arena_alloc(t->fwd, sizeof(*need) * ns);           // on a grad path
@@ -1147,7 +1147,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
     if (!t->valid)
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "backward: no forward recorded on the tape");
     struct opq_tensor **fw = t->fw;
-    opq_arena_reset(t->grads);
+    opq_arena_rewind(t->grads);
     float **gr = opq_arena_alloc(t->grads, sizeof(*gr) * ((size_t)e->n_slots + 1)); // gradients
     if (!gr)
         return bwd_nomem(e);

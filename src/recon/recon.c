@@ -70,6 +70,9 @@ struct sub {
     int n_outs;
     int *wts; // wparam indices read here
     int n_wts;
+    struct opq_exec_tape *tape; // training: the recorded forward of this iteration
+    int wrt_vi[128];            // its gradient targets: value index, or -1 - wparam index
+    int n_wrt, n_val;           // targets, of which values (the rest are weights)
 };
 
 struct unit {
@@ -348,6 +351,7 @@ static void free_units(struct eng *e) {
             free(U->subs[r].ext);
             free(U->subs[r].outs);
             free(U->subs[r].wts);
+            opq_exec_tape_free(U->subs[r].tape);
         }
         free(U->subs);
         free(U->sites);
@@ -531,15 +535,41 @@ static void site_backward(struct eng *e, struct site *s) {
     }
 }
 
-// Forward of unit U on one batch xin (planned input bytes). Result in e->fwd[U->out_vi].
+// The gradient targets of sub-range S (values entering it that need a gradient, then its
+// weights) into S->wrt_vi and their names into wrt.
+static enum opq_status sub_wrt(struct eng *e, struct unit *U, struct sub *S, const char **wrt) {
+    int n = 0;
+    if (S->n_ext + S->n_wts > (int)ARRAY_SIZE(S->wrt_vi))
+        return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
+                             "reconstruction: too many values cross nodes %d..%d", S->first,
+                             S->last);
+    for (int i = 0; i < S->n_ext; i++) {
+        int vi = S->ext[i];
+        if (!e->grd[vi] || (vi == U->in_vi && !e->site_of[vi]))
+            continue;
+        S->wrt_vi[n] = vi;
+        wrt[n++] = e->g->values[vi]->name;
+    }
+    S->n_val = n;
+    for (int i = 0; i < S->n_wts; i++) {
+        S->wrt_vi[n] = -1 - S->wts[i];
+        wrt[n++] = U->wps[S->wts[i]].v->name;
+    }
+    S->n_wrt = n;
+    return OPQ_OK;
+}
+
+// Forward of unit U on one batch xin (planned input bytes). Result in e->fwd[U->out_vi]. With
+// `record`, every sub-range's forward is kept on its tape for unit_backward.
 static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm, enum amode am,
-                                    const float *xin) {
+                                    const float *xin, bool record) {
     enum opq_status st = OPQ_OK;
     set_weights(e, U, wm);
     memcpy(e->fwd[U->in_vi], xin, e->bbytes[U->in_vi]);
     if (e->site_of[U->in_vi])
         site_forward(e, &U->sites[e->site_of[U->in_vi] - 1], am);
     struct opq_named_tensor prov[64];
+    const char *wrt[128];
     for (int r = 0; r < U->n_subs && st == OPQ_OK; r++) {
         struct sub *S = &U->subs[r];
         if (S->n_ext > (int)ARRAY_SIZE(prov))
@@ -548,11 +578,22 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
                                  S->last);
         for (int i = 0; i < S->n_ext; i++)
             prov[i] = named(e, S->ext[i], e->fwd[S->ext[i]]);
-        if ((st = opq_exec_run_range(e->ex, S->first, S->last, prov, S->n_ext)) != OPQ_OK)
+        if (record) {
+            if (!S->tape && (st = opq_exec_tape_new(e->ex, &S->tape)) != OPQ_OK)
+                break;
+            if ((st = sub_wrt(e, U, S, wrt)) != OPQ_OK)
+                break;
+            st = opq_exec_tape_record(S->tape, S->first, S->last, prov, S->n_ext, wrt, S->n_wrt);
+        } else {
+            st = opq_exec_run_range(e->ex, S->first, S->last, prov, S->n_ext);
+        }
+        if (st != OPQ_OK)
             break;
         for (int i = 0; i < S->n_outs; i++) {
             int vi = S->outs[i];
-            const struct opq_tensor *t = opq_exec_value(e->ex, e->g->values[vi]->name);
+            const char *nm = e->g->values[vi]->name;
+            const struct opq_tensor *t =
+                record ? opq_exec_tape_value(S->tape, nm) : opq_exec_value(e->ex, nm);
             memcpy(e->fwd[vi], t->data, e->bbytes[vi]);
             if (e->site_of[vi])
                 site_forward(e, &U->sites[e->site_of[vi] - 1], am);
@@ -561,19 +602,15 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
     return st;
 }
 
-// Backward of the last unit_forward given dL/d(output) in e->grd[U->out_vi]: weight gradients
-// into wparam.g, step-size gradients into site.dscale.
+// Backward of the last recorded unit_forward given dL/d(output) in e->grd[U->out_vi]: weight
+// gradients into wparam.g, step-size gradients into site.dscale.
 static enum opq_status unit_backward(struct eng *e, struct unit *U) {
-    enum opq_status st = OPQ_OK;
-    struct opq_named_tensor prov[64], seeds[64];
-    const char *wrt[128];
-    int wrt_vi[128];
+    struct opq_named_tensor seeds[64];
     struct opq_tensor grads[128];
     for (int r = U->n_subs - 1; r >= 0; r--) {
         struct sub *S = &U->subs[r];
-        int n_seeds = 0, n_wrt = 0;
-        if (S->n_outs > (int)ARRAY_SIZE(seeds) || S->n_ext > (int)ARRAY_SIZE(prov) ||
-            S->n_ext + S->n_wts > (int)ARRAY_SIZE(wrt))
+        int n_seeds = 0;
+        if (S->n_outs > (int)ARRAY_SIZE(seeds))
             return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
                                  "reconstruction: too many values cross nodes %d..%d", S->first,
                                  S->last);
@@ -585,29 +622,16 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
                 site_backward(e, &U->sites[e->site_of[vi] - 1]);
             seeds[n_seeds++] = named(e, vi, e->grd[vi]);
         }
-        for (int i = 0; i < S->n_ext; i++) {
-            int vi = S->ext[i];
-            prov[i] = named(e, vi, e->fwd[vi]);
-            if (!e->grd[vi] || (vi == U->in_vi && !e->site_of[vi]))
-                continue;
-            wrt_vi[n_wrt] = vi;
-            wrt[n_wrt++] = e->g->values[vi]->name;
-        }
-        int n_val = n_wrt;
-        for (int i = 0; i < S->n_wts; i++) {
-            wrt_vi[n_wrt] = -1 - S->wts[i];
-            wrt[n_wrt++] = U->wps[S->wts[i]].v->name;
-        }
-        if (n_wrt == 0 || n_seeds == 0)
+        if (S->n_wrt == 0 || n_seeds == 0)
             continue;
-        st = opq_exec_backward(e->ex, S->first, S->last, prov, S->n_ext, seeds, n_seeds, wrt, n_wrt,
-                               grads);
+        enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
         if (st != OPQ_OK)
             return st;
-        for (int i = 0; i < n_wrt; i++) {
+        for (int i = 0; i < S->n_wrt; i++) {
             const float *gsrc = grads[i].data;
-            float *dst = i < n_val ? e->grd[wrt_vi[i]] : U->wps[-1 - wrt_vi[i]].g;
-            size_t n = i < n_val ? e->bbytes[wrt_vi[i]] / sizeof(float) : U->wps[-1 - wrt_vi[i]].n;
+            int w = S->wrt_vi[i];
+            float *dst = i < S->n_val ? e->grd[w] : U->wps[-1 - w].g;
+            size_t n = i < S->n_val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
             for (size_t k = 0; k < n; k++)
                 dst[k] += gsrc[k];
         }
@@ -890,7 +914,7 @@ static enum opq_status unit_eval(struct eng *e, struct unit *U, struct unit_data
     double sig = 0.0, noise = 0.0, L = 0.0;
     size_t nb_out = (size_t)e->B * d->per_out;
     for (int b0 = 0; b0 < e->N; b0 += e->B) {
-        enum opq_status st = unit_forward(e, U, wm, am, Xin + (size_t)b0 * d->per_in);
+        enum opq_status st = unit_forward(e, U, wm, am, Xin + (size_t)b0 * d->per_in, false);
         if (st != OPQ_OK)
             return st;
         const float *Yq = e->fwd[U->out_vi];
@@ -928,7 +952,8 @@ static enum opq_status fisher_weights(struct eng *e, struct unit *U, struct unit
         goto out;
     }
     for (int b0 = 0; b0 < e->N && st == OPQ_OK; b0 += e->B) {
-        if ((st = unit_forward(e, U, W_FLOAT, A_OFF, d->Xq + (size_t)b0 * d->per_in)) != OPQ_OK)
+        if ((st = unit_forward(e, U, W_FLOAT, A_OFF, d->Xq + (size_t)b0 * d->per_in, false)) !=
+            OPQ_OK)
             break;
         struct opq_named_tensor prov = named(e, U->out_vi, e->fwd[U->out_vi]);
         if ((st = opq_exec_run_range(e->ex, U->last + 1, g->n_nodes - 1, &prov, 1)) != OPQ_OK)
@@ -1044,6 +1069,10 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
 }
 
 static void free_unit_params(struct eng *e, struct unit *U) {
+    for (int r = 0; r < U->n_subs; r++) {
+        opq_exec_tape_free(U->subs[r].tape);
+        U->subs[r].tape = NULL;
+    }
     for (int k = 0; k < U->n_wps; k++) {
         struct wparam *w = &U->wps[k];
         if (w->w0)
@@ -1109,7 +1138,7 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
             memcpy(d->hbat + (size_t)b * d->per_out, d->hw + (size_t)j * d->per_out,
                    sizeof(float) * d->per_out);
     }
-    enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin);
+    enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin, true);
     if (st != OPQ_OK)
         return st;
     zero_grads(e, U);

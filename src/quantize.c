@@ -22,6 +22,7 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     memset(o, 0, sizeof(*o));
     o->wbits         = 8;
     o->abits         = 8;
+    o->input_bits    = 8;
     o->calibrator    = OPQ_CALIB_MSE;
     o->percentile    = 99.99;
     o->wcalib        = OPQ_WCALIB_MSE;
@@ -718,6 +719,33 @@ static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m
     return OPQ_OK;
 }
 
+// Per value: reached from a graph input without passing a MatMul/Gemm/Conv (nodes sorted).
+static bool *input_side(const struct opq_graph *g) {
+    bool *in = calloc((size_t)g->n_values + 1, sizeof(*in));
+    if (!in)
+        return NULL;
+    for (int i = 0; i < g->n_inputs; i++)
+        in[g->inputs[i]->index] = true;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const struct opq_node *n = g->nodes[i];
+        if (!strcmp(n->op_type, "MatMul") || !strcmp(n->op_type, "Gemm") ||
+            !strcmp(n->op_type, "Conv"))
+            continue;
+        bool any = false;
+        for (int j = 0; j < n->n_inputs; j++)
+            any = any || (n->inputs[j] && in[n->inputs[j]->index]);
+        for (int j = 0; any && j < n->n_outputs; j++)
+            if (n->outputs[j])
+                in[n->outputs[j]->index] = true;
+    }
+    return in;
+}
+
+// Bits of activation target v.
+static int act_bits(const struct opq_quant_opts *o, const bool *in_side, const struct opq_value *v) {
+    return in_side && in_side[v->index] && o->input_bits > o->abits ? o->input_bits : o->abits;
+}
+
 enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
                              const struct opq_quant_opts *o, struct opq_report **report_out) {
     struct opq_graph *g = model->graph;
@@ -731,6 +759,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     const struct opq_qparams **act_p = NULL;
     int *n_chs = NULL, *axes = NULL;
     struct opq_placement pl = {0};
+    int *abits_of = NULL; // per target: activation bits
     double t0 = opq_now_s();
     if (!rep)
         return OPQ_ERR_NOMEM;
@@ -872,12 +901,17 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
 
     // 4a. Ranges: per-channel weight qparams and activation qparams for every target.
     t0 = opq_now_s();
+    bool *in_side = input_side(g);
+    abits_of = calloc((size_t)pl.n_targets + 1, sizeof(int));
+    for (int t = 0; in_side && abits_of && t < pl.n_targets; t++)
+        abits_of[t] = act_bits(o, in_side, pl.targets[t].value);
+    free(in_side);
     qp    = calloc((size_t)pl.n_targets + 1, sizeof(*qp));
     act_p = calloc((size_t)pl.n_targets + 1, sizeof(*act_p));
     n_chs = calloc((size_t)pl.n_targets + 1, sizeof(int));
     axes  = calloc((size_t)pl.n_targets + 1, sizeof(int));
     rep->tensors = calloc((size_t)pl.n_targets + 1, sizeof(*rep->tensors));
-    if (!qp || !act_p || !rep->tensors || !n_chs || !axes) {
+    if (!qp || !act_p || !rep->tensors || !n_chs || !axes || !abits_of) {
         st = OPQ_ERR_NOMEM;
         goto out;
     }
@@ -912,7 +946,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             axes[t]  = n_ch > 1 ? tg->axis : 0;
         } else {
             int32_t qmin, qmax;
-            opq_qgrid(o->abits, a_sym, false, &qmin, &qmax);
+            opq_qgrid(abits_of[t], a_sym, false, &qmin, &qmax);
             int heads = 0;
             struct opq_observer *obs = observer_of(&ob, v->name, &heads);
             qp[t] = calloc((size_t)(heads > 0 ? heads : 1), sizeof(**qp));
@@ -982,7 +1016,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             rt->sqnr_db = sqnr_db(s2, e2);
             st = opq_qdq_quantize_weight(g, v, &spec, NULL);
         } else {
-            spec.bits      = o->abits;
+            spec.bits      = abits_of[t];
             spec.is_signed = a_sym;
             st = opq_qdq_insert_activation(g, v, &spec, NULL, tg->consumers, tg->n_consumers, NULL);
         }
@@ -1030,6 +1064,7 @@ out:
     free(act_p);
     free(n_chs);
     free(axes);
+    free(abits_of);
     free(ob.names);
     free(ob.first);
     free(ob.heads);

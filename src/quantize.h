@@ -40,6 +40,10 @@ typedef enum opq_status (*opq_refine_fn)(void *user, struct opq_refine_ctx *rc);
 
 struct opq_quant_opts {
     int                   wbits, abits;   // 2..8 (TRT: 8)
+    // Bits of the activations that the model input reaches without passing a MatMul, Gemm or
+    // Conv (the image feeding the patch embedding): max(abits, input_bits). Default 8, as in
+    // the RepQ-ViT/APHQ-ViT protocol, where the image is never quantized below 8 bits.
+    int                   input_bits;
     bool                  w_per_tensor;   // default: per output channel
     bool                  w_asym;         // default: symmetric weights
     bool                  a_sym;          // default: asymmetric activations (TRT: symmetric)

@@ -24,6 +24,8 @@ const char cli_quant_usage[] =
     "  --resize N --crop N --mean A[,B,C] --std A[,B,C] --layout nchw|nhwc --channels 1|3\n"
     "                      image folders: shorter side to N, centre crop, (x/255-mean)/std\n"
     "  --wbits N --abits N weight / activation bits, 2..8 (default 8)\n"
+    "  --input-bits N      bits of activations fed by the model input alone, e.g. the image\n"
+    "                      into the patch embedding: max(abits, N) (default 8)\n"
     "  --weight-granularity channel|tensor   (default channel)\n"
     "  --weight-scheme sym|asym              (default sym)\n"
     "  --act-scheme asym|sym                 (default asym; trt: sym)\n"
@@ -136,6 +138,10 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (!parse_int(val, 1, 3, &n) || n == 2)
             return bad(opt, val, "1 or 3");
         q->calib.channels = (int)n;
+    } else if (strcmp(opt, "--input-bits") == 0) {
+        if (!parse_int(val, 2, 8, &n))
+            return bad(opt, val, "a bit width from 2 to 8");
+        q->input_bits = (int)n;
     } else if (strcmp(opt, "--wbits") == 0 || strcmp(opt, "--abits") == 0) {
         if (!parse_int(val, 2, 8, &n))
             return bad(opt, val, "a bit width from 2 to 8");
@@ -264,7 +270,7 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
 bool cli_quant_takes_value(const char *opt) {
     static const char *const names[] = {
         "--calib", "--calib-count", "--batch", "--holdout", "--resize", "--crop", "--mean",
-        "--std", "--layout", "--channels", "--wbits", "--abits", "--weight-granularity",
+        "--std", "--layout", "--channels", "--wbits", "--abits", "--input-bits", "--weight-granularity",
         "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--weight-calibrator",
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",

@@ -720,6 +720,7 @@ static enum opq_status check_opts(struct opq_ctx *ctx, const struct opq_model *m
 }
 
 // Per value: reached from a graph input without passing a MatMul/Gemm/Conv (nodes sorted).
+// Shape and Size carry no data: shape arithmetic on the input does not count.
 static bool *input_side(const struct opq_graph *g) {
     bool *in = calloc((size_t)g->n_values + 1, sizeof(*in));
     if (!in)
@@ -729,7 +730,8 @@ static bool *input_side(const struct opq_graph *g) {
     for (int i = 0; i < g->n_nodes; i++) {
         const struct opq_node *n = g->nodes[i];
         if (!strcmp(n->op_type, "MatMul") || !strcmp(n->op_type, "Gemm") ||
-            !strcmp(n->op_type, "Conv"))
+            !strcmp(n->op_type, "Conv") || !strcmp(n->op_type, "Shape") ||
+            !strcmp(n->op_type, "Size"))
             continue;
         bool any = false;
         for (int j = 0; j < n->n_inputs; j++)

@@ -85,9 +85,8 @@ static enum opq_status logits_of(struct opq_ctx *ctx, struct opq_model *m,
     return st;
 }
 
-// Logs the float change of the swap on calibration samples (best effort: a model whose output is
-// not float logits is skipped silently).
-static void report_change(struct opq_pass_ctx *pc, struct opq_model *before) {
+void opq_pass_log_float_change(struct opq_pass_ctx *pc, struct opq_model *before,
+                               const char *what) {
     const struct opq_quant_opts *q = pc->opts->quant;
     struct opq_calib_src *src = NULL;
     float *a = NULL, *b = NULL;
@@ -112,9 +111,9 @@ static void report_change(struct opq_pass_ctx *pc, struct opq_model *before) {
         agree += ax == ay;
     }
     opq_log(pc->ctx, OPQ_LOG_INFO,
-            "gelu-to-relu: float change on %d calibration samples: top-1 agreement %.4f, "
+            "%s: float change (%s) on %d calibration samples: top-1 agreement %.4f, "
             "logits SQNR %.2f dB",
-            n, (double)agree / n, noise > 0.0 ? 10.0 * log10(sig / noise) : 200.0);
+            pc->pass->name, what, n, (double)agree / n, noise > 0.0 ? 10.0 * log10(sig / noise) : 200.0);
 out:
     opq_ctx_clear_error(pc->ctx); // a report that could not be made is not an error of the pass
     free(a);
@@ -159,8 +158,11 @@ enum opq_status opq_pass_run_gelu_to_relu(struct opq_pass_ctx *pc, struct opq_gr
             opq_graph_mark_dead(g, p->nodes[k]);
         struct opq_value *x = p->input;
         snprintf(hint, sizeof(hint), "%s_Relu", p->nodes[p->n_nodes - 1]->name);
-        if ((st = opq_graph_add_node(g, "Relu", "", hint, &x, 1, &y, 1, NULL)) != OPQ_OK)
+        struct opq_node *relu = NULL;
+        if ((st = opq_graph_add_node(g, "Relu", "", hint, &x, 1, &y, 1, &relu)) != OPQ_OK)
             break;
+        // in the chain's place, so fc1 -> Relu -> fc2 stays contiguous after the sort
+        opq_graph_move_after(g, relu, p->nodes[p->n_nodes - 1]);
         pc->stats.n_rewrites++;
     }
     opq_recognized_free(r);
@@ -168,7 +170,7 @@ enum opq_status opq_pass_run_gelu_to_relu(struct opq_pass_ctx *pc, struct opq_gr
         opq_graph_compact(g);
         st = opq_graph_sort(g);
         if (st == OPQ_OK && before)
-            report_change(pc, before);
+            opq_pass_log_float_change(pc, before, "GELU -> ReLU");
     }
     opq_model_free(before);
     return st;

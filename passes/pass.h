@@ -50,6 +50,12 @@ struct opq_pass_ctx {
     struct opq_pass_stats           stats; // reset before each pass
 };
 
+// Logs (info) how far pc->model's logits moved from `before`'s on up to 256 calibration samples
+// (top-1 agreement, logits SQNR), prefixed by the pass name and `what`. Best effort: without
+// calibration data or float logits it logs nothing.
+void opq_pass_log_float_change(struct opq_pass_ctx *pc, struct opq_model *before,
+                               const char *what);
+
 typedef enum opq_status (*opq_pass_fn)(struct opq_pass_ctx *pc, struct opq_graph *g);
 
 struct opq_pass {

@@ -33,6 +33,16 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     o->holdout       = -1;
     opq_erq_opts_default(&o->erq);
     opq_recon_opts_default(&o->recon);
+    opq_mr_opts_default(&o->mr);
+}
+
+int opq_quant_holdout(const struct opq_quant_opts *o, int total) {
+    int holdout = o->holdout;
+    if (holdout < 0)
+        holdout = total >= 16 ? (total / 8 < 8 ? 8 : (total / 8 > 128 ? 128 : total / 8)) : 0;
+    if (holdout >= total)
+        holdout = total / 2;
+    return holdout;
 }
 
 static void phase_end(struct opq_report *r, const char *name, double t0) {
@@ -782,11 +792,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     if ((st = opq_calib_open(ctx, model, &o->calib, &src)) != OPQ_OK)
         goto out;
     int total = opq_calib_count(src);
-    int holdout = o->holdout;
-    if (holdout < 0)
-        holdout = total >= 16 ? (total / 8 < 8 ? 8 : (total / 8 > 128 ? 128 : total / 8)) : 0;
-    if (holdout >= total)
-        holdout = total / 2;
+    int holdout = opq_quant_holdout(o, total);
     int n_calib = total - holdout;
     rep->n_calib = n_calib;
     if (holdout > 0 && (st = clone_model(ctx, model, &fmodel)) != OPQ_OK)

@@ -12,6 +12,7 @@
 #include "graph.h"
 #include "quant/qparams.h"
 #include "recon/erq.h"
+#include "recon/mr.h"
 #include "recon/recon.h"
 
 enum opq_target { OPQ_TARGET_ORT = 0, OPQ_TARGET_TRT = 1 };
@@ -67,11 +68,15 @@ struct opq_quant_opts {
     void                 *refine_user;
     struct opq_erq_opts   erq;            // --method erq hyperparameters (recon/erq.h)
     struct opq_recon_opts recon;          // block reconstruction (recon/recon.h: --method aphq)
+    struct opq_mr_opts    mr;             // MLP reconstruction (recon/mr.h: the mlp-recon pass)
 };
 
 // Defaults: W8A8, per-channel symmetric weights (MSE ranges), asymmetric activations with the
 // default calibrator, ORT target, reparameterization where it helps, batch 16.
 void opq_quant_opts_default(struct opq_quant_opts *o);
+
+// Samples of `total` calibration samples kept out of calibration for the report (the last ones).
+int opq_quant_holdout(const struct opq_quant_opts *o, int total);
 
 // Checks the options that do not depend on the model (bit widths, target rules, batch, that
 // calibration data is named), so a program can refuse bad combinations before loading.

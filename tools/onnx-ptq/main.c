@@ -74,6 +74,8 @@ static const char usage_text[] =
     "  --method NAME     pass preset to run (default: rtn); see --list-passes\n"
     "  --passes A,B,...  run these passes in this order instead of a method\n"
     "  --gelu-to-relu    swap every GELU for ReLU before quantizing (logs the float change)\n"
+    "  --mlp-recon       MLP reconstruction before quantizing: GELU -> ReLU, then each MLP's\n"
+    "                    float fc1/fc2 retrained against the GELU model (APHQ-ViT; --mr-*)\n"
     "  --verify          check the graph's invariants after every pass\n"
     "  --force           overwrite OUT if it exists (never when OUT is IN)\n"
     "  --external-data   write weights to OUT.data next to OUT\n"
@@ -96,6 +98,7 @@ struct main_opts {
     bool                     force;
     bool                     external_data;
     bool                     gelu_to_relu;
+    bool                     mlp_recon;
     struct opq_pipeline_opts pipe;
     struct opq_quant_opts    quant;
     const char              *report_path;
@@ -246,6 +249,8 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             o->external_data = true;
         } else if (strcmp(a, "--gelu-to-relu") == 0) {
             o->gelu_to_relu = true;
+        } else if (strcmp(a, "--mlp-recon") == 0) {
+            o->mlp_recon = true;
         } else if ((v = opt_value(argc, argv, &i, "--method", &err)) || err) {
             if (err)
                 return CLI_EXIT_USAGE;
@@ -283,8 +288,13 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
         cli_error("--method and --passes exclude each other");
         return CLI_EXIT_USAGE;
     }
-    if (o->gelu_to_relu && o->passes) {
-        cli_error("--gelu-to-relu goes with a method; with --passes, list gelu-to-relu there");
+    if ((o->gelu_to_relu || o->mlp_recon) && o->passes) {
+        cli_error("--gelu-to-relu and --mlp-recon go with a method; with --passes, list "
+                  "gelu-to-relu or mlp-recon there");
+        return CLI_EXIT_USAGE;
+    }
+    if (o->gelu_to_relu && o->mlp_recon) {
+        cli_error("--mlp-recon already swaps GELU for ReLU: drop --gelu-to-relu");
         return CLI_EXIT_USAGE;
     }
     return -1;
@@ -373,8 +383,8 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         goto out;
     }
     bool quantizes = o->passes ? false : opq_method_quantizes(method);
-    if (!o->passes && o->gelu_to_relu) {
-        // the method's passes with gelu-to-relu in front of the first quantizing one
+    if (!o->passes && (o->gelu_to_relu || o->mlp_recon)) {
+        // the method's passes with gelu-to-relu / mlp-recon in front of the first quantizing one
         const char *mp[32];
         int nm = opq_method_passes(method, mp, 31);
         int at = nm;
@@ -382,7 +392,9 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
             if (strncmp(mp[i], "quantize", 8) == 0 && at == nm)
                 at = i;
         for (int i = 0; i < nm + 1; i++)
-            names[n_names++] = i < at ? mp[i] : (i == at ? "gelu-to-relu" : mp[i - 1]);
+            names[n_names++] = i < at ? mp[i]
+                                      : (i == at ? (o->mlp_recon ? "mlp-recon" : "gelu-to-relu")
+                                                 : mp[i - 1]);
         o->method = NULL;
     }
     for (int i = 0; i < n_names; i++)

@@ -56,7 +56,10 @@ const char cli_quant_usage[] =
     "  --recon-loss aph|mse|fisher   output weighting of the unit loss (default aph)\n"
     "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
     "  --time-budget MIN   minutes for the reconstruction: fewer iterations where needed\n"
-    "  --checkpoint DIR    save each finished unit in DIR; a re-run resumes from it\n";
+    "  --checkpoint DIR    save each finished unit in DIR; a re-run resumes from it\n"
+    "MLP reconstruction (--mlp-recon, before the method's quantization):\n"
+    "  --mr-iters N        Adam steps per MLP (default 2000; batch = --recon-batch)\n"
+    "  --mr-lr LR          Adam learning rate, cosine to 0 (default 4e-4)\n";
 
 static bool parse_int(const char *s, long lo, long hi, long *out) {
     char *e;
@@ -237,6 +240,14 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
             q->erq.ri = -1;
         else
             return bad(opt, val, "on, off or flow");
+    } else if (strcmp(opt, "--mr-iters") == 0) {
+        if (!parse_int(val, 1, 100000000, &n))
+            return bad(opt, val, "a positive count");
+        q->mr.iters = (int)n;
+    } else if (strcmp(opt, "--mr-lr") == 0) {
+        if (!parse_float(val, 1e-9, 1.0, &d))
+            return bad(opt, val, "a learning rate in (0, 1]");
+        q->mr.lr = (float)d;
     } else if (strcmp(opt, "--recon-iters") == 0 || strcmp(opt, "--recon-batch") == 0) {
         if (!parse_int(val, 1, 100000000, &n))
             return bad(opt, val, "a positive count");
@@ -274,7 +285,7 @@ bool cli_quant_takes_value(const char *opt) {
         "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--weight-calibrator",
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
-        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",
+        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--mr-iters", "--mr-lr", "--recon-loss",
         "--recon-qdrop", "--time-budget", "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(opt, names[i]) == 0)

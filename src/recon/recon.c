@@ -413,6 +413,22 @@ static enum opq_status find_units(struct eng *e) {
     }
     free(cuts);
     opq_recognized_free(rec);
+    // a range that does not produce the value crossing out of it (e.g. shape arithmetic between
+    // two Swin blocks) carries no state: it joins the unit after it
+    for (int u = 0; u + 1 < e->n_units;) {
+        int vi;
+        struct unit *U = &e->units[u];
+        if ((st = state_at(e, U->last + 1, &vi)) != OPQ_OK)
+            return st;
+        int op = node_pos(g->values[vi]->producer);
+        if (op >= U->first && op <= U->last) {
+            u++;
+            continue;
+        }
+        e->units[u + 1].first = U->first;
+        memmove(U, U + 1, sizeof(*U) * (size_t)(e->n_units - u - 1));
+        e->n_units--;
+    }
     if (e->n_units == 1) // no block recognized: the whole model is one unit
         snprintf(e->units[0].name, sizeof(e->units[0].name), "model");
     for (int u = 0; u < e->n_units; u++)

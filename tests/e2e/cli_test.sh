@@ -350,7 +350,7 @@ case_opset() {
     expect_one_error_line "list upgrade-opset there"
     run 0 "$vit" p.onnx --passes upgrade-opset,cleanup-dead --opset 18 -q
     run 0 inspect p.onnx
-    grep -q '^opsets: ai.onnx 18$' out.txt || fail "--passes upgrade-opset --opset 18 did not give 18"
+    grep -q '^opsets: ai.onnx 18$' out.txt || fail "upgrade-opset with --opset 18 gave another opset"
 }
 
 fn="case_$CASE"

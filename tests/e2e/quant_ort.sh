@@ -83,8 +83,9 @@ determinism)
 opset21)
     for f in vit_tiny_op17 swin_tiny_op13; do
         "$BIN" "$M/$f.onnx" "$WORK/o21.onnx" --force -q --calib "$DATA/calib_x.npy" \
-            --calib-count 64 --opset 21 --wbits 4 --abits 4 || fail "onnx-ptq --opset 21 failed on $f"
-        /usr/bin/python3 - "$WORK/o21.onnx" <<'PYEOF' || fail "$f: the --opset 21 output is not INT4 Q/DQ"
+            --calib-count 64 --opset 21 --wbits 4 --abits 4 ||
+            fail "onnx-ptq --opset 21 failed on $f"
+        /usr/bin/python3 - "$WORK/o21.onnx" <<'PYEOF' || fail "$f: the --opset 21 output is not INT4"
 import sys, onnx
 m = onnx.load(sys.argv[1])
 assert m.ir_version >= 10, m.ir_version

@@ -24,6 +24,7 @@ struct opq_report;
 struct opq_pipeline_opts {
     int      bits_w;  // weight bits for quantizing passes (0: the pass's default)
     int      bits_a;  // activation bits (0: the pass's default)
+    int      opset;   // upgrade-opset: the target ai.onnx opset (0: 21)
     uint64_t seed;    // for passes with randomness (seeded PCG32, never rand())
     bool     verify;  // opq_graph_verify() after every pass (forced on without NDEBUG)
     // Quantizing passes: their options (required by them) and where to put their report

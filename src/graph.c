@@ -230,6 +230,17 @@ enum opq_status opq_node_add_attr(struct opq_graph *g, struct opq_node *n,
     return OPQ_OK;
 }
 
+bool opq_node_remove_attr(struct opq_node *n, const char *name) {
+    for (int i = 0; i < n->n_attrs; i++) {
+        if (strcmp(n->attrs[i].name, name) != 0)
+            continue;
+        memmove(&n->attrs[i], &n->attrs[i + 1], (size_t)(n->n_attrs - i - 1) * sizeof(*n->attrs));
+        n->n_attrs--;
+        return true;
+    }
+    return false;
+}
+
 const struct opq_attr *opq_node_attr(const struct opq_node *n, const char *name) {
     for (int i = 0; i < n->n_attrs; i++)
         if (strcmp(n->attrs[i].name, name) == 0)
@@ -255,6 +266,23 @@ enum opq_status opq_node_set_input(struct opq_graph *g, struct opq_node *n, int 
     n->inputs[i] = v;
     if (v && !user_add(g, v, n))
         return OPQ_ERR_NOMEM;
+    return OPQ_OK;
+}
+
+enum opq_status opq_node_resize_inputs(struct opq_graph *g, struct opq_node *n, int n_inputs) {
+    OPQ_ASSERT(n_inputs >= 0);
+    for (int i = n_inputs; i < n->n_inputs; i++)
+        if (n->inputs[i])
+            user_remove(n->inputs[i], n);
+    if (n_inputs > n->n_inputs) {
+        struct opq_value **in = opq_arena_alloc(g->arena, (size_t)n_inputs * sizeof(*in));
+        if (!in)
+            return OPQ_ERR_NOMEM;
+        if (n->n_inputs)
+            memcpy(in, n->inputs, (size_t)n->n_inputs * sizeof(*in));
+        n->inputs = in; // opq_arena_alloc zeroes: the new slots are omitted inputs
+    }
+    n->n_inputs = n_inputs;
     return OPQ_OK;
 }
 

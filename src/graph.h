@@ -42,6 +42,8 @@ enum opq_status opq_graph_add_node(struct opq_graph *g, const char *op_type, con
 // Adds an attribute copy (shallow for arrays: they must already live in the arena).
 enum opq_status opq_node_add_attr(struct opq_graph *g, struct opq_node *n,
                                   const struct opq_attr *a);
+// Removes the attribute `name` from n; false if n has none of that name.
+bool            opq_node_remove_attr(struct opq_node *n, const char *name);
 // Attribute lookup by name (NULL if absent) and typed getters with defaults.
 const struct opq_attr *opq_node_attr(const struct opq_node *n, const char *name);
 int64_t opq_node_attr_int(const struct opq_node *n, const char *name, int64_t def);
@@ -50,6 +52,9 @@ float   opq_node_attr_float(const struct opq_node *n, const char *name, float de
 // Replaces input slot i of n by v (v may be NULL), updating users lists.
 enum opq_status opq_node_set_input(struct opq_graph *g, struct opq_node *n, int i,
                                    struct opq_value *v);
+// Grows n's input list to n_inputs slots (the new ones omitted, NULL) or shrinks it (the dropped
+// inputs lose n as a user). Used when an op version moves an attribute to an input.
+enum opq_status opq_node_resize_inputs(struct opq_graph *g, struct opq_node *n, int n_inputs);
 // Every use of `from` (node inputs and graph outputs) becomes a use of `to`. Graph outputs keep
 // their names: if `from` is a graph output, `to` must be producible under that name, so callers
 // rewriting outputs must insert an Identity instead (rule 3); this returns OPQ_ERR_INTERNAL then.

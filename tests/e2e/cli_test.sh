@@ -330,6 +330,29 @@ case_fixture_vit() {
     fi
 }
 
+# --opset N: upgrades an opset-13 fixture (its ReduceMeans get an axes input), refuses a target
+# below the model's, one above 21, and --passes without upgrade-opset.
+case_opset() {
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op13.onnx
+    [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+    run 0 "$vit" up.onnx --method none --opset 21 -q
+    run 0 inspect up.onnx
+    grep -q '^ir_version: 10$' out.txt || fail "upgraded model's IR version is not 10"
+    grep -q '^opsets: ai.onnx 21$' out.txt || fail "upgraded model is not at opset 21"
+    run 0 up.onnx up2.onnx --method none --opset 21 -q # already there: nothing to do
+    cmp -s up.onnx up2.onnx || fail "upgrading an opset-21 model to 21 changed it"
+    run 1 up.onnx low.onnx --method none --opset 17
+    expect_one_error_line "target opset 17 is below the model's opset 21"
+    [ ! -e low.onnx ] || fail "an output was written after an error"
+    run 1 "$vit" x.onnx --method none --opset 22
+    expect_one_error_line "--opset: '22' is not an opset from 13 to 21"
+    run 1 "$vit" x.onnx --passes cleanup-dead --opset 21
+    expect_one_error_line "list upgrade-opset there"
+    run 0 "$vit" p.onnx --passes upgrade-opset,cleanup-dead --opset 18 -q
+    run 0 inspect p.onnx
+    grep -q '^opsets: ai.onnx 18$' out.txt || fail "upgrade-opset with --opset 18 gave another opset"
+}
+
 fn="case_$CASE"
 declare -F "$fn" >/dev/null || { echo "unknown case '$CASE'" >&2; exit 2; }
 "$fn"

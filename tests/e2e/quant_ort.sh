@@ -7,6 +7,9 @@
 #   trt       --target trt output passes the rule checker (inside onnx-ptq), loads and runs in
 #             ORT within 0.3 pt of FP32
 #   determinism  the same inputs and --seed give byte-identical models
+#   opset21   --opset 21 --wbits 4 --abits 4 on an opset-17 and an opset-13 fixture (whose
+#             ReduceMeans the upgrade converts): opset 21, INT4/UINT4 weights, no Clip emulation;
+#             runs in ORT, and our executor's top-1 is within 0.1 pt of ORT's
 # Exit 77 (skip) when node, the harness or the data set is missing.
 set -u
 BIN=${1:?usage: quant_ort.sh BIN CASE}
@@ -77,6 +80,29 @@ determinism)
     quant vit_tiny_op13.onnx c.onnx --wbits 4 --abits 4 --seed 3 --threads 2
     cmp -s "$WORK/a.onnx" "$WORK/c.onnx" || fail "--threads 2 changed the output"
     ;;
+opset21)
+    for f in vit_tiny_op17 swin_tiny_op13; do
+        "$BIN" "$M/$f.onnx" "$WORK/o21.onnx" --force -q --calib "$DATA/calib_x.npy" \
+            --calib-count 64 --opset 21 --wbits 4 --abits 4 ||
+            fail "onnx-ptq --opset 21 failed on $f"
+        /usr/bin/python3 - "$WORK/o21.onnx" <<'PYEOF' || fail "$f: the --opset 21 output is not INT4"
+import sys, onnx
+m = onnx.load(sys.argv[1])
+assert m.ir_version >= 10, m.ir_version
+assert [o.version for o in m.opset_import if o.domain in ("", "ai.onnx")] == [21], m.opset_import
+init = {i.name: i.data_type for i in m.graph.initializer}
+w4 = [n.input[0] for n in m.graph.node
+      if n.op_type == "DequantizeLinear" and init.get(n.input[0]) in (21, 22)]
+assert w4, "no INT4/UINT4 weight initializer feeds a DequantizeLinear"
+assert not any(n.op_type == "Clip" for n in m.graph.node), "Clip emulation left at opset 21"
+assert not any(n.op_type == "ReduceMean" and any(a.name == "axes" for a in n.attribute)
+               for n in m.graph.node), "ReduceMean still has an axes attribute"
+PYEOF
+        q=$(ort_top1 "$WORK/o21.onnx")
+        [ -n "$q" ] || fail "ORT did not run the opset-21 W4A4 $f"
+        ours=$(our_top1 "$WORK/o21.onnx")
+        within "$q" "$ours" 0.1 || fail "$f opset-21 W4A4: our executor $ours vs ORT $q"
+    done ;;
 *) fail "unknown case" ;;
 esac
 echo "ok [$CASE]"

@@ -98,6 +98,42 @@ static void test_set_input(void **state) {
     gb_verify(m);
 }
 
+// Growing adds omitted slots; shrinking drops the node from the removed inputs' users.
+static void test_resize_inputs(void **state) {
+    struct fix       *f   = *state;
+    struct opq_model *m   = chain(f);
+    struct opq_node  *add = m->graph->nodes[1];
+    struct opq_value *in1 = add->inputs[1];
+    assert_int_equal(opq_node_resize_inputs(m->graph, add, 4), OPQ_OK);
+    assert_int_equal(add->n_inputs, 4);
+    assert_null(add->inputs[2]);
+    assert_null(add->inputs[3]);
+    assert_int_equal(n_uses(in1, add), 2); // Add(a, a)
+    assert_int_equal(opq_node_set_input(m->graph, add, 3, gb_value(m, "x")), OPQ_OK);
+    assert_int_equal(opq_node_resize_inputs(m->graph, add, 1), OPQ_OK);
+    assert_int_equal(add->n_inputs, 1);
+    assert_int_equal(n_uses(in1, add), 1);
+    assert_int_equal(n_uses(gb_value(m, "x"), add), 0);
+    gb_verify(m);
+}
+
+static void test_remove_attr(void **state) {
+    struct fix       *f = *state;
+    struct opq_model *m = gb_new(f->ctx);
+    f->m                = m;
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2));
+    struct opq_node *n = gb_node(m, "Relu", "x", "y");
+    gb_attr_int(m, n, "a", 1);
+    gb_attr_int(m, n, "b", 2);
+    gb_attr_int(m, n, "c", 3);
+    assert_true(opq_node_remove_attr(n, "b"));
+    assert_false(opq_node_remove_attr(n, "b"));
+    assert_int_equal(n->n_attrs, 2);
+    assert_int_equal(opq_node_attr_int(n, "a", 0), 1);
+    assert_int_equal(opq_node_attr_int(n, "c", 0), 3);
+    assert_null(opq_node_attr(n, "b"));
+}
+
 static void test_replace_uses(void **state) {
     struct fix       *f = *state;
     struct opq_model *m = chain(f);
@@ -363,6 +399,8 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_users_on_add, setup, teardown),
         cmocka_unit_test_setup_teardown(test_add_node_rejects_second_producer, setup, teardown),
         cmocka_unit_test_setup_teardown(test_set_input, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_resize_inputs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_remove_attr, setup, teardown),
         cmocka_unit_test_setup_teardown(test_replace_uses, setup, teardown),
         cmocka_unit_test_setup_teardown(test_mark_dead_and_cleanup, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cleanup_keeps_io_and_live_outputs, setup, teardown),

@@ -76,6 +76,10 @@ static const char usage_text[] =
     "  --gelu-to-relu    swap every GELU for ReLU before quantizing (logs the float change)\n"
     "  --mlp-recon       MLP reconstruction before quantizing: GELU -> ReLU, then each MLP's\n"
     "                    float fc1/fc2 retrained against the GELU model (APHQ-ViT; --mr-*)\n"
+    "  --opset N         first upgrade the model's ai.onnx opset (13..20) to N (up to 21),\n"
+    "                    converting the ops whose signature changed, or refuse naming the node;\n"
+    "                    at 21, 2..4-bit quantization writes INT4/UINT4 Q/DQ instead of the\n"
+    "                    int8 Q -> Clip -> DQ emulation (with --passes: the target of upgrade-opset)\n"
     "  --verify          check the graph's invariants after every pass\n"
     "  --force           overwrite OUT if it exists (never when OUT is IN)\n"
     "  --external-data   write weights to OUT.data next to OUT\n"
@@ -99,6 +103,7 @@ struct main_opts {
     bool                     external_data;
     bool                     gelu_to_relu;
     bool                     mlp_recon;
+    bool                     upgrade;  // --opset given: the target is in pipe.opset
     struct opq_pipeline_opts pipe;
     struct opq_quant_opts    quant;
     const char              *report_path;
@@ -251,6 +256,16 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             o->gelu_to_relu = true;
         } else if (strcmp(a, "--mlp-recon") == 0) {
             o->mlp_recon = true;
+        } else if ((v = opt_value(argc, argv, &i, "--opset", &err)) || err) {
+            uint64_t n;
+            if (err)
+                return CLI_EXIT_USAGE;
+            if (!parse_u64(v, 1, 21, &n)) {
+                cli_error("--opset: '%s' is not an opset from 13 to 21", v);
+                return CLI_EXIT_USAGE;
+            }
+            o->upgrade    = true;
+            o->pipe.opset = (int)n;
         } else if ((v = opt_value(argc, argv, &i, "--method", &err)) || err) {
             if (err)
                 return CLI_EXIT_USAGE;
@@ -383,18 +398,34 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
         goto out;
     }
     bool quantizes = o->passes ? false : opq_method_quantizes(method);
-    if (!o->passes && (o->gelu_to_relu || o->mlp_recon)) {
-        // the method's passes with gelu-to-relu / mlp-recon in front of the first quantizing one
+    if (o->passes && o->upgrade) {
+        bool listed = false;
+        for (int i = 0; i < n_names; i++)
+            listed |= strcmp(names[i], "upgrade-opset") == 0;
+        if (!listed) {
+            cli_error("--opset with --passes: list upgrade-opset there (it upgrades to --opset N)");
+            rc = CLI_EXIT_USAGE;
+            goto out;
+        }
+    }
+    if (!o->passes && (o->gelu_to_relu || o->mlp_recon || o->upgrade)) {
+        // upgrade-opset first, then the method's passes with gelu-to-relu or mlp-recon in front
+        // of the first quantizing one
         const char *mp[32];
-        int nm = opq_method_passes(method, mp, 31);
+        int nm = opq_method_passes(method, mp, 30);
         int at = nm;
         for (int i = 0; i < nm; i++)
             if (strncmp(mp[i], "quantize", 8) == 0 && at == nm)
                 at = i;
-        for (int i = 0; i < nm + 1; i++)
-            names[n_names++] = i < at ? mp[i]
-                                      : (i == at ? (o->mlp_recon ? "mlp-recon" : "gelu-to-relu")
-                                                 : mp[i - 1]);
+        if (o->upgrade)
+            names[n_names++] = "upgrade-opset";
+        for (int i = 0; i < nm; i++) {
+            if (i == at && (o->gelu_to_relu || o->mlp_recon))
+                names[n_names++] = o->mlp_recon ? "mlp-recon" : "gelu-to-relu";
+            names[n_names++] = mp[i];
+        }
+        if (at == nm && (o->gelu_to_relu || o->mlp_recon))
+            names[n_names++] = o->mlp_recon ? "mlp-recon" : "gelu-to-relu";
         o->method = NULL;
     }
     for (int i = 0; i < n_names; i++)

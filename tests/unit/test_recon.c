@@ -1,12 +1,17 @@
 /* test_recon.c: the reconstruction engine (recon/recon.h).
  *   - AdaRound: h(alpha0(f)) = f, dh/dalpha against finite differences, hardening equals
  *     floor(w/s) + [alpha >= 0];
+ *   - FlexRound: at init it is round to nearest; its gradients with respect to log s1, S2, s3
+ *     and s4 against double-precision central differences of the same forward with the round
+ *     replaced by the straight-through identity (Conv, MatMul and per-tensor layouts);
  *   - Adam minimises a quadratic;
  *   - APH weights (exact J.1 by reverse mode, then J^T H_z J.1) against a finite-difference
  *     Hessian row sum of the KL loss on a tiny two-layer head;
  *   - block reconstruction on the vit_tiny fixture (random calibration data) lowers every unit's
  *     output error below round-to-nearest, leaves weights exactly on their grid, and a run
- *     resumed from a checkpoint after an interruption writes a byte-identical model. */
+ *     resumed from a checkpoint after an interruption writes a byte-identical model; the same
+ *     with FlexRound, whose exported weights are read back: integer initializer times the
+ *     DequantizeLinear scale (the learned grid s1) is exactly the weight our executor used. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <setjmp.h>
@@ -61,6 +66,142 @@ static void test_adaround(void **state) {
     }
     assert_true(opq_adaround_hard(1.25f, 0.5f, 0.0f) == 3.0f); // alpha = 0 rounds up
     assert_true(opq_adaround_hard(-1.25f, 0.5f, -1e-6f) == -3.0f);
+}
+
+// ---- FlexRound ----------------------------------------------------------------------------------
+
+// A weight of shape [d0, d1, d2, d3] (trailing 1s for lower ranks) with s1 along axis ax1 (-1:
+// per tensor), s3 along axis ax3 and s4 along axis 1 when conv.
+struct fr_case {
+    int64_t shape[4];
+    int ax1, ax3;
+    bool conv;
+};
+
+static size_t prod_after(const int64_t *shape, int axis) {
+    size_t p = 1;
+    for (int d = axis + 1; d < 4; d++)
+        p *= (size_t)shape[d];
+    return p;
+}
+
+// Double-precision FlexRound loss sum_i c_i W_hat_i with round(r) replaced by r + off_i and the
+// clamp decision fixed by clamped_i (-1 low, 0 inside, +1 high): the function whose gradient the
+// straight-through backward is.
+static double fr_ref_loss(const struct opq_flexround *f, const double *theta,
+                          const struct opq_qparams *qp, const float *w, const float *c,
+                          const double *off, const int *clamped) {
+    double L = 0.0;
+    const double *t2 = theta + f->n1, *t3 = t2 + f->n, *t4 = t3 + f->n3;
+    for (size_t i = 0; i < f->n; i++) {
+        size_t c1 = f->n1 > 1 ? (i / f->inner1) % (size_t)f->n1 : 0;
+        size_t c3 = f->n3 > 1 ? (i / f->inner3) % (size_t)f->n3 : 0;
+        size_t c4 = f->n4 > 1 ? (i / f->inner4) % (size_t)f->n4 : 0;
+        double u = theta[c1] + t2[i] + t3[c3] + (f->n4 > 0 ? t4[c4] : 0.0);
+        double r = (double)w[i] * exp(-u), z = (double)qp[c1].zero_point;
+        double k = clamped[i] < 0 ? (double)qp[c1].qmin
+                                  : (clamped[i] > 0 ? (double)qp[c1].qmax : r + off[i] + z);
+        L += (double)c[i] * exp(theta[c1]) * (k - z);
+    }
+    return L;
+}
+
+static void flexround_case(const struct fr_case *fc, uint64_t seed) {
+    struct opq_rng rng;
+    opq_rng_seed(&rng, seed, 3);
+    struct opq_flexround f = {.n = 1, .n3 = 1};
+    for (int d = 0; d < 4; d++)
+        f.n *= (size_t)fc->shape[d];
+    f.n1 = fc->ax1 >= 0 ? (int)fc->shape[fc->ax1] : 1;
+    f.inner1 = fc->ax1 >= 0 ? prod_after(fc->shape, fc->ax1) : 1;
+    f.n3 = (int)fc->shape[fc->ax3];
+    f.inner3 = prod_after(fc->shape, fc->ax3);
+    f.n4 = fc->conv ? (int)fc->shape[1] : 0;
+    f.inner4 = fc->conv ? prod_after(fc->shape, 1) : 1;
+    size_t np = opq_flexround_n_params(&f);
+    struct opq_qparams qp[8];
+    float *w = malloc(sizeof(float) * f.n), *c = malloc(sizeof(float) * f.n);
+    float *wq = malloc(sizeof(float) * f.n);
+    int32_t *q = malloc(sizeof(int32_t) * f.n);
+    int *clamped = calloc(f.n, sizeof(int));
+    double *off = malloc(sizeof(double) * f.n), *grad = calloc(np, sizeof(double));
+    double *th = malloc(sizeof(double) * np);
+    f.theta = malloc(sizeof(float) * np);
+    assert_true(f.n1 <= 8 && w && c && wq && q && clamped && off && grad && th && f.theta);
+    for (int k = 0; k < f.n1; k++) // 4-bit grids, one of them asymmetric
+        qp[k] = (struct opq_qparams){.scale = 0.02f * (float)(k + 1), .zero_point = k == 1 ? 3 : 0,
+                                     .qmin = -8, .qmax = 7};
+    for (size_t i = 0; i < f.n; i++) {
+        w[i] = 0.1f * opq_rng_normal(&rng);
+        c[i] = opq_rng_normal(&rng);
+    }
+    w[0] = 5.0f;   // far above the grid
+    w[f.n - 1] = -5.0f; // far below
+    // at init: round to nearest on the calibrated grid
+    opq_flexround_init(&f, qp);
+    opq_flexround_forward(&f, qp, w, wq, q);
+    for (size_t i = 0; i < f.n; i++) {
+        size_t c1 = f.n1 > 1 ? (i / f.inner1) % (size_t)f.n1 : 0;
+        assert_int_equal(q[i], opq_quantize1(w[i], &qp[c1]));
+        assert_true(wq[i] == ((float)q[i] - (float)qp[c1].zero_point) * qp[c1].scale);
+    }
+    // move every parameter off its init, then check the gradients there
+    for (size_t j = 0; j < np; j++)
+        f.theta[j] += 0.15f * opq_rng_normal(&rng);
+    opq_flexround_forward(&f, qp, w, wq, q);
+    int n_in = 0, n_out = 0;
+    const float *t2 = f.theta + f.n1, *t3 = t2 + f.n, *t4 = t3 + f.n3;
+    for (size_t i = 0; i < f.n; i++) {
+        size_t c1 = f.n1 > 1 ? (i / f.inner1) % (size_t)f.n1 : 0;
+        size_t c3 = f.n3 > 1 ? (i / f.inner3) % (size_t)f.n3 : 0;
+        size_t c4 = f.n4 > 1 ? (i / f.inner4) % (size_t)f.n4 : 0;
+        double u = (double)f.theta[c1] + (double)t2[i] + (double)t3[c3] +
+                   (f.n4 > 0 ? (double)t4[c4] : 0.0);
+        double r = (double)w[i] * exp(-u), k = nearbyint(r) + qp[c1].zero_point;
+        off[i] = nearbyint(r) - r;
+        clamped[i] = k < qp[c1].qmin ? -1 : (k > qp[c1].qmax ? 1 : 0);
+        n_out += clamped[i] != 0;
+        n_in += clamped[i] == 0;
+        assert_int_equal(q[i], (int32_t)(k < qp[c1].qmin ? qp[c1].qmin
+                                                       : (k > qp[c1].qmax ? qp[c1].qmax : k)));
+    }
+    assert_true(n_out >= 2 && n_in > (int)f.n / 2);
+    opq_flexround_backward(&f, qp, w, c, grad);
+    for (size_t j = 0; j < np; j++)
+        th[j] = (double)f.theta[j];
+    double h = 1e-5;
+    for (size_t j = 0; j < np; j++) {
+        double keep = th[j];
+        th[j] = keep + h;
+        double lp = fr_ref_loss(&f, th, qp, w, c, off, clamped);
+        th[j] = keep - h;
+        double lm = fr_ref_loss(&f, th, qp, w, c, off, clamped);
+        th[j] = keep;
+        double fd = (lp - lm) / (2.0 * h);
+        double err = fabs(fd - grad[j]) / fmax(1e-3, fabs(fd));
+        if (err > 1e-4)
+            fail_msg("parameter %zu of %zu: backward %g, central difference %g", j, np, grad[j],
+                     fd);
+    }
+    free(w);
+    free(c);
+    free(wq);
+    free(q);
+    free(clamped);
+    free(off);
+    free(grad);
+    free(th);
+    free(f.theta);
+}
+
+static void test_flexround_gradients(void **state) {
+    (void)state;
+    // Conv [Cout, Cin, kh, kw]: per-output-channel grid, s3 along 0, s4 along 1
+    flexround_case(&(struct fr_case){{4, 3, 2, 2}, 0, 0, true}, 11);
+    // MatMul [K, N]: grid and s3 along axis 1
+    flexround_case(&(struct fr_case){{6, 5, 1, 1}, 1, 1, false}, 12);
+    // per-tensor grid, Gemm transB [N, K]: s3 along 0
+    flexround_case(&(struct fr_case){{5, 7, 1, 1}, -1, 0, false}, 13);
 }
 
 static void test_adam(void **state) {
@@ -322,6 +463,7 @@ static void test_resume_is_byte_identical(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adaround),
+        cmocka_unit_test(test_flexround_gradients),
         cmocka_unit_test(test_adam),
         cmocka_unit_test(test_aph_vs_finite_differences),
         cmocka_unit_test(test_reconstruction_lowers_error),

@@ -324,14 +324,42 @@ static void test_aph_vs_finite_differences(void **state) {
 
 // ---- reconstruction on the fixture -------------------------------------------------------------
 
+// The weights the engine left in the model and their scales, kept to compare with the export.
+struct kept_weight {
+    char name[256];
+    float *w;
+    size_t n, inner;
+    int n_ch;
+    float scale[512], scale0[512]; // after and before the reconstruction
+    int32_t zero_point[512];
+};
+
 struct run {
     struct opq_recon_opts ro;
     struct opq_recon_report rep;
     bool have;
+    struct kept_weight *kept; // NULL: not kept
+    int n_kept;
 };
+
+static void keep_weights_free(struct run *r) {
+    for (int k = 0; k < r->n_kept; k++)
+        free(r->kept[k].w);
+    free(r->kept);
+    r->kept = NULL;
+    r->n_kept = 0;
+}
 
 static enum opq_status refine_hook(void *user, struct opq_refine_ctx *rc) {
     struct run *r = user;
+    float *scale0[256] = {0};
+    assert_true(rc->pl->n_targets <= 256);
+    for (int t = 0; r->kept && t < rc->pl->n_targets; t++) {
+        assert_true(rc->n_ch[t] <= 512);
+        scale0[t] = malloc(sizeof(float) * (size_t)rc->n_ch[t]);
+        for (int c = 0; c < rc->n_ch[t]; c++)
+            scale0[t][c] = rc->qp[t][c].scale;
+    }
     enum opq_status st = opq_recon_run(rc, &r->ro, &r->rep);
     r->have = st == OPQ_OK;
     // weights left on their grid: s * (q - z) reproduces q
@@ -351,7 +379,24 @@ static enum opq_status refine_hook(void *user, struct opq_refine_ctx *rc) {
             float q = w[i] / p->scale;
             assert_true(fabsf(q - nearbyintf(q)) < 1e-3f);
         }
+        if (!r->kept)
+            continue;
+        struct kept_weight *kw = &r->kept[r->n_kept++];
+        snprintf(kw->name, sizeof(kw->name), "%s", tg->value->name);
+        kw->n = n;
+        kw->inner = inner;
+        kw->n_ch = rc->n_ch[t];
+        kw->w = malloc(sizeof(float) * n);
+        assert_non_null(kw->w);
+        memcpy(kw->w, w, sizeof(float) * n);
+        for (int c = 0; c < rc->n_ch[t]; c++) {
+            kw->scale[c] = rc->qp[t][c].scale;
+            kw->scale0[c] = scale0[t][c];
+            kw->zero_point[c] = rc->qp[t][c].zero_point;
+        }
     }
+    for (int t = 0; t < rc->pl->n_targets; t++)
+        free(scale0[t]);
     return st;
 }
 
@@ -428,14 +473,14 @@ static void rm_checkpoint(const char *dir, int from, int to) {
     }
 }
 
-static void test_resume_is_byte_identical(void **state) {
-    (void)state;
+static void resume_check(enum opq_recon_rounding rounding) {
     if (access(fixture(), R_OK) != 0)
         skip();
     char dir[] = "/tmp/opq_recon_ckpt_XXXXXX";
     assert_non_null(mkdtemp(dir));
     struct run a = {0}, b = {0}, c = {0};
     small_opts(&a.ro);
+    a.ro.rounding = rounding;
     a.ro.checkpoint = dir;
     void *ba, *bb, *bc;
     size_t la, lb, lc;
@@ -448,6 +493,7 @@ static void test_resume_is_byte_identical(void **state) {
     assert_true(la == lb && memcmp(ba, bb, la) == 0);
     // and equal to a run without checkpoints
     small_opts(&c.ro);
+    c.ro.rounding = rounding;
     quantize_fixture(&c, &bc, &lc);
     assert_true(la == lc && memcmp(ba, bc, la) == 0);
     rm_checkpoint(dir, 0, 6);
@@ -460,6 +506,91 @@ static void test_resume_is_byte_identical(void **state) {
     free(bc);
 }
 
+static void test_resume_is_byte_identical(void **state) {
+    (void)state;
+    resume_check(OPQ_RECON_ADAROUND);
+}
+
+static void test_flexround_resume_is_byte_identical(void **state) {
+    (void)state;
+    resume_check(OPQ_RECON_FLEXROUND);
+}
+
+// FlexRound on the fixture: every unit's loss drops below round to nearest, and the written model
+// holds exactly the weights the engine used: integer initializer in [qmin, qmax] times the
+// DequantizeLinear scale, which is the learned grid s1 (changed from the calibrated scale).
+static void test_flexround_export(void **state) {
+    (void)state;
+    if (access(fixture(), R_OK) != 0)
+        skip();
+    struct run r = {0};
+    small_opts(&r.ro);
+    r.ro.rounding = OPQ_RECON_FLEXROUND;
+    r.ro.iters = 60;
+    r.ro.loss = OPQ_RECON_LOSS_MSE; // as in test_reconstruction_lowers_error
+    r.kept = calloc(256, sizeof(*r.kept));
+    assert_non_null(r.kept);
+    void *buf;
+    size_t len;
+    quantize_fixture(&r, &buf, &len);
+    assert_true(r.have && r.n_kept > 0);
+    for (int u = 0; u < r.rep.n_units; u++) {
+        const struct opq_recon_unit_report *ur = &r.rep.units[u];
+        // the embedding's error on random inputs is the 4-bit quantization of the noise itself:
+        // no rounding lowers it (AdaRound leaves it level too), and the learned grid's Adam
+        // noise may raise it a little; the blocks and the head must improve
+        double tol = u == 0 ? 1.1 : 1.0;
+        if (!(ur->werr_after < ur->werr_before * tol))
+            fail_msg("%s: %g -> %g", ur->name, ur->werr_before, ur->werr_after);
+        assert_true(ur->flip_frac > 0.0 && ur->flip_frac < 0.5);
+    }
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = NULL;
+    assert_int_equal(opq_model_load_buffer(ctx, buf, len, "flexround", NULL, &m), OPQ_OK);
+    struct opq_graph *g = m->graph;
+    int n_found = 0, n_moved = 0;
+    for (int k = 0; k < r.n_kept; k++) {
+        const struct kept_weight *kw = &r.kept[k];
+        char qname[300];
+        snprintf(qname, sizeof(qname), "%s_quantized", kw->name);
+        const struct opq_node *dq = NULL;
+        for (int i = 0; i < g->n_nodes && !dq; i++)
+            if (strcmp(g->nodes[i]->op_type, "DequantizeLinear") == 0 &&
+                strcmp(g->nodes[i]->inputs[0]->name, qname) == 0)
+                dq = g->nodes[i];
+        if (!dq)
+            fail_msg("no DequantizeLinear reads '%s'", qname);
+        n_found++;
+        const struct opq_tensor *qt = &dq->inputs[0]->t, *st = &dq->inputs[1]->t;
+        const struct opq_tensor *zt = &dq->inputs[2]->t;
+        assert_int_equal(qt->dtype, OPQ_DTYPE_INT8);
+        size_t nq, ns;
+        assert_true(opq_tensor_numel(qt, &nq) && nq == kw->n);
+        assert_true(opq_tensor_numel(st, &ns) && ns == (size_t)kw->n_ch);
+        const int8_t *q = qt->data, *zp = zt->data;
+        const float *sc = st->data;
+        for (int c = 0; c < kw->n_ch; c++) {
+            assert_true(sc[c] == kw->scale[c] && zp[c] == kw->zero_point[c]);
+            n_moved += sc[c] != kw->scale0[c];
+        }
+        for (size_t i = 0; i < kw->n; i++) {
+            size_t c = kw->n_ch > 1 ? (i / kw->inner) % (size_t)kw->n_ch : 0;
+            assert_true(q[i] >= -8 && q[i] <= 7); // signed 4-bit grid
+            float w = ((float)q[i] - (float)zp[c]) * sc[c];
+            if (w != kw->w[i])
+                fail_msg("'%s'[%zu]: exported %.9g, engine %.9g", kw->name, i, (double)w,
+                         (double)kw->w[i]);
+        }
+    }
+    assert_int_equal(n_found, r.n_kept);
+    assert_true(n_moved > 0); // the grid was learned
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+    keep_weights_free(&r);
+    opq_recon_report_free(&r.rep);
+    free(buf);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adaround),
@@ -468,6 +599,8 @@ int main(void) {
         cmocka_unit_test(test_aph_vs_finite_differences),
         cmocka_unit_test(test_reconstruction_lowers_error),
         cmocka_unit_test(test_resume_is_byte_identical),
+        cmocka_unit_test(test_flexround_export),
+        cmocka_unit_test(test_flexround_resume_is_byte_identical),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1181,11 +1181,11 @@ static uint64_t fingerprint(const struct eng *e) {
     const struct opq_quant_opts *q = e->rc->opts;
     uint64_t h = 1469598103934665603ull;
     int32_t ints[] = {
-        e->g->n_nodes,    e->rc->pl->n_targets, e->N, e->B, o->iters, o->loss, o->qdrop,
-        q ? q->wbits : 0, q ? q->abits : 0,   o->rounding};
+        e->g->n_nodes,    e->rc->pl->n_targets, e->N,       e->B, o->iters, o->loss, o->qdrop,
+        q ? q->wbits : 0, q ? q->abits : 0,     o->rounding};
     h = fnv(h, ints, sizeof(ints));
-    float fl[] = {o->drop_prob,  o->temp,     o->reg_weight, o->warmup,
-                  o->beta_start, o->beta_end, o->lr_round,   o->lr_act, o->lr_flex};
+    float fl[] = {o->drop_prob, o->temp,     o->reg_weight, o->warmup, o->beta_start,
+                  o->beta_end,  o->lr_round, o->lr_act,     o->lr_flex};
     h = fnv(h, fl, sizeof(fl));
     h = fnv(h, &o->seed, sizeof(o->seed));
     size_t layout = sizeof(struct opq_recon_unit_report);

@@ -129,13 +129,13 @@ static void flexround_case(const struct fr_case *fc, uint64_t seed) {
     f.theta = malloc(sizeof(float) * np);
     assert_true(f.n1 <= 8 && w && c && wq && q && clamped && off && grad && th && f.theta);
     for (int k = 0; k < f.n1; k++) // 4-bit grids, one of them asymmetric
-        qp[k] = (struct opq_qparams){.scale = 0.02f * (float)(k + 1), .zero_point = k == 1 ? 3 : 0,
-                                     .qmin = -8, .qmax = 7};
+        qp[k] = (struct opq_qparams){
+            .scale = 0.02f * (float)(k + 1), .zero_point = k == 1 ? 3 : 0, .qmin = -8, .qmax = 7};
     for (size_t i = 0; i < f.n; i++) {
         w[i] = 0.1f * opq_rng_normal(&rng);
         c[i] = opq_rng_normal(&rng);
     }
-    w[0] = 5.0f;   // far above the grid
+    w[0] = 5.0f;        // far above the grid
     w[f.n - 1] = -5.0f; // far below
     // at init: round to nearest on the calibrated grid
     opq_flexround_init(&f, qp);
@@ -162,8 +162,8 @@ static void flexround_case(const struct fr_case *fc, uint64_t seed) {
         clamped[i] = k < qp[c1].qmin ? -1 : (k > qp[c1].qmax ? 1 : 0);
         n_out += clamped[i] != 0;
         n_in += clamped[i] == 0;
-        assert_int_equal(q[i], (int32_t)(k < qp[c1].qmin ? qp[c1].qmin
-                                                       : (k > qp[c1].qmax ? qp[c1].qmax : k)));
+        assert_int_equal(
+            q[i], (int32_t)(k < qp[c1].qmin ? qp[c1].qmin : (k > qp[c1].qmax ? qp[c1].qmax : k)));
     }
     assert_true(n_out >= 2 && n_in > (int)f.n / 2);
     opq_flexround_backward(&f, qp, w, c, grad);

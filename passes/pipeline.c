@@ -32,6 +32,10 @@ static const struct method methods[] = {
     {"aphq", "APHQ-ViT block reconstruction: AdaRound + LSQ per unit, APH-weighted loss, QDrop "
              "(no MLP reconstruction yet)",
      {"remove-identity", "cleanup-dead", "quantize-aphq", NULL}},
+    {"flexround", "FlexRound in the block-reconstruction engine: learned grid and element-wise "
+                  "division before rounding + LSQ per unit, APH-weighted loss (--recon-loss), "
+                  "QDrop",
+     {"remove-identity", "cleanup-dead", "quantize-flexround", NULL}},
 };
 
 int opq_method_passes(const char *name, const char **out, int cap) {
@@ -55,7 +59,8 @@ bool opq_method_quantizes(const char *name) {
         for (int k = 0; methods[i].passes[k]; k++)
             if (strcmp(methods[i].passes[k], "quantize") == 0 ||
                 strcmp(methods[i].passes[k], "quantize-erq") == 0 ||
-                strcmp(methods[i].passes[k], "quantize-aphq") == 0)
+                strcmp(methods[i].passes[k], "quantize-aphq") == 0 ||
+                strcmp(methods[i].passes[k], "quantize-flexround") == 0)
                 return true;
     }
     return false;

@@ -7,6 +7,7 @@
 #include "recon/recon.h"
 
 static const char *const loss_names[] = {"aph", "mse", "fisher"};
+static const char *const rounding_names[] = {"adaround", "flexround"};
 
 int opq_recon_loss_from_name(const char *name) {
     for (size_t i = 0; i < ARRAY_SIZE(loss_names); i++)
@@ -19,12 +20,24 @@ const char *opq_recon_loss_name(enum opq_recon_loss l) {
     return (unsigned)l < ARRAY_SIZE(loss_names) ? loss_names[l] : "?";
 }
 
+int opq_recon_rounding_from_name(const char *name) {
+    for (size_t i = 0; i < ARRAY_SIZE(rounding_names); i++)
+        if (strcmp(name, rounding_names[i]) == 0)
+            return (int)i;
+    return -1;
+}
+
+const char *opq_recon_rounding_name(enum opq_recon_rounding r) {
+    return (unsigned)r < ARRAY_SIZE(rounding_names) ? rounding_names[r] : "?";
+}
+
 void opq_recon_opts_default(struct opq_recon_opts *o) {
     memset(o, 0, sizeof(*o));
     o->iters = 2000;
     o->batch = 32;
     o->count = 0;
     o->loss = OPQ_RECON_LOSS_APH;
+    o->rounding = OPQ_RECON_ADAROUND;
     o->qdrop = true;
     o->drop_prob = 0.5f;
     o->temp = 20.0f;
@@ -33,6 +46,7 @@ void opq_recon_opts_default(struct opq_recon_opts *o) {
     o->beta_start = 20.0f;
     o->beta_end = 2.0f;
     o->lr_round = 1e-3f;
+    o->lr_flex = 1e-3f;
     o->lr_act = 4e-5f;
 }
 

@@ -49,17 +49,20 @@ struct site {
     uint8_t *keep;  // 1: element quantized in this iteration
 };
 
-// A weight with AdaRound rounding variables.
+// A weight with its rounding parameters: AdaRound (alpha per element) or FlexRound (fr.theta;
+// then m and v2 are its Adam state and gacc its gradient).
 struct wparam {
     int t;
     struct opq_value *v;
     size_t n, inner;
     int n_ch;
-    const struct opq_qparams *qp; // n_ch entries
-    float *w0;                    // the model's float data
-    float *wq;                    // quantized values handed to the executor
-    float *base;                  // floor(w0 / s)
+    struct opq_qparams *qp; // n_ch entries (FlexRound writes the learned grid into the scales)
+    float *w0;              // the model's float data
+    float *wq;              // quantized values handed to the executor
+    float *base;            // floor(w0 / s)
     float *alpha, *m, *v2, *g, *dwda;
+    struct opq_flexround fr;
+    double *gacc;
 };
 
 struct sub {
@@ -440,11 +443,15 @@ static enum opq_status find_units(struct eng *e) {
 // ---- unit forward / backward --------------------------------------------------------------------
 
 static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
-    (void)e;
     for (int k = 0; k < U->n_wps; k++) {
         struct wparam *w = &U->wps[k];
         if (wm == W_FLOAT) {
             w->v->t.data = w->w0;
+            continue;
+        }
+        if (e->o->rounding == OPQ_RECON_FLEXROUND) { // soft and hard alike (straight-through)
+            opq_flexround_forward(&w->fr, w->qp, w->w0, w->wq, NULL);
+            w->v->t.data = w->wq;
             continue;
         }
         for (size_t i = 0; i < w->n; i++) {
@@ -1031,9 +1038,50 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
 
 // ---- training -----------------------------------------------------------------------------------
 
+// FlexRound's groups for weight w: s1 per weight qparams channel, s3 along the output-channel
+// axis of the placement (also with per-tensor grids), s4 along axis 1 of Conv weights.
+static enum opq_status alloc_flexround(struct eng *e, struct wparam *w) {
+    const struct opq_qtarget *tg = &e->rc->pl->targets[w->t];
+    const struct opq_tensor *t = &w->v->t;
+    struct opq_flexround *f = &w->fr;
+    *f = (struct opq_flexround){.n = w->n, .n1 = w->n_ch > 1 ? w->n_ch : 1, .n3 = 1};
+    f->inner1 = f->inner3 = f->inner4 = 1;
+    if (w->n_ch > 1)
+        f->inner1 = w->inner;
+    if (tg->axis >= 0 && tg->axis < t->ndim) {
+        f->n3 = (int)t->shape[tg->axis];
+        for (int d = tg->axis + 1; d < t->ndim; d++)
+            f->inner3 *= (size_t)t->shape[d];
+    }
+    bool conv = tg->n_consumers > 0 && tg->consumers[0]->op == OPQ_OP_CONV;
+    if (conv && tg->axis == 0 && t->ndim >= 3) {
+        f->n4 = (int)t->shape[1];
+        for (int d = 2; d < t->ndim; d++)
+            f->inner4 *= (size_t)t->shape[d];
+    }
+    size_t np = opq_flexround_n_params(f);
+    w->wq = malloc(sizeof(float) * w->n);
+    w->g = calloc(w->n, sizeof(float));
+    f->theta = malloc(sizeof(float) * np);
+    w->m = calloc(np, sizeof(float));
+    w->v2 = calloc(np, sizeof(float));
+    w->dwda = calloc(np, sizeof(float)); // the float gradient handed to Adam
+    w->gacc = calloc(np, sizeof(double));
+    if (!w->wq || !w->g || !f->theta || !w->m || !w->v2 || !w->dwda || !w->gacc)
+        return nomem(e->ctx);
+    opq_flexround_init(f, w->qp);
+    return OPQ_OK;
+}
+
 static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
     for (int k = 0; k < U->n_wps; k++) {
         struct wparam *w = &U->wps[k];
+        if (e->o->rounding == OPQ_RECON_FLEXROUND) {
+            enum opq_status st = alloc_flexround(e, w);
+            if (st != OPQ_OK)
+                return st;
+            continue;
+        }
         w->wq = malloc(sizeof(float) * w->n);
         w->base = malloc(sizeof(float) * w->n);
         w->alpha = malloc(sizeof(float) * w->n);
@@ -1100,7 +1148,10 @@ static void free_unit_params(struct eng *e, struct unit *U) {
         free(w->v2);
         free(w->g);
         free(w->dwda);
-        w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = NULL;
+        free(w->fr.theta);
+        free(w->gacc);
+        w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = w->fr.theta = NULL;
+        w->gacc = NULL;
     }
     for (int k = 0; k < U->n_sites; k++) {
         struct site *s = &U->sites[k];
@@ -1176,7 +1227,19 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
         double t = (double)(it - warm) / (double)(iters - warm);
         beta = (double)o->beta_end + (double)(o->beta_start - o->beta_end) * fmax(0.0, 1.0 - t);
     }
-    for (int k = 0; k < U->n_wps; k++) {
+    // FlexRound: no regularizer, the learning rate decays to 0 along a cosine
+    double lr_flex =
+        0.5 * (double)o->lr_flex * (1.0 + cos(3.14159265358979323846 * (double)it / (double)iters));
+    for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_FLEXROUND; k++) {
+        struct wparam *w = &U->wps[k];
+        size_t np = opq_flexround_n_params(&w->fr);
+        memset(w->gacc, 0, sizeof(double) * np);
+        opq_flexround_backward(&w->fr, w->qp, w->w0, w->g, w->gacc);
+        for (size_t i = 0; i < np; i++)
+            w->dwda[i] = (float)w->gacc[i];
+        opq_adam_step(w->fr.theta, w->dwda, w->m, w->v2, np, (float)lr_flex, it + 1);
+    }
+    for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_ADAROUND; k++) {
         struct wparam *w = &U->wps[k];
         for (size_t i = 0; i < w->n; i++) {
             float dh;
@@ -1205,12 +1268,32 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
     }
 }
 
+// FlexRound hardening: the weight becomes s1 * (q - z) in the model and s1 the qparams scale, so
+// the encoder's round(w / s1) gives back q exactly. Returns the number of codes that differ from
+// round to nearest on the calibrated grid.
+static size_t harden_flexround(struct wparam *w) {
+    size_t flips = 0;
+    opq_flexround_forward(&w->fr, w->qp, w->w0, w->wq, NULL);
+    for (size_t i = 0; i < w->n; i++) {
+        int c = w->n_ch > 1 ? (int)((i / w->inner) % (size_t)w->n_ch) : 0;
+        struct opq_qparams learned = w->qp[c];
+        learned.scale = opq_flexround_grid(&w->fr, c);
+        flips += opq_quantize1(w->wq[i], &learned) != opq_quantize1(w->w0[i], &w->qp[c]);
+    }
+    memcpy(w->w0, w->wq, sizeof(float) * w->n);
+    for (int c = 0; c < w->fr.n1; c++)
+        w->qp[c].scale = opq_flexround_grid(&w->fr, c);
+    w->v->t.data = w->w0;
+    return flips;
+}
+
 // Hardening: weights to floor + [alpha >= 0] on their grid (in the model), step sizes into the
 // qparams. Returns the fraction of weights rounded away from nearest.
 static double harden(struct eng *e, struct unit *U) {
-    (void)e;
     size_t flips = 0, total = 0;
-    for (int k = 0; k < U->n_wps; k++) {
+    for (int k = 0; k < U->n_wps && e->o->rounding == OPQ_RECON_FLEXROUND; k++)
+        flips += harden_flexround(&U->wps[k]), total += U->wps[k].n;
+    for (int k = 0; k < U->n_wps && e->o->rounding == OPQ_RECON_ADAROUND; k++) {
         struct wparam *w = &U->wps[k];
         for (size_t i = 0; i < w->n; i++) {
             const struct opq_qparams *p =
@@ -1247,11 +1330,11 @@ static uint64_t fingerprint(const struct eng *e) {
     const struct opq_quant_opts *q = e->rc->opts;
     uint64_t h = 1469598103934665603ull;
     int32_t ints[] = {
-        e->g->n_nodes,    e->rc->pl->n_targets, e->N, e->B, o->iters, o->loss, o->qdrop,
-        q ? q->wbits : 0, q ? q->abits : 0};
+        e->g->n_nodes,    e->rc->pl->n_targets, e->N,       e->B, o->iters, o->loss, o->qdrop,
+        q ? q->wbits : 0, q ? q->abits : 0,     o->rounding};
     h = fnv(h, ints, sizeof(ints));
-    float fl[] = {o->drop_prob,  o->temp,     o->reg_weight, o->warmup,
-                  o->beta_start, o->beta_end, o->lr_round,   o->lr_act};
+    float fl[] = {o->drop_prob, o->temp,     o->reg_weight, o->warmup, o->beta_start,
+                  o->beta_end,  o->lr_round, o->lr_act,     o->lr_flex};
     h = fnv(h, fl, sizeof(fl));
     h = fnv(h, &o->seed, sizeof(o->seed));
     size_t layout = sizeof(struct opq_recon_unit_report);
@@ -1284,6 +1367,9 @@ static enum opq_status ckpt_save(struct eng *e, int ui, const struct opq_recon_u
               fwrite(&ui, sizeof(ui), 1, f) == 1 && fwrite(ur, sizeof(*ur), 1, f) == 1;
     for (int k = 0; ok && k < U->n_wps; k++)
         ok = fwrite(U->wps[k].w0, sizeof(float), U->wps[k].n, f) == U->wps[k].n;
+    for (int k = 0; ok && e->o->rounding == OPQ_RECON_FLEXROUND && k < U->n_wps; k++)
+        for (int c = 0; ok && c < (U->wps[k].n_ch > 1 ? U->wps[k].n_ch : 1); c++)
+            ok = fwrite(&U->wps[k].qp[c].scale, sizeof(float), 1, f) == 1; // the learned grid
     for (int t = 0; ok && t < e->rc->pl->n_targets; t++) {
         if (e->rc->pl->targets[t].role != OPQ_QROLE_ACT)
             continue;
@@ -1323,6 +1409,9 @@ static enum opq_status ckpt_load(struct eng *e, int ui, struct opq_recon_unit_re
     }
     for (int k = 0; ok && k < U->n_wps; k++)
         ok = fread(U->wps[k].w0, sizeof(float), U->wps[k].n, f) == U->wps[k].n;
+    for (int k = 0; ok && e->o->rounding == OPQ_RECON_FLEXROUND && k < U->n_wps; k++)
+        for (int c = 0; ok && c < (U->wps[k].n_ch > 1 ? U->wps[k].n_ch : 1); c++)
+            ok = fread(&U->wps[k].qp[c].scale, sizeof(float), 1, f) == 1;
     for (int t = 0; ok && t < e->rc->pl->n_targets; t++) {
         if (e->rc->pl->targets[t].role != OPQ_QROLE_ACT)
             continue;

@@ -9,11 +9,13 @@
  *     the quantized input Xq is what the already-reconstructed prefix produces;
  *   - an output weight h (APH, Fisher or 1) is computed for the loss mean(h * (Yq - Y)^2)
  *     (the head uses KL(softmax(Y) || softmax(Yq)) instead);
- *   - AdaRound rounding variables for every weight of the unit and LSQ step sizes for every
- *     activation quantizer of the unit are trained with Adam, with QDrop input mixing and
- *     per-element quantizer dropping;
+ *   - the rounding parameters of every weight of the unit (AdaRound's rounding variables, or
+ *     FlexRound's log divisors and grid: opts.rounding) and LSQ step sizes for every activation
+ *     quantizer of the unit are trained with Adam, with QDrop input mixing and per-element
+ *     quantizer dropping;
  *   - the rounding is hardened: weights are left exactly on their grid (s * (q - z)) in the
- *     model and the learned step sizes are written into the activation qparams.
+ *     model (FlexRound: s is the learned grid s1, written into the weight qparams) and the
+ *     learned step sizes are written into the activation qparams.
  *
  * Activation fake quantization inside a unit: the unit's node range is split after the producer
  * of every quantized activation; the sub-ranges run in the executor one after another and the
@@ -38,6 +40,7 @@
 #include "ir.h"
 
 struct opq_refine_ctx;
+struct opq_qparams;
 
 enum opq_recon_loss { OPQ_RECON_LOSS_APH = 0, OPQ_RECON_LOSS_MSE = 1, OPQ_RECON_LOSS_FISHER = 2 };
 
@@ -45,11 +48,20 @@ enum opq_recon_loss { OPQ_RECON_LOSS_APH = 0, OPQ_RECON_LOSS_MSE = 1, OPQ_RECON_
 int opq_recon_loss_from_name(const char *name);
 const char *opq_recon_loss_name(enum opq_recon_loss l);
 
+// How weights are rounded: AdaRound (learned up/down per element, regularized towards 0/1) or
+// FlexRound (learned element-wise division before round to nearest, and a learned grid).
+enum opq_recon_rounding { OPQ_RECON_ADAROUND = 0, OPQ_RECON_FLEXROUND = 1 };
+
+// "adaround", "flexround" <-> enum; -1 if unknown.
+int opq_recon_rounding_from_name(const char *name);
+const char *opq_recon_rounding_name(enum opq_recon_rounding r);
+
 struct opq_recon_opts {
     int iters; // per unit (the time budget may lower it)
     int batch; // samples per iteration
     int count; // calibration samples used (0: all; rounded down to batch)
     enum opq_recon_loss loss;
+    enum opq_recon_rounding rounding;
     bool qdrop;       // QDrop input mixing + quantizer dropping (else quantized)
     float drop_prob;  // probability that an element stays quantized (0.5)
     float temp;       // KL temperature of APH / Fisher (20)
@@ -58,6 +70,7 @@ struct opq_recon_opts {
     float beta_start; // regularizer exponent schedule (20 -> 2)
     float beta_end;
     float lr_round;         // Adam on the rounding variables (1e-3)
+    float lr_flex;          // Adam on FlexRound's log parameters, cosine to 0 (1e-3)
     float lr_act;           // Adam on the activation step sizes, cosine (4e-5)
     double time_budget;     // minutes for the whole reconstruction (0: none)
     const char *checkpoint; // folder: state saved after each unit, resumed (NULL: none)
@@ -107,6 +120,31 @@ float opq_adaround_h(float alpha, float *dh);
 float opq_adaround_alpha0(float frac);
 // The hardened integer code before clamping: floor(w / s) + [alpha >= 0].
 float opq_adaround_hard(float w, float s, float alpha);
+
+// FlexRound state of one weight W (ONNX order, n elements): element i uses grid s1[(i / inner1)
+// % n1] (the weight qparams channel), output channel s3[(i / inner3) % n3] and, for Conv
+// weights, input channel s4[(i / inner4) % n4] (n4 = 0: no s4). theta (caller-owned, see
+// opq_flexround_n_params) holds log s1 [n1], log S2 [n], log s3 [n3], log s4 [n4] in this order.
+struct opq_flexround {
+    size_t n;
+    int n1, n3, n4; // n1, n3 >= 1
+    size_t inner1, inner3, inner4;
+    float *theta;
+};
+
+size_t opq_flexround_n_params(const struct opq_flexround *f);
+// Round to nearest with the grid of qp: log s1 = log qp[c].scale, the rest 0.
+void opq_flexround_init(struct opq_flexround *f, const struct opq_qparams *qp);
+// The grid size s1 of channel c: exp(log s1) rounded to float, the exported scale.
+float opq_flexround_grid(const struct opq_flexround *f, int c);
+// W_hat = s1 * (q - z), q = clamp(round(W / (s1 S2 s3 s4)) + z, qmin, qmax), qp[n1] giving z and
+// the range. wq and q (either may be NULL) receive W_hat and the integer codes.
+void opq_flexround_forward(const struct opq_flexround *f, const struct opq_qparams *qp,
+                           const float *w, float *wq, int32_t *q);
+// Given G = dL/dW_hat, adds dL/dtheta (straight-through round, no gradient through the clamp)
+// to grad[opq_flexround_n_params(f)].
+void opq_flexround_backward(const struct opq_flexround *f, const struct opq_qparams *qp,
+                            const float *w, const float *G, double *grad);
 
 // One Adam step (beta1 0.9, beta2 0.999, eps 1e-8) on n parameters; t >= 1 is the step number.
 void opq_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, int t);

@@ -353,6 +353,38 @@ case_opset() {
     grep -q '^opsets: ai.onnx 18$' out.txt || fail "upgrade-opset with --opset 18 gave another opset"
 }
 
+# --method flexround on the ViT fixture (few iterations, random calibration data): listed, runs,
+# deterministic, and every weight DequantizeLinear holds integers in the 4-bit range.
+case_flexround() {
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx
+    [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+    run 0 --list-passes
+    grep -q '^  flexround ' out.txt || fail "--list-passes does not list the flexround method"
+    local args=(--calib random --calib-count 24 --batch 8 --recon-batch 8 --recon-iters 4
+                --wbits 4 --abits 4 --method flexround --threads 1 -q)
+    run 0 "$vit" a.onnx "${args[@]}"
+    run 0 "$vit" b.onnx "${args[@]}"
+    cmp -s a.onnx b.onnx || fail "two flexround runs gave different bytes"
+    run 1 "$vit" c.onnx "${args[@]}" --flexround-lr 0
+    expect_one_error_line "--flexround-lr"
+    if "$PY" -c 'import onnx' 2>/dev/null; then
+        "$PY" - <<'PYEOF' || fail "flexround output weights are not 4-bit integers"
+import onnx
+from onnx import numpy_helper
+m = onnx.load("a.onnx")
+onnx.checker.check_model(m)
+inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+n = 0
+for node in m.graph.node:
+    if node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized"):
+        q = inits[node.input[0]]
+        assert q.dtype.kind == "i" and q.min() >= -8 and q.max() <= 7, node.input[0]
+        n += 1
+assert n > 0
+PYEOF
+    fi
+}
+
 fn="case_$CASE"
 declare -F "$fn" >/dev/null || { echo "unknown case '$CASE'" >&2; exit 2; }
 "$fn"

@@ -1,12 +1,17 @@
 /* test_recon.c: the reconstruction engine (recon/recon.h).
  *   - AdaRound: h(alpha0(f)) = f, dh/dalpha against finite differences, hardening equals
  *     floor(w/s) + [alpha >= 0];
+ *   - FlexRound: at init it is round to nearest; its gradients with respect to log s1, S2, s3
+ *     and s4 against double-precision central differences of the same forward with the round
+ *     replaced by the straight-through identity (Conv, MatMul and per-tensor layouts);
  *   - Adam minimises a quadratic;
  *   - APH weights (exact J.1 by reverse mode, then J^T H_z J.1) against a finite-difference
  *     Hessian row sum of the KL loss on a tiny two-layer head;
  *   - block reconstruction on the vit_tiny fixture (random calibration data) lowers every unit's
  *     output error below round-to-nearest, leaves weights exactly on their grid, and a run
- *     resumed from a checkpoint after an interruption writes a byte-identical model. */
+ *     resumed from a checkpoint after an interruption writes a byte-identical model; the same
+ *     with FlexRound, whose exported weights are read back: integer initializer times the
+ *     DequantizeLinear scale (the learned grid s1) is exactly the weight our executor used. */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <setjmp.h>
@@ -61,6 +66,142 @@ static void test_adaround(void **state) {
     }
     assert_true(opq_adaround_hard(1.25f, 0.5f, 0.0f) == 3.0f); // alpha = 0 rounds up
     assert_true(opq_adaround_hard(-1.25f, 0.5f, -1e-6f) == -3.0f);
+}
+
+// ---- FlexRound ----------------------------------------------------------------------------------
+
+// A weight of shape [d0, d1, d2, d3] (trailing 1s for lower ranks) with s1 along axis ax1 (-1:
+// per tensor), s3 along axis ax3 and s4 along axis 1 when conv.
+struct fr_case {
+    int64_t shape[4];
+    int ax1, ax3;
+    bool conv;
+};
+
+static size_t prod_after(const int64_t *shape, int axis) {
+    size_t p = 1;
+    for (int d = axis + 1; d < 4; d++)
+        p *= (size_t)shape[d];
+    return p;
+}
+
+// Double-precision FlexRound loss sum_i c_i W_hat_i with round(r) replaced by r + off_i and the
+// clamp decision fixed by clamped_i (-1 low, 0 inside, +1 high): the function whose gradient the
+// straight-through backward is.
+static double fr_ref_loss(const struct opq_flexround *f, const double *theta,
+                          const struct opq_qparams *qp, const float *w, const float *c,
+                          const double *off, const int *clamped) {
+    double L = 0.0;
+    const double *t2 = theta + f->n1, *t3 = t2 + f->n, *t4 = t3 + f->n3;
+    for (size_t i = 0; i < f->n; i++) {
+        size_t c1 = f->n1 > 1 ? (i / f->inner1) % (size_t)f->n1 : 0;
+        size_t c3 = f->n3 > 1 ? (i / f->inner3) % (size_t)f->n3 : 0;
+        size_t c4 = f->n4 > 1 ? (i / f->inner4) % (size_t)f->n4 : 0;
+        double u = theta[c1] + t2[i] + t3[c3] + (f->n4 > 0 ? t4[c4] : 0.0);
+        double r = (double)w[i] * exp(-u), z = (double)qp[c1].zero_point;
+        double k = clamped[i] < 0 ? (double)qp[c1].qmin
+                                  : (clamped[i] > 0 ? (double)qp[c1].qmax : r + off[i] + z);
+        L += (double)c[i] * exp(theta[c1]) * (k - z);
+    }
+    return L;
+}
+
+static void flexround_case(const struct fr_case *fc, uint64_t seed) {
+    struct opq_rng rng;
+    opq_rng_seed(&rng, seed, 3);
+    struct opq_flexround f = {.n = 1, .n3 = 1};
+    for (int d = 0; d < 4; d++)
+        f.n *= (size_t)fc->shape[d];
+    f.n1 = fc->ax1 >= 0 ? (int)fc->shape[fc->ax1] : 1;
+    f.inner1 = fc->ax1 >= 0 ? prod_after(fc->shape, fc->ax1) : 1;
+    f.n3 = (int)fc->shape[fc->ax3];
+    f.inner3 = prod_after(fc->shape, fc->ax3);
+    f.n4 = fc->conv ? (int)fc->shape[1] : 0;
+    f.inner4 = fc->conv ? prod_after(fc->shape, 1) : 1;
+    size_t np = opq_flexround_n_params(&f);
+    struct opq_qparams qp[8];
+    float *w = malloc(sizeof(float) * f.n), *c = malloc(sizeof(float) * f.n);
+    float *wq = malloc(sizeof(float) * f.n);
+    int32_t *q = malloc(sizeof(int32_t) * f.n);
+    int *clamped = calloc(f.n, sizeof(int));
+    double *off = malloc(sizeof(double) * f.n), *grad = calloc(np, sizeof(double));
+    double *th = malloc(sizeof(double) * np);
+    f.theta = malloc(sizeof(float) * np);
+    assert_true(f.n1 <= 8 && w && c && wq && q && clamped && off && grad && th && f.theta);
+    for (int k = 0; k < f.n1; k++) // 4-bit grids, one of them asymmetric
+        qp[k] = (struct opq_qparams){
+            .scale = 0.02f * (float)(k + 1), .zero_point = k == 1 ? 3 : 0, .qmin = -8, .qmax = 7};
+    for (size_t i = 0; i < f.n; i++) {
+        w[i] = 0.1f * opq_rng_normal(&rng);
+        c[i] = opq_rng_normal(&rng);
+    }
+    w[0] = 5.0f;        // far above the grid
+    w[f.n - 1] = -5.0f; // far below
+    // at init: round to nearest on the calibrated grid
+    opq_flexround_init(&f, qp);
+    opq_flexround_forward(&f, qp, w, wq, q);
+    for (size_t i = 0; i < f.n; i++) {
+        size_t c1 = f.n1 > 1 ? (i / f.inner1) % (size_t)f.n1 : 0;
+        assert_int_equal(q[i], opq_quantize1(w[i], &qp[c1]));
+        assert_true(wq[i] == ((float)q[i] - (float)qp[c1].zero_point) * qp[c1].scale);
+    }
+    // move every parameter off its init, then check the gradients there
+    for (size_t j = 0; j < np; j++)
+        f.theta[j] += 0.15f * opq_rng_normal(&rng);
+    opq_flexround_forward(&f, qp, w, wq, q);
+    int n_in = 0, n_out = 0;
+    const float *t2 = f.theta + f.n1, *t3 = t2 + f.n, *t4 = t3 + f.n3;
+    for (size_t i = 0; i < f.n; i++) {
+        size_t c1 = f.n1 > 1 ? (i / f.inner1) % (size_t)f.n1 : 0;
+        size_t c3 = f.n3 > 1 ? (i / f.inner3) % (size_t)f.n3 : 0;
+        size_t c4 = f.n4 > 1 ? (i / f.inner4) % (size_t)f.n4 : 0;
+        double u = (double)f.theta[c1] + (double)t2[i] + (double)t3[c3] +
+                   (f.n4 > 0 ? (double)t4[c4] : 0.0);
+        double r = (double)w[i] * exp(-u), k = nearbyint(r) + qp[c1].zero_point;
+        off[i] = nearbyint(r) - r;
+        clamped[i] = k < qp[c1].qmin ? -1 : (k > qp[c1].qmax ? 1 : 0);
+        n_out += clamped[i] != 0;
+        n_in += clamped[i] == 0;
+        assert_int_equal(
+            q[i], (int32_t)(k < qp[c1].qmin ? qp[c1].qmin : (k > qp[c1].qmax ? qp[c1].qmax : k)));
+    }
+    assert_true(n_out >= 2 && n_in > (int)f.n / 2);
+    opq_flexround_backward(&f, qp, w, c, grad);
+    for (size_t j = 0; j < np; j++)
+        th[j] = (double)f.theta[j];
+    double h = 1e-5;
+    for (size_t j = 0; j < np; j++) {
+        double keep = th[j];
+        th[j] = keep + h;
+        double lp = fr_ref_loss(&f, th, qp, w, c, off, clamped);
+        th[j] = keep - h;
+        double lm = fr_ref_loss(&f, th, qp, w, c, off, clamped);
+        th[j] = keep;
+        double fd = (lp - lm) / (2.0 * h);
+        double err = fabs(fd - grad[j]) / fmax(1e-3, fabs(fd));
+        if (err > 1e-4)
+            fail_msg("parameter %zu of %zu: backward %g, central difference %g", j, np, grad[j],
+                     fd);
+    }
+    free(w);
+    free(c);
+    free(wq);
+    free(q);
+    free(clamped);
+    free(off);
+    free(grad);
+    free(th);
+    free(f.theta);
+}
+
+static void test_flexround_gradients(void **state) {
+    (void)state;
+    // Conv [Cout, Cin, kh, kw]: per-output-channel grid, s3 along 0, s4 along 1
+    flexround_case(&(struct fr_case){{4, 3, 2, 2}, 0, 0, true}, 11);
+    // MatMul [K, N]: grid and s3 along axis 1
+    flexround_case(&(struct fr_case){{6, 5, 1, 1}, 1, 1, false}, 12);
+    // per-tensor grid, Gemm transB [N, K]: s3 along 0
+    flexround_case(&(struct fr_case){{5, 7, 1, 1}, -1, 0, false}, 13);
 }
 
 static void test_adam(void **state) {
@@ -229,14 +370,42 @@ static void test_aph_many_matches_single(void **state) {
 
 // ---- reconstruction on the fixture -------------------------------------------------------------
 
+// The weights the engine left in the model and their scales, kept to compare with the export.
+struct kept_weight {
+    char name[256];
+    float *w;
+    size_t n, inner;
+    int n_ch;
+    float scale[512], scale0[512]; // after and before the reconstruction
+    int32_t zero_point[512];
+};
+
 struct run {
     struct opq_recon_opts ro;
     struct opq_recon_report rep;
     bool have;
+    struct kept_weight *kept; // NULL: not kept
+    int n_kept;
 };
+
+static void keep_weights_free(struct run *r) {
+    for (int k = 0; k < r->n_kept; k++)
+        free(r->kept[k].w);
+    free(r->kept);
+    r->kept = NULL;
+    r->n_kept = 0;
+}
 
 static enum opq_status refine_hook(void *user, struct opq_refine_ctx *rc) {
     struct run *r = user;
+    float *scale0[256] = {0};
+    assert_true(rc->pl->n_targets <= 256);
+    for (int t = 0; r->kept && t < rc->pl->n_targets; t++) {
+        assert_true(rc->n_ch[t] <= 512);
+        scale0[t] = malloc(sizeof(float) * (size_t)rc->n_ch[t]);
+        for (int c = 0; c < rc->n_ch[t]; c++)
+            scale0[t][c] = rc->qp[t][c].scale;
+    }
     enum opq_status st = opq_recon_run(rc, &r->ro, &r->rep);
     r->have = st == OPQ_OK;
     // weights left on their grid: s * (q - z) reproduces q
@@ -256,7 +425,24 @@ static enum opq_status refine_hook(void *user, struct opq_refine_ctx *rc) {
             float q = w[i] / p->scale;
             assert_true(fabsf(q - nearbyintf(q)) < 1e-3f);
         }
+        if (!r->kept)
+            continue;
+        struct kept_weight *kw = &r->kept[r->n_kept++];
+        snprintf(kw->name, sizeof(kw->name), "%s", tg->value->name);
+        kw->n = n;
+        kw->inner = inner;
+        kw->n_ch = rc->n_ch[t];
+        kw->w = malloc(sizeof(float) * n);
+        assert_non_null(kw->w);
+        memcpy(kw->w, w, sizeof(float) * n);
+        for (int c = 0; c < rc->n_ch[t]; c++) {
+            kw->scale[c] = rc->qp[t][c].scale;
+            kw->scale0[c] = scale0[t][c];
+            kw->zero_point[c] = rc->qp[t][c].zero_point;
+        }
     }
+    for (int t = 0; t < rc->pl->n_targets; t++)
+        free(scale0[t]);
     return st;
 }
 
@@ -333,14 +519,14 @@ static void rm_checkpoint(const char *dir, int from, int to) {
     }
 }
 
-static void test_resume_is_byte_identical(void **state) {
-    (void)state;
+static void resume_check(enum opq_recon_rounding rounding) {
     if (access(fixture(), R_OK) != 0)
         skip();
     char dir[] = "/tmp/opq_recon_ckpt_XXXXXX";
     assert_non_null(mkdtemp(dir));
     struct run a = {0}, b = {0}, c = {0};
     small_opts(&a.ro);
+    a.ro.rounding = rounding;
     a.ro.checkpoint = dir;
     void *ba, *bb, *bc;
     size_t la, lb, lc;
@@ -353,6 +539,7 @@ static void test_resume_is_byte_identical(void **state) {
     assert_true(la == lb && memcmp(ba, bb, la) == 0);
     // and equal to a run without checkpoints
     small_opts(&c.ro);
+    c.ro.rounding = rounding;
     quantize_fixture(&c, &bc, &lc);
     assert_true(la == lc && memcmp(ba, bc, la) == 0);
     rm_checkpoint(dir, 0, 6);
@@ -365,14 +552,102 @@ static void test_resume_is_byte_identical(void **state) {
     free(bc);
 }
 
+static void test_resume_is_byte_identical(void **state) {
+    (void)state;
+    resume_check(OPQ_RECON_ADAROUND);
+}
+
+static void test_flexround_resume_is_byte_identical(void **state) {
+    (void)state;
+    resume_check(OPQ_RECON_FLEXROUND);
+}
+
+// FlexRound on the fixture: every unit's loss drops below round to nearest, and the written model
+// holds exactly the weights the engine used: integer initializer in [qmin, qmax] times the
+// DequantizeLinear scale, which is the learned grid s1 (changed from the calibrated scale).
+static void test_flexround_export(void **state) {
+    (void)state;
+    if (access(fixture(), R_OK) != 0)
+        skip();
+    struct run r = {0};
+    small_opts(&r.ro);
+    r.ro.rounding = OPQ_RECON_FLEXROUND;
+    r.ro.iters = 60;
+    r.ro.loss = OPQ_RECON_LOSS_MSE; // as in test_reconstruction_lowers_error
+    r.kept = calloc(256, sizeof(*r.kept));
+    assert_non_null(r.kept);
+    void *buf;
+    size_t len;
+    quantize_fixture(&r, &buf, &len);
+    assert_true(r.have && r.n_kept > 0);
+    for (int u = 0; u < r.rep.n_units; u++) {
+        const struct opq_recon_unit_report *ur = &r.rep.units[u];
+        // the embedding's error on random inputs is the 4-bit quantization of the noise itself:
+        // no rounding lowers it (AdaRound leaves it level too), and the learned grid's Adam
+        // noise may raise it a little; the blocks and the head must improve
+        double tol = u == 0 ? 1.1 : 1.0;
+        if (!(ur->werr_after < ur->werr_before * tol))
+            fail_msg("%s: %g -> %g", ur->name, ur->werr_before, ur->werr_after);
+        assert_true(ur->flip_frac > 0.0 && ur->flip_frac < 0.5);
+    }
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = NULL;
+    assert_int_equal(opq_model_load_buffer(ctx, buf, len, "flexround", NULL, &m), OPQ_OK);
+    struct opq_graph *g = m->graph;
+    int n_found = 0, n_moved = 0;
+    for (int k = 0; k < r.n_kept; k++) {
+        const struct kept_weight *kw = &r.kept[k];
+        char qname[300];
+        snprintf(qname, sizeof(qname), "%s_quantized", kw->name);
+        const struct opq_node *dq = NULL;
+        for (int i = 0; i < g->n_nodes && !dq; i++)
+            if (strcmp(g->nodes[i]->op_type, "DequantizeLinear") == 0 &&
+                strcmp(g->nodes[i]->inputs[0]->name, qname) == 0)
+                dq = g->nodes[i];
+        if (!dq)
+            fail_msg("no DequantizeLinear reads '%s'", qname);
+        n_found++;
+        const struct opq_tensor *qt = &dq->inputs[0]->t, *st = &dq->inputs[1]->t;
+        const struct opq_tensor *zt = &dq->inputs[2]->t;
+        assert_int_equal(qt->dtype, OPQ_DTYPE_INT8);
+        size_t nq, ns;
+        assert_true(opq_tensor_numel(qt, &nq) && nq == kw->n);
+        assert_true(opq_tensor_numel(st, &ns) && ns == (size_t)kw->n_ch);
+        const int8_t *q = qt->data, *zp = zt->data;
+        const float *sc = st->data;
+        for (int c = 0; c < kw->n_ch; c++) {
+            assert_true(sc[c] == kw->scale[c] && zp[c] == kw->zero_point[c]);
+            n_moved += sc[c] != kw->scale0[c];
+        }
+        for (size_t i = 0; i < kw->n; i++) {
+            size_t c = kw->n_ch > 1 ? (i / kw->inner) % (size_t)kw->n_ch : 0;
+            assert_true(q[i] >= -8 && q[i] <= 7); // signed 4-bit grid
+            float w = ((float)q[i] - (float)zp[c]) * sc[c];
+            if (w != kw->w[i])
+                fail_msg("'%s'[%zu]: exported %.9g, engine %.9g", kw->name, i, (double)w,
+                         (double)kw->w[i]);
+        }
+    }
+    assert_int_equal(n_found, r.n_kept);
+    assert_true(n_moved > 0); // the grid was learned
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+    keep_weights_free(&r);
+    opq_recon_report_free(&r.rep);
+    free(buf);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adaround),
+        cmocka_unit_test(test_flexround_gradients),
         cmocka_unit_test(test_adam),
         cmocka_unit_test(test_aph_vs_finite_differences),
         cmocka_unit_test(test_aph_many_matches_single),
         cmocka_unit_test(test_reconstruction_lowers_error),
         cmocka_unit_test(test_resume_is_byte_identical),
+        cmocka_unit_test(test_flexround_export),
+        cmocka_unit_test(test_flexround_resume_is_byte_identical),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

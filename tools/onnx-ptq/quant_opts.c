@@ -50,11 +50,13 @@ const char cli_quant_usage[] =
     "                      with alpha 1 (default on); flow: as --reparam / --reparam-alpha\n"
     "  --erq-aqer on|off --erq-wqer on|off   the two stages (default on; ablations)\n"
     "  --erq-mem MB        statistics held per calibration pass (default 512)\n"
-    "block reconstruction (--method aphq):\n"
+    "block reconstruction (--method aphq: AdaRound weights; --method flexround: FlexRound):\n"
     "  --recon-iters N     iterations per unit (default 2000)\n"
     "  --recon-batch B     samples per iteration (default 32)\n"
     "  --recon-loss aph|mse|fisher   output weighting of the unit loss (default aph)\n"
     "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
+    "  --flexround-lr LR   Adam learning rate of FlexRound's log grid and divisors, decayed\n"
+    "                      to 0 along a cosine over each unit (default 0.001)\n"
     "  --time-budget MIN   minutes for the reconstruction: fewer iterations where needed\n"
     "  --checkpoint DIR    save each finished unit in DIR; a re-run resumes from it\n"
     "MLP reconstruction (--mlp-recon, before the method's quantization):\n"
@@ -264,6 +266,10 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (strcmp(val, "on") && strcmp(val, "off"))
             return bad(opt, val, "on or off");
         q->recon.qdrop = strcmp(val, "on") == 0;
+    } else if (strcmp(opt, "--flexround-lr") == 0) {
+        if (!parse_float(val, 1e-9, 1.0, &d))
+            return bad(opt, val, "a learning rate in (0, 1]");
+        q->recon.lr_flex = (float)d;
     } else if (strcmp(opt, "--time-budget") == 0) {
         if (!parse_float(val, 0.0, 1e6, &d))
             return bad(opt, val, "minutes (0: none)");
@@ -285,8 +291,9 @@ bool cli_quant_takes_value(const char *opt) {
         "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--weight-calibrator",
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
-        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--mr-iters", "--mr-lr", "--recon-loss",
-        "--recon-qdrop", "--time-budget", "--checkpoint"};
+        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",
+        "--recon-qdrop", "--flexround-lr", "--mr-iters", "--mr-lr", "--time-budget",
+        "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(opt, names[i]) == 0)
             return true;

@@ -1,0 +1,34 @@
+/* quantize_flexround.c (pass): FlexRound weights in the block-reconstruction engine
+ * (recon/recon.h, recon/flexround.c), the calibrated flow of src/quantize.c with the engine as
+ * its refinement step. The units, data flow, QDrop, LSQ activation step sizes and the loss
+ * (--recon-loss, APH by default as for quantize-aphq) are the engine's; only the weight rounding
+ * differs: W_hat = s1 * round(W / (s1 S2 s3 [s4])) with the grid s1 and the divisors learned in
+ * log space. Matches: every MatMul/Gemm/Conv the flow quantizes. Rewrites: as the quantize pass
+ * (integer weight initializers whose DequantizeLinear scale is the learned grid s1, activation
+ * Q/DQ pairs with the learned scales). Preserves: graph inputs/outputs, every non-quantized op.
+ * Needs opts->quant (hyperparameters in opts->quant->recon). */
+#include "pass.h"
+#include "quantize.h"
+#include "recon/recon.h"
+
+enum opq_status opq_pass_run_quantize_flexround(struct opq_pass_ctx *pc, struct opq_graph *g) {
+    (void)g;
+    if (!pc->opts->quant)
+        return opq_set_error(pc->ctx, OPQ_ERR_USAGE,
+                             "the quantize-flexround pass needs quantization options "
+                             "(calibration data)");
+    struct opq_quant_opts o = *pc->opts->quant;
+    struct opq_report *rep = NULL;
+    o.recon.rounding = OPQ_RECON_FLEXROUND;
+    o.refine = opq_recon_refine;
+    o.refine_user = &o.recon;
+    enum opq_status st = opq_quantize(pc->ctx, pc->model, &o, pc->opts->report ? &rep : NULL);
+    if (st != OPQ_OK)
+        return st;
+    pc->stats.n_rewrites = rep ? rep->n_qnodes : 0;
+    if (pc->opts->report) {
+        opq_report_free(*pc->opts->report);
+        *pc->opts->report = rep;
+    }
+    return OPQ_OK;
+}

@@ -116,7 +116,7 @@ case_usage_errors() {
     expect_one_error_line "unknown method 'bogus'"
     grep -q 'none' err.txt || fail "unknown method message does not list valid methods"
     run 1 in.onnx out.onnx --passes cleanup-dead --gelu-to-relu
-    expect_one_error_line "--gelu-to-relu goes with a method"
+    expect_one_error_line "--gelu-to-relu and --mlp-recon go with a method"
     run 1 in.onnx out.onnx --method none --passes cleanup-dead
     expect_one_error_line "exclude each other"
     run 1 in.onnx out.onnx --threads 0
@@ -376,13 +376,35 @@ onnx.checker.check_model(m)
 inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
 n = 0
 for node in m.graph.node:
-    if node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized"):
+    if node.op_type == "DequantizeLinear" and node.input[0] in inits:
         q = inits[node.input[0]]
         assert q.dtype.kind == "i" and q.min() >= -8 and q.max() <= 7, node.input[0]
         n += 1
 assert n > 0
 PYEOF
     fi
+}
+
+# --mlp-recon: GELU -> ReLU, every MLP retrained (its loss goes down), deterministic, no Erf left.
+case_mlp_recon() {
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx
+    [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+    local args=(--method none --mlp-recon --calib random --calib-count 40 --recon-batch 8
+                --mr-iters 30 --threads 1)
+    run 0 "$vit" a.onnx "${args[@]}"
+    local n
+    n=$(grep -c "MLP reconstruction /blocks" err.txt || true)
+    [ "$n" = 4 ] || fail "expected 4 retrained MLPs, log has $n"
+    awk '/MLP reconstruction \/blocks/ { for (i = 1; i <= NF; i++) if ($i == "loss") \
+         { if (!($(i + 3) < $(i + 1))) bad = 1 } } END { exit bad }' err.txt ||
+        fail "an MLP's loss did not go down"
+    run 0 "$vit" b.onnx "${args[@]}" -q
+    cmp -s a.onnx b.onnx || fail "two --mlp-recon runs gave different bytes"
+    run 0 inspect a.onnx
+    grep -q "Relu" out.txt || fail "no Relu in the output"
+    ! grep -q "Erf" out.txt || fail "an Erf GELU is left"
+    run 1 "$vit" c.onnx --mlp-recon --gelu-to-relu --calib random
+    expect_one_error_line "--mlp-recon already swaps GELU for ReLU"
 }
 
 fn="case_$CASE"

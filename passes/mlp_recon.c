@@ -6,6 +6,8 @@
  * and graph inputs/outputs. Needs opts->quant (calibration data; hyperparameters in
  * opts->quant->mr). Logs the float change of the swap alone and after retraining. Run it
  * before a quantizing pass (--mlp-recon). */
+#include <math.h>
+
 #include "pass.h"
 #include "quantize.h"
 #include "recon/mr.h"
@@ -32,6 +34,11 @@ enum opq_status opq_pass_run_mlp_recon(struct opq_pass_ctx *pc, struct opq_graph
         int total = opq_calib_count(src);
         struct opq_mr_opts mo = q->mr;
         mo.seed = pc->opts->seed;
+        if (q->recon.time_budget > 0.0 && mo.seconds <= 0.0) {
+            // a fifth of what is left of the run's budget; block reconstruction gets the rest
+            double t0 = q->recon.budget_start > 0.0 ? q->recon.budget_start : opq_now_s();
+            mo.seconds = 0.2 * fmax(q->recon.time_budget * 60.0 - (opq_now_s() - t0), 0.0);
+        }
         if (mo.clamp_pct <= 0.0f)
             mo.clamp_pct = q->abits >= 4 ? 0.98f : 0.99f;
         int n_mlps = 0;

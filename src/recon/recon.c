@@ -1711,7 +1711,8 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
             return st;
     }
     double per_iter = (opq_now_s() - t0) / 2.0 * 1.1; // + the optimizer step
-    double left = e->o->time_budget * 60.0 - (opq_now_s() - t_start);
+    double since = e->o->budget_start > 0.0 ? e->o->budget_start : t_start;
+    double left = e->o->time_budget * 60.0 - (opq_now_s() - since);
     double share = left / (double)(e->n_units - ui) * 0.9;
     double n = share / fmax(per_iter, 1e-9);
     if (n < (double)*iters)

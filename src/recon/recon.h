@@ -73,6 +73,8 @@ struct opq_recon_opts {
     float lr_flex;          // Adam on FlexRound's log parameters, cosine to 0 (1e-3)
     float lr_act;           // Adam on the activation step sizes, cosine (4e-5)
     double time_budget;     // minutes for the whole reconstruction (0: none)
+    double budget_start;    // opq_now_s() when the budget started (0: the reconstruction's start;
+                            // the CLI sets its own start, so the budget covers the whole run)
     const char *checkpoint; // folder: state saved after each unit, resumed (NULL: none)
     uint64_t seed;
 };

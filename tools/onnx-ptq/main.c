@@ -451,6 +451,7 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
     o->pipe.quant  = &o->quant;
     o->pipe.report = &report;
     cli_progress_install(ctx, o->log_level <= OPQ_LOG_ERROR);
+    o->quant.recon.budget_start = opq_now_s(); // --time-budget counts from here
     st = opq_model_load(ctx, o->in, &model);
     if (st != OPQ_OK) {
         rc = cli_fail(ctx, st, o->in);

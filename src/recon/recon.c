@@ -1717,6 +1717,9 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
     double n = share / fmax(per_iter, 1e-9);
     if (n < (double)*iters)
         *iters = n < 10.0 ? 10 : (int)n;
+    opq_log(e->ctx, OPQ_LOG_INFO,
+            "time budget: %s gets %d iterations (%.0f ms each, %.0f s left for %d units)",
+            U->name, *iters, 1e3 * per_iter, left, e->n_units - ui);
     return OPQ_OK;
 }
 

@@ -574,6 +574,7 @@ static void test_flexround_export(void **state) {
     r.ro.rounding = OPQ_RECON_FLEXROUND;
     r.ro.iters = 60;
     r.ro.loss = OPQ_RECON_LOSS_MSE; // as in test_reconstruction_lowers_error
+    r.ro.lr_flex = 1e-4f;           // random inputs: the default step overshoots the embedding
     r.kept = calloc(256, sizeof(*r.kept));
     assert_non_null(r.kept);
     void *buf;
@@ -582,10 +583,11 @@ static void test_flexround_export(void **state) {
     assert_true(r.have && r.n_kept > 0);
     for (int u = 0; u < r.rep.n_units; u++) {
         const struct opq_recon_unit_report *ur = &r.rep.units[u];
-        // the embedding's error on random inputs is the 4-bit quantization of the noise itself:
-        // no rounding lowers it (AdaRound leaves it level too), and the learned grid's Adam
-        // noise may raise it a little; the blocks and the head must improve
-        double tol = u == 0 ? 1.1 : 1.0;
+        // the embedding's error on random inputs is mostly the 4-bit rounding of noise weights
+        // against noise: no rounding lowers it much (AdaRound leaves it level too) and the
+        // learned grid's Adam noise may raise it by a percent; the blocks and the head must
+        // improve
+        double tol = u == 0 ? 1.02 : 1.0;
         if (!(ur->werr_after < ur->werr_before * tol))
             fail_msg("%s: %g -> %g", ur->name, ur->werr_before, ur->werr_after);
         assert_true(ur->flip_frac > 0.0 && ur->flip_frac < 0.5);

@@ -53,6 +53,11 @@ struct opq_quant_opts {
     // onnxruntime-node 1.30), and at W4A4 it did not beat per-tensor scales on the fixtures.
     bool                  act_per_head;
     enum opq_calibrator   calibrator;     // activation ranges
+    // Output-aware range search after the calibrator (quant/actsearch.h): each activation read
+    // by a MatMul/Gemm gets the candidate range that minimises its consumers' output error over
+    // the first act_search_samples calibration samples. false: the calibrator's range.
+    bool                  act_search;
+    int                   act_search_samples;
     double                percentile;     // for OPQ_CALIB_PERCENTILE
     enum opq_wcalib       wcalib;         // weight ranges
     const char           *exclude;        // see placement.h

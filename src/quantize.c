@@ -25,7 +25,7 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     o->abits         = 8;
     o->input_bits    = 8;
     o->calibrator    = OPQ_CALIB_MSE;
-    o->act_search    = true;
+    o->act_search    = -1;
     o->act_search_samples = 64;
     o->percentile    = 99.99;
     o->wcalib        = OPQ_WCALIB_MSE;
@@ -801,7 +801,7 @@ static enum opq_status search_ranges(struct opq_ctx *ctx, struct opq_model *mode
         st = encode_targets(qm->graph, &qpl, qp, n_chs, axes, abits_of, o->wbits, a_sym,
                             opq_model_opset(model, ""));
     for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
-        search[t] = pl->targets[t].role == OPQ_QROLE_ACT;
+        search[t] = pl->targets[t].role == OPQ_QROLE_ACT && (o->act_search > 0 || abits_of[t] < 8);
     struct opq_act_search_opts so = {.n_samples = o->act_search_samples < n_calib
                                                       ? o->act_search_samples : n_calib,
                                      .batch = o->batch, .symmetric = a_sym};
@@ -1045,7 +1045,11 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     // 4a'. Output-aware activation ranges, starting from the calibrated ones, measured on the
     // model quantized with them (each activation as its consumers see it in the quantized model).
     bool ranges_done = false;
-    if (st == OPQ_OK && o->act_search && o->act_search_samples > 0) {
+    bool any_search = false;
+    for (int t = 0; st == OPQ_OK && t < pl.n_targets; t++)
+        any_search |= pl.targets[t].role == OPQ_QROLE_ACT &&
+                      (o->act_search > 0 || (o->act_search < 0 && !o->refine && abits_of[t] < 8));
+    if (st == OPQ_OK && any_search && o->act_search_samples > 0) {
         phase_end(rep, "ranges", t0);
         ranges_done = true;
         t0 = opq_now_s();

@@ -37,6 +37,9 @@ struct pair {
     int64_t      n_wrow;
     const float *w;           // weight: [K, N], or [N, K] when trans_b
     float       *wq;          // the weight on its quantization grid (same layout)
+    // K < N (qkv, fc1): the error through K x K matrices (see job_run), alpha folded in:
+    // hq = Wq Wq^T, cq = (Wq - W) Wq^T, dq = (Wq - W) (Wq - W)^T
+    float       *hq, *cq, *dq;
     bool         trans_b;
     float        alpha;
     int64_t      K, N;
@@ -64,6 +67,7 @@ struct job {
     int                side;    // 0: A is quantized, 1: B
     const float       *A, *B;   // B: the float other operand, or Wq for weight pairs
     const float       *yref;
+    const float       *hq, *z, *cr; // Gram form: hq [K, K], z = A cq [rows, K], cr [rows]
     const double      *wrow;    // per output row of a sample, n_wrow of them (NULL: all 1)
     int64_t            n_wrow;
     int64_t            n_slices, M, K, N, rows; // weight pairs: rows of A in all (slices of
@@ -73,9 +77,18 @@ struct job {
     bool               failed;
 };
 
+// y = opq_fq(x) elementwise, bit for bit, without a libm call per value (so it vectorises):
+// x / scale is clamped to the grid first (the bounds are integers, so clamping commutes with
+// rounding), then rounded half to even by adding and subtracting 1.5 * 2^23 (exact for
+// |r| < 2^22; grids span at most 256 codes).
 static void fq_into(const float *x, size_t n, const struct opq_qparams *p, float *y) {
-    for (size_t i = 0; i < n; i++)
-        y[i] = opq_fq(x[i], p);
+    const float s = p->scale, z = (float)p->zero_point, magic = 12582912.0f;
+    const float lo = (float)p->qmin - z, hi = (float)p->qmax - z;
+    for (size_t i = 0; i < n; i++) {
+        float r = x[i] / s;
+        r       = r < lo ? lo : (r > hi ? hi : r);
+        y[i]    = ((r + magic) - magic) * s;
+    }
 }
 
 static void job_slice(const struct job *j, int64_t s, int64_t *a_off, int64_t *m, int64_t *b_off) {
@@ -90,8 +103,42 @@ static void job_slice(const struct job *j, int64_t s, int64_t *a_off, int64_t *m
     }
 }
 
+// Gram form of a weight pair, for candidate c. With e = Q(x) - x and D = Wq - W per row,
+// ||Q(x) Wq - x W||^2 = ||e Wq + x D||^2 = e Hq e^T + 2 e . (x D Wq^T) + x D D^T x^T, which costs
+// K x K per row instead of K x N.
+static double job_gram(const struct job *j, const struct opq_qparams *p, float *ebuf, float *f) {
+    double e = 0.0;
+    for (int64_t s = 0; s < j->n_slices; s++) {
+        int64_t a_off, m, b_off;
+        job_slice(j, s, &a_off, &m, &b_off);
+        const float *a = j->A + a_off * j->K, *z = j->z + a_off * j->K;
+        fq_into(a, (size_t)(m * j->K), p, ebuf);
+        for (int64_t i = 0; i < m * j->K; i++)
+            ebuf[i] -= a[i];
+        opq_sgemm(false, false, m, j->K, j->K, 1.0f, ebuf, j->K, j->hq, j->K, 0.0f, f, j->K);
+        for (int64_t i = 0; i < m; i++) {
+            double ei = (double)j->cr[a_off + i];
+            for (int64_t k = 0; k < j->K; k++)
+                ei += (double)ebuf[i * j->K + k] *
+                      ((double)f[i * j->K + k] + 2.0 * (double)z[i * j->K + k]);
+            e += j->wrow ? j->wrow[(a_off + i) % j->n_wrow] * ei : ei;
+        }
+    }
+    return e;
+}
+
 static void job_run(void *user, int64_t begin, int64_t end) {
     struct job *j = user;
+    if (j->hq) {
+        float *ebuf = malloc(sizeof(float) * (size_t)(ROW_CHUNK * j->K));
+        float *f    = malloc(sizeof(float) * (size_t)(ROW_CHUNK * j->K));
+        for (int64_t c = begin; c < end && ebuf && f; c++)
+            j->err[c] = job_gram(j, &j->sl->cand[c], ebuf, f);
+        j->failed |= !ebuf || !f;
+        free(ebuf);
+        free(f);
+        return;
+    }
     int64_t m_max = j->shared_b ? ROW_CHUNK : j->M;
     size_t xq_n = j->side == 0 ? (size_t)(m_max * j->K) : (size_t)(j->K * j->N);
     float *xq = malloc(sizeof(float) * xq_n);
@@ -166,15 +213,36 @@ static enum opq_status pair_eval(struct search *se, struct pair *p, const struct
     if (j.n_slices <= 0 || j.K <= 0 || j.N <= 0)
         return OPQ_OK;
     int64_t rows = tb ? j.n_slices * j.M : j.rows;
-    float *yref = malloc(sizeof(float) * (size_t)(rows * j.N));
-    if (!yref)
+    float *yref = NULL, *cr = NULL;
+    if (p->hq) { // Gram form: z = A cq, cr = per row x dq x^T
+        yref = malloc(sizeof(float) * (size_t)(2 * rows * j.K));
+        cr   = malloc(sizeof(float) * (size_t)(rows ? rows : 1));
+        if (!yref || !cr) {
+            free(yref);
+            free(cr);
+            return OPQ_ERR_NOMEM;
+        }
+        float *z = yref, *t = yref + rows * j.K;
+        opq_sgemm(false, false, rows, j.K, j.K, 1.0f, j.A, j.K, p->cq, j.K, 0.0f, z, j.K);
+        opq_sgemm(false, false, rows, j.K, j.K, 1.0f, j.A, j.K, p->dq, j.K, 0.0f, t, j.K);
+        for (int64_t r = 0; r < rows; r++) {
+            double c = 0.0;
+            for (int64_t k = 0; k < j.K; k++)
+                c += (double)t[r * j.K + k] * (double)j.A[r * j.K + k];
+            cr[r] = (float)c;
+        }
+        j.hq = p->hq;
+        j.z  = z;
+        j.cr = cr;
+    } else if (!(yref = malloc(sizeof(float) * (size_t)(rows * j.N)))) {
         return OPQ_ERR_NOMEM;
+    }
     // reference: the float product (weight pairs: float A times the float weight)
-    if (!tb) {
+    if (!tb && !p->hq) {
         opq_sgemm(false, p->trans_b, rows, j.N, j.K, p->alpha, ta->data, j.K, p->w,
                   p->trans_b ? j.K : j.N, 0.0f, yref, j.N);
         j.B = p->wq;
-    } else {
+    } else if (tb) {
         for (int64_t s = 0; s < j.n_slices; s++)
             opq_sgemm(false, false, j.M, j.N, j.K, 1.0f, j.A + s * j.M * j.K, j.K,
                       j.B + s * j.K * j.N, j.N, 0.0f, yref + s * j.M * j.N, j.N);
@@ -205,6 +273,7 @@ static enum opq_status pair_eval(struct search *se, struct pair *p, const struct
             sl->err[c] += err[c];
     }
     free(yref);
+    free(cr);
     return st;
 }
 
@@ -251,7 +320,9 @@ static enum opq_status search_capture(void *user, const char *name, const struct
 // of the cross-entropy against the model's own top-1 class (scaled to unit norm per sample, so
 // every sample counts alike) is swept back to the consumers' outputs, and g^2 is summed over each
 // output row (a token, or a token of one head) and over samples. A row the prediction depends on
-// (the class token in the last blocks) weighs accordingly; errors elsewhere count less.
+// (the class token in the last blocks) weighs accordingly; errors elsewhere count less. The
+// caller runs one sample per batch: a tape holds a whole forward and its gradients (about 0.5 GB
+// per ViT-S/16 sample).
 static enum opq_status row_weights(struct opq_ctx *ctx, struct opq_model *fm,
                                    struct opq_calib_src *src, int count, int batch,
                                    struct search *se) {
@@ -367,6 +438,33 @@ static enum opq_status row_weights(struct opq_ctx *ctx, struct opq_model *fm,
     return st;
 }
 
+// hq, cq, dq of a weight pair (alpha folded in). W is [K, N], or [N, K] when trans_b.
+static enum opq_status gram_build(struct pair *p) {
+    size_t kk = (size_t)(p->K * p->K), nw = (size_t)(p->K * p->N);
+    float *d = malloc(sizeof(float) * nw), *wq = malloc(sizeof(float) * nw);
+    p->hq = malloc(sizeof(float) * kk);
+    p->cq = malloc(sizeof(float) * kk);
+    p->dq = malloc(sizeof(float) * kk);
+    if (!d || !wq || !p->hq || !p->cq || !p->dq) {
+        free(d);
+        free(wq);
+        return OPQ_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < nw; i++) {
+        wq[i] = p->alpha * p->wq[i];
+        d[i]  = p->alpha * (p->wq[i] - p->w[i]);
+    }
+    // X X^T for X [K, N] is (no trans, trans); for X stored [N, K] it is (trans, no trans)
+    bool t = p->trans_b;
+    int64_t ld = t ? p->K : p->N;
+    opq_sgemm(t, !t, p->K, p->K, p->N, 1.0f, wq, ld, wq, ld, 0.0f, p->hq, p->K);
+    opq_sgemm(t, !t, p->K, p->K, p->N, 1.0f, d, ld, wq, ld, 0.0f, p->cq, p->K);
+    opq_sgemm(t, !t, p->K, p->K, p->N, 1.0f, d, ld, d, ld, 0.0f, p->dq, p->K);
+    free(d);
+    free(wq);
+    return OPQ_OK;
+}
+
 // The weight target reading value w, or -1.
 static int weight_target(const struct opq_placement *pl, const struct opq_value *w) {
     for (int t = 0; t < pl->n_targets; t++)
@@ -411,6 +509,9 @@ static void search_free(struct search *se) {
     for (int i = 0; i < se->n_pairs; i++) {
         free(se->pairs[i].wq);
         free(se->pairs[i].wrow);
+        free(se->pairs[i].hq);
+        free(se->pairs[i].cq);
+        free(se->pairs[i].dq);
         free(se->pairs[i].held.data);
     }
     free(se->pairs);
@@ -492,6 +593,10 @@ static enum opq_status search_build(struct opq_ctx *ctx, const struct opq_placem
                 size_t inner = ch > 1 && ax == 0 ? (size_t)b->t.shape[1] : 1;
                 for (size_t i = 0; i < nw; i++)
                     p.wq[i] = opq_fq(p.w[i], &qp[tw][ch > 1 ? (i / inner) % (size_t)ch : 0]);
+                if (p.K < p.N && gram_build(&p) != OPQ_OK) {
+                    free(p.wq);
+                    return OPQ_ERR_NOMEM;
+                }
             } else {
                 if (gemm) // Gemm on two computed operands: not a ViT pattern
                     continue;
@@ -553,7 +658,7 @@ enum opq_status opq_act_search(struct opq_ctx *ctx, struct opq_model *model,
         if (!se.pool)
             st = OPQ_ERR_NOMEM;
         if (st == OPQ_OK && fmodel)
-            st = row_weights(ctx, fmodel, src, count, o->batch > 0 ? o->batch : 16, &se);
+            st = row_weights(ctx, fmodel, src, count, 1, &se);
         if (st == OPQ_OK)
             st = opq_calib_stream(ctx, model, src, 0, count, o->batch > 0 ? o->batch : 16,
                                   se.names, se.n_names, search_capture, &se, "range search");

@@ -24,8 +24,8 @@
  * back from the logits to the consumer's output.
  *
  * Samples are streamed in batches; the errors of all candidates are accumulated in double per
- * batch, so memory is one batch's activations (the weights pass holds one batch's forward tape),
- * whatever the number of samples. Candidates run in parallel on ctx's threads; each candidate's
+ * batch, so memory is one batch's activations (the weights pass holds one sample's forward tape
+ * with its gradients), whatever the number of samples. Candidates run in parallel on ctx's threads; each candidate's
  * sum is accumulated in a fixed order, so results do not depend on the thread count. */
 #ifndef OPQ_ACTSEARCH_H
 #define OPQ_ACTSEARCH_H

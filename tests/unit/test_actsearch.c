@@ -1,8 +1,9 @@
 /* test_actsearch.c: the output-aware activation range search (quant/actsearch.h) on a small built
  * graph with a weight matmul and an attention-style matmul of two computed operands:
  *
- *     h = x * c;  y = h . W;  p = Softmax(h);  v = Transpose(h);  z = p . v     (outputs y, z)
+ *     h = x * c;  y = h . W;  y2 = h . W2;  p = Softmax(h);  v = Transpose(h);  z = p . v
  *
+ * (outputs y, y2, z; W is wider than tall and takes the search's K x K form, W2 the direct one).
  * The consumer-output errors are recomputed here with the reference GEMM from captured
  * activations: the chosen ranges never measure worse than the starting ones, the search's own
  * figures agree with that measurement, and the result is the same on every run and thread
@@ -24,20 +25,25 @@
 #define NS 24 // samples
 #define T  4  // tokens
 #define D  6  // features
-#define N  5  // outputs of the weight matmul
+#define N  8  // outputs of the weight matmuls
+#define N2 3
 
 static struct opq_model *build(struct opq_ctx *ctx) {
     struct opq_model *m = gb_new(ctx);
     gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, T, D));
-    float c[D], w[D * N];
+    float c[D], w[D * N], w2[D * N2];
     for (int i = 0; i < D; i++)
         c[i] = 0.5f + 0.4f * (float)i; // uneven feature scales
     for (int i = 0; i < D * N; i++)
         w[i] = sinf(1.7f * (float)i + 0.3f);
+    for (int i = 0; i < D * N2; i++)
+        w2[i] = cosf(0.9f * (float)i);
     gb_init_f32(m, "c", GB_SHAPE(D), c);
     gb_init_f32(m, "W", GB_SHAPE(D, N), w);
+    gb_init_f32(m, "W2", GB_SHAPE(D, N2), w2);
     gb_node(m, "Mul", "x,c", "h");
     gb_node(m, "MatMul", "h,W", "y");
+    gb_node(m, "MatMul", "h,W2", "y2");
     gb_node(m, "Softmax", "h", "p");
     struct opq_node *tr = gb_node(m, "Transpose", "h", "v");
     gb_attr_ints(m, tr, "perm", 3, (const int64_t[]){0, 2, 1});
@@ -46,8 +52,10 @@ static struct opq_model *build(struct opq_ctx *ctx) {
     gb_shape(m, "p", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, T, D));
     gb_shape(m, "v", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, D, T));
     gb_shape(m, "y", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, T, N));
+    gb_shape(m, "y2", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, T, N2));
     gb_shape(m, "z", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, T, T));
     gb_output(m, "y");
+    gb_output(m, "y2");
     gb_output(m, "z");
     gb_verify(m);
     return m;
@@ -85,16 +93,19 @@ static double sq_diff(const float *a, const float *b, int n) {
 
 // The consumer-output error of activation `which` ("h", "p" or "v") quantized with q.
 static double measure(const struct acts *a, const char *which, const struct opq_qparams *q,
-                      const float *w, const float *wq) {
+                      const float *const *w, const float *const *wq) {
     double e = 0.0;
     float xq[T * D], y0[T * T > T * N ? T * T : T * N], y1[T * T > T * N ? T * T : T * N];
     for (int s = 0; s < NS; s++) {
         const float *h = a->h + s * T * D, *p = a->p + s * T * D, *v = a->v + s * D * T;
         if (!strcmp(which, "h")) {
             fq(h, T * D, q, xq);
-            opq_gemm_ref(false, false, T, N, D, 1.0f, h, D, w, N, 0.0f, y0, N);
-            opq_gemm_ref(false, false, T, N, D, 1.0f, xq, D, wq, N, 0.0f, y1, N);
-            e += sq_diff(y0, y1, T * N);
+            for (int k = 0; k < 2; k++) {
+                int n = k ? N2 : N;
+                opq_gemm_ref(false, false, T, n, D, 1.0f, h, D, w[k], n, 0.0f, y0, n);
+                opq_gemm_ref(false, false, T, n, D, 1.0f, xq, D, wq[k], n, 0.0f, y1, n);
+                e += sq_diff(y0, y1, T * n);
+            }
         } else {
             opq_gemm_ref(false, false, T, T, D, 1.0f, p, D, v, T, 0.0f, y0, T);
             fq(!strcmp(which, "p") ? p : v, T * D, q, xq);
@@ -142,11 +153,12 @@ static void fixture_init(struct fixture *f) {
     for (int t = 0; t < nt; t++) {
         const struct opq_qtarget *tg = &f->pl.targets[t];
         if (tg->role == OPQ_QROLE_WEIGHT) {
-            f->qp[t]   = calloc(N, sizeof(**f->qp));
-            f->n_ch[t] = N;
+            int n = (int)tg->value->t.shape[1];
+            f->qp[t]   = calloc((size_t)n, sizeof(**f->qp));
+            f->n_ch[t] = n;
             f->axis[t] = 1;
-            assert_int_equal(opq_weight_qparams(tg->value->t.data, D * N, N, 1, -8, 7, true,
-                                                OPQ_WCALIB_MINMAX, f->qp[t]),
+            assert_int_equal(opq_weight_qparams(tg->value->t.data, (size_t)(D * n), (size_t)n,
+                                                1, -8, 7, true, OPQ_WCALIB_MINMAX, f->qp[t]),
                              OPQ_OK);
             continue;
         }
@@ -178,23 +190,29 @@ static void fixture_deinit(struct fixture *f) {
     opq_ctx_free(f->ctx);
 }
 
-// The quantized copy of W the search uses (per column, minmax, 4 bits).
-static void weights(const struct fixture *f, const float **w, float *wq) {
-    for (int t = 0; t < f->pl.n_targets; t++)
-        if (f->pl.targets[t].role == OPQ_QROLE_WEIGHT) {
-            *w = f->pl.targets[t].value->t.data;
-            for (int i = 0; i < D * N; i++)
-                wq[i] = opq_fq((*w)[i], &f->qp[t][i % N]);
-        }
+// W and W2 and the quantized copies the search uses (per column, minmax, 4 bits).
+static void weights(const struct fixture *f, const float **w, float *wq, float *wq2) {
+    for (int t = 0; t < f->pl.n_targets; t++) {
+        const struct opq_value *v = f->pl.targets[t].value;
+        if (f->pl.targets[t].role != OPQ_QROLE_WEIGHT)
+            continue;
+        int k = !strcmp(v->name, "W2"), n = k ? N2 : N;
+        w[k] = v->t.data;
+        for (int i = 0; i < D * n; i++)
+            (k ? wq2 : wq)[i] = opq_fq(w[k][i], &f->qp[t][i % n]);
+    }
 }
 
 static void test_never_worse(void **state) {
     (void)state;
     struct fixture f;
     fixture_init(&f);
-    const float *w = NULL;
-    float wq[D * N];
-    weights(&f, &w, wq);
+    const float *w[2] = {NULL, NULL};
+    float wq[D * N], wq2[D * N2];
+    weights(&f, w, wq, wq2);
+    assert_non_null(w[0]);
+    assert_non_null(w[1]);
+    const float *wqs[2] = {wq, wq2};
     int nt = f.pl.n_targets;
     struct opq_qparams start[8];
     double e0[8], e1[8];
@@ -211,8 +229,8 @@ static void test_never_worse(void **state) {
         if (!f.search[t])
             continue;
         const char *nm = f.pl.targets[t].value->name;
-        double before = measure(&f.a, nm, &start[t], w, wq);
-        double after  = measure(&f.a, nm, &f.qp[t][0], w, wq);
+        double before = measure(&f.a, nm, &start[t], w, wqs);
+        double after  = measure(&f.a, nm, &f.qp[t][0], w, wqs);
         assert_true(after <= before * (1.0 + 1e-6));
         assert_true(fabs(e0[t] - before) <= 1e-4 * before + 1e-9);
         assert_true(fabs(e1[t] - after) <= 1e-4 * before + 1e-9);

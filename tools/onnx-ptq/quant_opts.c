@@ -32,10 +32,12 @@ const char cli_quant_usage[] =
 
     "  --calibrator minmax|percentile|mse|entropy   activation ranges (default mse)\n"
     "  --percentile P      for --calibrator percentile (default 99.99)\n"
-    "  --act-search output|tensor   output (default): starting from the calibrator's range,\n"
-    "                      each activation read by a MatMul/Gemm takes the candidate range\n"
+    "  --act-search auto|output|tensor   output: starting from the calibrator's range, each\n"
+    "                      activation read by a MatMul/Gemm takes the candidate range\n"
     "                      (0.3x..2x) that minimises its consumers' loss-weighted output\n"
-    "                      error in the quantized model; tensor: the calibrator's range\n"
+    "                      error in the quantized model; tensor: the calibrator's range;\n"
+    "                      auto (default): output for activations below 8 bits with the\n"
+    "                      rtn method\n"
     "  --act-search-samples N   calibration samples the search measures on (default 64)\n"
     "  --weight-calibrator minmax|mse        (default mse)\n"
     "  --exclude LIST      comma list of op types or node-name regexes to keep float\n"
@@ -172,9 +174,9 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
             return bad(opt, val, "a percentile in [50, 100)");
         q->percentile = d;
     } else if (strcmp(opt, "--act-search") == 0) {
-        if (strcmp(val, "output") && strcmp(val, "tensor"))
-            return bad(opt, val, "output or tensor");
-        q->act_search = strcmp(val, "output") == 0;
+        if (strcmp(val, "auto") && strcmp(val, "output") && strcmp(val, "tensor"))
+            return bad(opt, val, "auto, output or tensor");
+        q->act_search = !strcmp(val, "auto") ? -1 : !strcmp(val, "output");
     } else if (strcmp(opt, "--act-search-samples") == 0) {
         if (!parse_int(val, 1, 1000000, &n))
             return bad(opt, val, "a sample count >= 1");

@@ -74,7 +74,7 @@ struct job {
                                                 // ROW_CHUNK); attention: M per slice
     bool               shared_b, trans_b;
     float              alpha;
-    bool               failed;
+    bool               failed[MAX_CANDS]; // per candidate (threads write disjoint entries)
 };
 
 // y = opq_fq(x) elementwise, bit for bit, without a libm call per value (so it vectorises):
@@ -132,9 +132,11 @@ static void job_run(void *user, int64_t begin, int64_t end) {
     if (j->hq) {
         float *ebuf = malloc(sizeof(float) * (size_t)(ROW_CHUNK * j->K));
         float *f    = malloc(sizeof(float) * (size_t)(ROW_CHUNK * j->K));
-        for (int64_t c = begin; c < end && ebuf && f; c++)
-            j->err[c] = job_gram(j, &j->sl->cand[c], ebuf, f);
-        j->failed |= !ebuf || !f;
+        for (int64_t c = begin; c < end; c++) {
+            j->failed[c] = !ebuf || !f;
+            if (!j->failed[c])
+                j->err[c] = job_gram(j, &j->sl->cand[c], ebuf, f);
+        }
         free(ebuf);
         free(f);
         return;
@@ -143,8 +145,9 @@ static void job_run(void *user, int64_t begin, int64_t end) {
     size_t xq_n = j->side == 0 ? (size_t)(m_max * j->K) : (size_t)(j->K * j->N);
     float *xq = malloc(sizeof(float) * xq_n);
     float *y  = malloc(sizeof(float) * (size_t)(m_max * j->N));
+    for (int64_t c = begin; c < end; c++)
+        j->failed[c] = !xq || !y;
     if (!xq || !y) {
-        j->failed = true;
         free(xq);
         free(y);
         return;
@@ -254,7 +257,7 @@ static enum opq_status pair_eval(struct search *se, struct pair *p, const struct
         j.wrow   = p->wrow;
         j.n_wrow = p->n_wrow;
     }
-    double err[MAX_CANDS];
+    double err[MAX_CANDS] = {0};
     enum opq_status st = OPQ_OK;
     for (int side = 0; side < 2 && st == OPQ_OK; side++) {
         if (p->slot[side] < 0 || (side == 1 && !tb))
@@ -263,14 +266,12 @@ static enum opq_status pair_eval(struct search *se, struct pair *p, const struct
         j.sl     = sl;
         j.side   = side;
         j.err    = err;
-        j.failed = false;
         opq_parallel_for(se->pool, sl->n_cand, 1, job_run, &j);
-        if (j.failed) {
-            st = OPQ_ERR_NOMEM;
-            break;
-        }
-        for (int c = 0; c < sl->n_cand; c++)
+        for (int c = 0; c < sl->n_cand; c++) {
+            if (j.failed[c])
+                st = OPQ_ERR_NOMEM;
             sl->err[c] += err[c];
+        }
     }
     free(yref);
     free(cr);
@@ -473,9 +474,16 @@ static int weight_target(const struct opq_placement *pl, const struct opq_value 
     return -1;
 }
 
+static double range_lo(const struct opq_qparams *p) {
+    return (double)((float)(p->qmin - p->zero_point) * p->scale);
+}
+
+static double range_hi(const struct opq_qparams *p) {
+    return (double)((float)(p->qmax - p->zero_point) * p->scale);
+}
+
 static void make_candidates(struct slot *sl, const struct opq_qparams *p0, bool symmetric) {
-    float lo = (float)(p0->qmin - p0->zero_point) * p0->scale;
-    float hi = (float)(p0->qmax - p0->zero_point) * p0->scale;
+    float lo = (float)range_lo(p0), hi = (float)range_hi(p0);
     float f[MAX_CANDS][2];
     int n = 0;
     for (size_t i = 0; i < ARRAY_SIZE(joint_f); i++) {
@@ -637,7 +645,8 @@ static enum opq_status search_build(struct opq_ctx *ctx, const struct opq_placem
 }
 
 enum opq_status opq_act_search(struct opq_ctx *ctx, struct opq_model *model,
-                               struct opq_model *fmodel, struct opq_calib_src *src, const struct opq_placement *pl,
+                               struct opq_model *fmodel, struct opq_calib_src *src,
+                               const struct opq_placement *pl,
                                struct opq_qparams *const *qp, const int *n_ch, const int *axis,
                                const bool *search, const struct opq_act_search_opts *o,
                                double *err_start, double *err_best) {
@@ -669,13 +678,10 @@ enum opq_status opq_act_search(struct opq_ctx *ctx, struct opq_model *model,
         for (int c = 1; c < sl->n_cand; c++)
             if (sl->err[c] < sl->err[best])
                 best = c;
-        opq_log(ctx, OPQ_LOG_DEBUG, "range search %s: [%g, %g] -> [%g, %g], output error %.4g -> %.4g",
-                pl->targets[sl->t].value->name,
-                (double)((float)(sl->cand[0].qmin - sl->cand[0].zero_point) * sl->cand[0].scale),
-                (double)((float)(sl->cand[0].qmax - sl->cand[0].zero_point) * sl->cand[0].scale),
-                (double)((float)(sl->cand[best].qmin - sl->cand[best].zero_point) * sl->cand[best].scale),
-                (double)((float)(sl->cand[best].qmax - sl->cand[best].zero_point) * sl->cand[best].scale),
-                sl->err[0], sl->err[best]);
+        const struct opq_qparams *c0 = &sl->cand[0], *cb = &sl->cand[best];
+        opq_log(ctx, OPQ_LOG_DEBUG, "range search %s: [%g, %g] -> [%g, %g], error %.4g -> %.4g",
+                pl->targets[sl->t].value->name, range_lo(c0), range_hi(c0), range_lo(cb),
+                range_hi(cb), sl->err[0], sl->err[best]);
         if (count > 0)
             qp[sl->t][0] = sl->cand[best];
         if (err_start)

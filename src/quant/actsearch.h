@@ -25,8 +25,9 @@
  *
  * Samples are streamed in batches; the errors of all candidates are accumulated in double per
  * batch, so memory is one batch's activations (the weights pass holds one sample's forward tape
- * with its gradients), whatever the number of samples. Candidates run in parallel on ctx's threads; each candidate's
- * sum is accumulated in a fixed order, so results do not depend on the thread count. */
+ * with its gradients), whatever the number of samples. Candidates run in parallel on ctx's
+ * threads; each candidate's sum is accumulated in a fixed order, so results do not depend on the
+ * thread count. */
 #ifndef OPQ_ACTSEARCH_H
 #define OPQ_ACTSEARCH_H
 
@@ -48,7 +49,8 @@ struct opq_act_search_opts {
 // (NULL: all rows weigh 1). err_start/err_best (optional, pl->n_targets entries) receive the
 // errors of the starting and the chosen ranges (0 where nothing was searched).
 enum opq_status opq_act_search(struct opq_ctx *ctx, struct opq_model *model,
-                               struct opq_model *fmodel, struct opq_calib_src *src, const struct opq_placement *pl,
+                               struct opq_model *fmodel, struct opq_calib_src *src,
+                               const struct opq_placement *pl,
                                struct opq_qparams *const *qp, const int *n_ch, const int *axis,
                                const bool *search, const struct opq_act_search_opts *o,
                                double *err_start, double *err_best);

@@ -11,6 +11,7 @@
 
 #include "arena.h"
 #include "exec.h"
+#include "quant/actsearch.h"
 #include "quant/placement.h"
 #include "quant/qdq.h"
 #include "quant/reparam.h"
@@ -24,6 +25,8 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     o->abits         = 8;
     o->input_bits    = 8;
     o->calibrator    = OPQ_CALIB_MSE;
+    o->act_search    = -1;
+    o->act_search_samples = 64;
     o->percentile    = 99.99;
     o->wcalib        = OPQ_WCALIB_MSE;
     o->target        = OPQ_TARGET_ORT;
@@ -758,6 +761,67 @@ static int act_bits(const struct opq_quant_opts *o, const bool *in_side, const s
     return in_side && in_side[v->index] && o->input_bits > o->abits ? o->input_bits : o->abits;
 }
 
+// Q/DQ pairs for every target of pl (a placement of g) with the given qparams.
+static enum opq_status encode_targets(struct opq_graph *g, const struct opq_placement *pl,
+                                      struct opq_qparams *const *qp, const int *n_chs,
+                                      const int *axes, const int *abits_of, int wbits, bool a_sym,
+                                      int64_t opset) {
+    enum opq_status st = OPQ_OK;
+    for (int t = 0; t < pl->n_targets && st == OPQ_OK; t++) {
+        const struct opq_qtarget *tg = &pl->targets[t];
+        struct opq_qdq_spec spec = {.opset = opset, .n_ch = n_chs[t], .axis = axes[t], .p = qp[t]};
+        if (tg->role == OPQ_QROLE_WEIGHT) {
+            spec.bits      = wbits;
+            spec.is_signed = true;
+            st = opq_qdq_quantize_weight(g, tg->value, &spec, NULL);
+        } else {
+            spec.bits      = abits_of[t];
+            spec.is_signed = a_sym;
+            st = opq_qdq_insert_activation(g, tg->value, &spec, NULL, tg->consumers,
+                                           tg->n_consumers, NULL);
+        }
+    }
+    return st == OPQ_OK ? opq_graph_sort(g) : st;
+}
+
+// The output-aware range search (quant/actsearch.h) for the per-tensor activation targets,
+// measured on a copy of the model quantized with the current qparams.
+static enum opq_status search_ranges(struct opq_ctx *ctx, struct opq_model *model,
+                                     struct opq_calib_src *src,
+                                     const struct opq_placement_opts *po,
+                                     const struct opq_placement *pl, struct opq_qparams **qp,
+                                     const int *n_chs, const int *axes, const int *abits_of,
+                                     const struct opq_quant_opts *o, bool a_sym, int n_calib) {
+    struct opq_model *qm = NULL;
+    struct opq_placement qpl = {0};
+    bool *search = calloc((size_t)pl->n_targets + 1, sizeof(bool));
+    enum opq_status st = search ? clone_model(ctx, model, &qm) : OPQ_ERR_NOMEM;
+    if (st == OPQ_OK)
+        st = annotate_types(ctx, qm, src);
+    if (st == OPQ_OK)
+        st = opq_placement_find(ctx, qm->graph, po, &qpl);
+    if (st == OPQ_OK && qpl.n_targets != pl->n_targets)
+        st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "range search: the model copy places %d "
+                           "targets, the model %d", qpl.n_targets, pl->n_targets);
+    for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
+        if (strcmp(qpl.targets[t].value->name, pl->targets[t].value->name))
+            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "range search: target %d differs in the "
+                               "model copy ('%s')", t, qpl.targets[t].value->name);
+    if (st == OPQ_OK)
+        st = encode_targets(qm->graph, &qpl, qp, n_chs, axes, abits_of, o->wbits, a_sym,
+                            opq_model_opset(model, ""));
+    for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
+        search[t] = pl->targets[t].role == OPQ_QROLE_ACT && (o->act_search > 0 || abits_of[t] < 8);
+    struct opq_act_search_opts so = {.n_samples = o->act_search_samples < n_calib
+                                                      ? o->act_search_samples : n_calib,
+                                     .batch = o->batch, .symmetric = a_sym};
+    if (st == OPQ_OK)
+        st = opq_act_search(ctx, qm, model, src, pl, qp, n_chs, axes, search, &so, NULL, NULL);
+    free(search);
+    opq_model_free(qm);
+    return st;
+}
+
 enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
                              const struct opq_quant_opts *o, struct opq_report **report_out) {
     struct opq_graph *g = model->graph;
@@ -984,10 +1048,29 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             axes[t]  = heads > 1 ? 1 : 0;
         }
     }
+    // 4a'. Output-aware activation ranges, starting from the calibrated ones, measured on the
+    // model quantized with them (each activation as its consumers see it in the quantized model).
+    bool ranges_done = false;
+    bool any_search = false;
+    for (int t = 0; st == OPQ_OK && t < pl.n_targets; t++)
+        any_search |= pl.targets[t].role == OPQ_QROLE_ACT &&
+                      (o->act_search > 0 || (o->act_search < 0 && !o->refine && abits_of[t] < 8));
+    if (st == OPQ_OK && any_search && o->act_search_samples > 0) {
+        phase_end(rep, "ranges", t0);
+        ranges_done = true;
+        t0 = opq_now_s();
+        st = search_ranges(ctx, model, src, &po, &pl, qp, n_chs, axes, abits_of, o, a_sym,
+                           n_calib);
+        if (st != OPQ_OK)
+            goto out;
+        phase_end(rep, "range search", t0);
+        t0 = opq_now_s();
+    }
     // 4b. Refinement (ERQ, reconstruction): may change float weights and biases, weight qparams
     // (and then leave weights on their grid) and activation qparams, before anything is encoded.
     if (st == OPQ_OK && o->refine) {
-        phase_end(rep, "ranges", t0);
+        if (!ranges_done)
+            phase_end(rep, "ranges", t0);
         t0 = opq_now_s();
         struct opq_refine_ctx rc = {.ctx = ctx, .model = model, .opts = o, .pl = &pl, .qp = qp,
                                     .n_ch = n_chs, .axis = axes, .src = src, .n_calib = n_calib};

@@ -54,6 +54,14 @@ struct opq_quant_opts {
     // onnxruntime-node 1.30), and at W4A4 it did not beat per-tensor scales on the fixtures.
     bool                  act_per_head;
     enum opq_calibrator   calibrator;     // activation ranges
+    // Output-aware range search after the calibrator (quant/actsearch.h): an activation read by
+    // a MatMul/Gemm gets the candidate range that minimises its consumers' output error over the
+    // first act_search_samples calibration samples. -1 (default): activations below 8 bits when
+    // there is no refine step (at 8 bits it measured no gain on the fixtures and costs about a
+    // forward per candidate; with ERQ/reconstruction it is not measured), 0: none (the
+    // calibrator's ranges), 1: every activation, whatever the method.
+    int                   act_search;
+    int                   act_search_samples;
     double                percentile;     // for OPQ_CALIB_PERCENTILE
     enum opq_wcalib       wcalib;         // weight ranges
     const char           *exclude;        // see placement.h

@@ -32,6 +32,13 @@ const char cli_quant_usage[] =
 
     "  --calibrator minmax|percentile|mse|entropy   activation ranges (default mse)\n"
     "  --percentile P      for --calibrator percentile (default 99.99)\n"
+    "  --act-search auto|output|tensor   output: starting from the calibrator's range, each\n"
+    "                      activation read by a MatMul/Gemm takes the candidate range\n"
+    "                      (0.3x..2x) that minimises its consumers' loss-weighted output\n"
+    "                      error in the quantized model; tensor: the calibrator's range;\n"
+    "                      auto (default): output for activations below 8 bits with the\n"
+    "                      rtn method\n"
+    "  --act-search-samples N   calibration samples the search measures on (default 64)\n"
     "  --weight-calibrator minmax|mse        (default mse)\n"
     "  --exclude LIST      comma list of op types or node-name regexes to keep float\n"
     "  --keep-float LIST   positions to keep float: first,last,head,patch-embed\n"
@@ -173,6 +180,14 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (!parse_float(val, 50.0, 100.0, &d) || d >= 100.0)
             return bad(opt, val, "a percentile in [50, 100)");
         q->percentile = d;
+    } else if (strcmp(opt, "--act-search") == 0) {
+        if (strcmp(val, "auto") && strcmp(val, "output") && strcmp(val, "tensor"))
+            return bad(opt, val, "auto, output or tensor");
+        q->act_search = !strcmp(val, "auto") ? -1 : !strcmp(val, "output");
+    } else if (strcmp(opt, "--act-search-samples") == 0) {
+        if (!parse_int(val, 1, 1000000, &n))
+            return bad(opt, val, "a sample count >= 1");
+        q->act_search_samples = (int)n;
     } else if (strcmp(opt, "--weight-calibrator") == 0) {
         if (strcmp(val, "minmax") && strcmp(val, "mse"))
             return bad(opt, val, "minmax or mse");
@@ -290,7 +305,8 @@ bool cli_quant_takes_value(const char *opt) {
     static const char *const names[] = {
         "--calib", "--calib-count", "--batch", "--holdout", "--resize", "--crop", "--mean",
         "--std", "--layout", "--channels", "--wbits", "--abits", "--input-bits", "--weight-granularity",
-        "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--weight-calibrator",
+        "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--act-search",
+        "--act-search-samples", "--weight-calibrator",
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
         "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",

@@ -33,7 +33,8 @@ int cmd_inspect(struct opq_ctx *ctx, int argc, char **argv); // inspect.c
 // 0 if not, -1 after printing a usage error. report_path receives --report's value.
 struct opq_quant_opts;
 struct opq_report;
-extern const char cli_quant_usage[];
+extern const char cli_quant_usage[]; // split in two: C caps string literals at 4095 bytes
+extern const char cli_recon_usage[];
 bool cli_quant_takes_value(const char *opt);
 int  cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
                       const char **report_path);

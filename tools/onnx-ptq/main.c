@@ -85,7 +85,7 @@ static const char usage_text[] =
     "  --force           overwrite OUT if it exists (never when OUT is IN)\n"
     "  --external-data   write weights to OUT.data next to OUT\n"
     "  --seed N          seed of passes that use randomness (default 0)\n"
-    "%s"
+    "%s%s"
     "common options:\n"
     "  --threads N       worker threads (default 1)\n"
     "  -q, --quiet       only errors\n"
@@ -231,7 +231,7 @@ static int parse_main(int argc, char **argv, struct main_opts *o, struct global_
             continue;
         }
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
-            printf(usage_text, cli_quant_usage);
+            printf(usage_text, cli_quant_usage, cli_recon_usage);
             return CLI_EXIT_OK;
         }
         if (strcmp(a, "--version") == 0) {

@@ -57,6 +57,8 @@ const char cli_quant_usage[] =
     "                      with alpha 1 (default on); flow: as --reparam / --reparam-alpha\n"
     "  --erq-aqer on|off --erq-wqer on|off   the two stages (default on; ablations)\n"
     "  --erq-mem MB        statistics held per calibration pass (default 512)\n"
+    ;
+const char cli_recon_usage[] =
     "block reconstruction (--method aphq: AdaRound weights; --method flexround: FlexRound):\n"
     "  --recon-iters N     iterations per unit (default 2000)\n"
     "  --recon-batch B     samples per iteration (default 32)\n"

@@ -311,7 +311,7 @@ static enum opq_status plan_node(struct opq_exec *e, struct opq_node *n, int i) 
 out:
     if (st != OPQ_OK && opq_ctx_status(e->ctx) == OPQ_OK)
         opq_set_error(e->ctx, st, "node '%s' (%s): planning failed", node_name(n), n->op_type);
-    opq_arena_reset(e->scratch);
+    opq_arena_rewind(e->scratch);
     return st;
 }
 
@@ -613,7 +613,7 @@ static enum opq_status plan_buffers(struct opq_exec *e, const struct opq_exec_op
     for (int i = 0; i < e->n_slots; i++)
         if (e->slots[i].buf >= 0)
             e->slots[i].t.data = e->bufs[e->slots[i].buf];
-    opq_arena_reset(e->scratch);
+    opq_arena_rewind(e->scratch);
     return OPQ_OK;
 }
 
@@ -920,7 +920,7 @@ static enum opq_status run_nodes(struct opq_exec *e, int first, int last) {
         }
         node_io(e, n, NULL);
         st = e->kern[i]->forward(&k, n, e->ins, e->outs);
-        opq_arena_reset(e->scratch);
+        opq_arena_rewind(e->scratch);
         if (st != OPQ_OK) {
             if (opq_ctx_status(e->ctx) == OPQ_OK)
                 opq_set_error(e->ctx, st, "node '%s' (%s) failed", node_name(n), n->op_type);
@@ -1114,7 +1114,7 @@ enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int las
         }
         node_io(e, n, fw);
         st = e->kern[i]->forward(&k, n, e->ins, e->outs);
-        opq_arena_reset(e->scratch);
+        opq_arena_rewind(e->scratch);
         if (st != OPQ_OK) {
             if (opq_ctx_status(e->ctx) == OPQ_OK)
                 opq_set_error(e->ctx, st, "node '%s' (%s) failed", node_name(n), n->op_type);
@@ -1208,7 +1208,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             }
         }
         st = e->kern[i]->backward(&k, n, e->ins, e->outs, e->douts, e->dins);
-        opq_arena_reset(e->scratch);
+        opq_arena_rewind(e->scratch);
         if (st != OPQ_OK) {
             if (opq_ctx_status(e->ctx) == OPQ_OK)
                 opq_set_error(e->ctx, st, "node '%s' (%s): backward failed", node_name(n),

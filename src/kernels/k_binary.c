@@ -278,36 +278,46 @@ static void partial(enum bop op, int which, const struct opq_tensor *a, const st
     int64_t total = ku_numel(y);
     const float *A = a->data;
     const float *Y = y->data;
+    // the operator is chosen per row so that the inner loops are branch-free (they vectorise)
     for (int64_t row = 0; row < total / inner; row++) {
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = pb + ku_row_offset(y, sb, row);
         int64_t o = row * inner;
-        for (int64_t i = 0; i < inner; i++) {
-            float av = ra[i * ia];
-            float bv = rb[i * ib];
-            float g = dy[o + i];
-            float r = 0.0f;
-            switch (op) {
-            case BOP_ADD:
-                r = g;
-                break;
-            case BOP_SUB:
-                r = which ? -g : g;
-                break;
-            case BOP_MUL:
-                r = which ? g * av : g * bv;
-                break;
-            case BOP_DIV:
-                r = which ? -g * av / (bv * bv) : g / bv;
-                break;
-            case BOP_POW:
+        const float *g = dy + o;
+        float *r = t + o;
+        switch (op) {
+        case BOP_ADD:
+            memcpy(r, g, sizeof(float) * (size_t)inner);
+            break;
+        case BOP_SUB:
+            for (int64_t i = 0; i < inner; i++)
+                r[i] = which ? -g[i] : g[i];
+            break;
+        case BOP_MUL:
+            if (which)
+                for (int64_t i = 0; i < inner; i++)
+                    r[i] = g[i] * ra[i * ia];
+            else
+                for (int64_t i = 0; i < inner; i++)
+                    r[i] = g[i] * rb[i * ib];
+            break;
+        case BOP_DIV:
+            if (which)
+                for (int64_t i = 0; i < inner; i++)
+                    r[i] = -g[i] * ra[i * ia] / (rb[i * ib] * rb[i * ib]);
+            else
+                for (int64_t i = 0; i < inner; i++)
+                    r[i] = g[i] / rb[i * ib];
+            break;
+        case BOP_POW:
+            for (int64_t i = 0; i < inner; i++) {
+                float av = ra[i * ia], bv = rb[i * ib];
                 if (which)
-                    r = av > 0.0f ? g * Y[o + i] * logf(av) : 0.0f;
+                    r[i] = av > 0.0f ? g[i] * Y[o + i] * logf(av) : 0.0f;
                 else
-                    r = bv == 0.0f ? 0.0f : g * bv * powf(av, bv - 1.0f);
-                break;
+                    r[i] = bv == 0.0f ? 0.0f : g[i] * bv * powf(av, bv - 1.0f);
             }
-            t[o + i] = r;
+            break;
         }
     }
 }
@@ -331,6 +341,10 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
             continue;
         if (!dout[0].data || (w == 1 && in[1]->dtype != OPQ_DTYPE_FLOAT)) {
             memset(din[w].data, 0, din[w].nbytes);
+            continue;
+        }
+        if ((op == BOP_ADD || (op == BOP_SUB && w == 0)) && ku_numel(in[w]) == total) {
+            memcpy(din[w].data, dout[0].data, (size_t)total * sizeof(float)); // no broadcast
             continue;
         }
         partial(op, w, in[0], in[1], pb, y, dout[0].data, t);

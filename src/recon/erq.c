@@ -192,6 +192,7 @@ struct layer {
     int               group;      // input statistics
     int               d_in, d_out;
     bool              rows_are_in; // W[d_in][d_out]
+    bool              conv;        // patch convolution W[d_out][C][kh][kw]
     float            *w_new, *b_new; // results, written back at the end
 };
 
@@ -200,6 +201,9 @@ struct group {
     const struct opq_qparams *qa; // NULL: the input is not quantized
     int                       d;  // D_in; the statistics are (d+1) x (d+1)
     bool                      two_d;
+    int                       kh, kw; // > 0: the input of a patch convolution (kernel = stride,
+                                      // no padding); its tokens are the kh x kw patches and
+                                      // d = channels * kh * kw (the weight's flattening order)
     int                       pass;
     double                   *G, *E, *F;
     double                    n;  // tokens seen
@@ -228,7 +232,7 @@ static bool float_init(const struct opq_value *v) {
 // reading a MatMul's output. NULL if there is none the rewrite may change.
 static float *find_bias(struct opq_node *n, int d_out) {
     struct opq_value *b = NULL;
-    if (n->op == OPQ_OP_GEMM) {
+    if (n->op == OPQ_OP_GEMM || n->op == OPQ_OP_CONV) {
         b = n->n_inputs >= 3 ? n->inputs[2] : NULL;
     } else {
         struct opq_value *y = n->outputs[0];
@@ -246,8 +250,33 @@ static float *find_bias(struct opq_node *n, int d_out) {
     return b->t.data;
 }
 
-// Collects the layers ERQ handles: MatMul x @ W and Gemm (alpha = beta = 1, transA = 0) with a
-// 2-D float weight target read by that node alone.
+// A patch convolution: 4-D weight, one group, strides equal to the kernel, no padding or
+// dilation (the ViT/Swin patch embedding); *kh, *kw its kernel.
+static bool patch_conv(const struct opq_node *n, const struct opq_value *w, int *kh, int *kw) {
+    if (n->op != OPQ_OP_CONV || w->t.ndim != 4 || opq_node_attr_int(n, "group", 1) != 1)
+        return false;
+    const struct opq_attr *a = opq_node_attr(n, "strides");
+    if (!a || a->n != 2 || a->ints[0] != w->t.shape[2] || a->ints[1] != w->t.shape[3])
+        return false;
+    if ((a = opq_node_attr(n, "pads")))
+        for (int i = 0; i < a->n; i++)
+            if (a->ints[i] != 0)
+                return false;
+    if ((a = opq_node_attr(n, "dilations")))
+        for (int i = 0; i < a->n; i++)
+            if (a->ints[i] != 1)
+                return false;
+    if ((a = opq_node_attr(n, "auto_pad")) && a->s.len > 0 &&
+        !(a->s.len == 6 && memcmp(a->s.data, "NOTSET", 6) == 0) &&
+        !(a->s.len == 5 && memcmp(a->s.data, "VALID", 5) == 0))
+        return false;
+    *kh = (int)w->t.shape[2];
+    *kw = (int)w->t.shape[3];
+    return true;
+}
+
+// Collects the layers ERQ handles: MatMul x @ W, Gemm (alpha = beta = 1, transA = 0) with a
+// 2-D float weight and the patch convolution, each weight target read by that node alone.
 static enum opq_status find_layers(struct erq_run *r) {
     struct opq_refine_ctx *rc = r->rc;
     struct opq_placement *pl  = rc->pl;
@@ -261,13 +290,20 @@ static enum opq_status find_layers(struct erq_run *r) {
         struct opq_qtarget *tg = &pl->targets[t];
         struct opq_value *w    = tg->value;
         if (tg->role != OPQ_QROLE_WEIGHT || tg->n_consumers != 1 || w->n_users != 1 ||
-            !float_init(w) || w->t.ndim != 2)
+            !float_init(w))
             continue;
         struct opq_node *n = tg->consumers[0];
         if (n->n_inputs < 2 || n->inputs[1] != w || n->inputs[0] == w || !n->inputs[0])
             continue;
-        bool rows_are_in;
-        if (n->op == OPQ_OP_MATMUL) {
+        bool rows_are_in = false;
+        int kh = 0, kw = 0;
+        if (patch_conv(n, w, &kh, &kw)) {
+            struct opq_value *x = n->inputs[0];
+            if (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim != 4 || x->t.shape[1] != w->t.shape[1])
+                continue;
+        } else if (w->t.ndim != 2) {
+            continue;
+        } else if (n->op == OPQ_OP_MATMUL) {
             rows_are_in = true;
         } else if (n->op == OPQ_OP_GEMM) {
             if (opq_node_attr_int(n, "transA", 0) != 0 || opq_node_attr_float(n, "alpha", 1.0f) != 1.0f ||
@@ -277,21 +313,26 @@ static enum opq_status find_layers(struct erq_run *r) {
         } else {
             continue;
         }
-        int d_in  = (int)(rows_are_in ? w->t.shape[0] : w->t.shape[1]);
+        int d_in  = (int)(rows_are_in ? w->t.shape[0] : w->t.shape[1]) * (kh > 0 ? kh * kw : 1);
         int d_out = (int)(rows_are_in ? w->t.shape[1] : w->t.shape[0]);
         int n_ch  = rc->n_ch[t];
         if (n_ch != 1 && (n_ch != d_out || rc->axis[t] != (rows_are_in ? 1 : 0)))
             continue;
         struct opq_value *x = n->inputs[0];
-        if (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim < 2 || x->t.shape[x->t.ndim - 1] != d_in)
+        if (kh == 0 && (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim < 2 ||
+                        x->t.shape[x->t.ndim - 1] != d_in))
             continue;
         intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, x->name) - 1;
+        if (gi >= 0 && (r->groups[gi].kh != kh || r->groups[gi].kw != kw || r->groups[gi].d != d_in))
+            continue; // the same value read as tokens and as patches: not handled
         if (gi < 0) {
             gi = r->n_groups++;
             struct group *g = &r->groups[gi];
             g->x     = x;
             g->d     = d_in;
-            g->two_d = x->t.ndim == 2;
+            g->kh    = kh;
+            g->kw    = kw;
+            g->two_d = kh == 0 && x->t.ndim == 2;
             for (int a = 0; a < pl->n_targets && !g->qa; a++) {
                 if (pl->targets[a].role != OPQ_QROLE_ACT || pl->targets[a].value != x)
                     continue;
@@ -310,6 +351,7 @@ static enum opq_status find_layers(struct erq_run *r) {
         L->d_in        = d_in;
         L->d_out       = d_out;
         L->rows_are_in = rows_are_in;
+        L->conv        = kh > 0;
         L->bias        = find_bias(n, d_out);
     }
     return OPQ_OK;
@@ -415,11 +457,39 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
     if (gi < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &numel))
         return OPQ_OK;
     struct group *g = &r->groups[gi];
-    if (g->pass != r->cur_pass || t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+    if (g->pass != r->cur_pass)
         return OPQ_OK;
-    size_t rows = numel / (size_t)g->d;
     double t0 = opq_now_s();
-    opq_erq_stats_add(r->pool, t->data, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+    size_t rows;
+    if (g->kh > 0) { // patches [B, C, H, W] -> rows (b, oy, ox) of (c, ky, kx)
+        if (t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
+            t->shape[1] * g->kh * g->kw != g->d)
+            return OPQ_OK;
+        int64_t B = t->shape[0], C = t->shape[1], H = t->shape[2], Wd = t->shape[3];
+        int64_t oh = (H - g->kh) / g->kh + 1, ow = (Wd - g->kw) / g->kw + 1;
+        rows = (size_t)(B * oh * ow);
+        float *cols = malloc(sizeof(float) * rows * (size_t)g->d);
+        if (!cols)
+            return OPQ_ERR_NOMEM;
+        const float *x = t->data;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t oy = 0; oy < oh; oy++)
+                for (int64_t ox = 0; ox < ow; ox++) {
+                    float *row = cols + (size_t)((b * oh + oy) * ow + ox) * (size_t)g->d;
+                    for (int64_t c = 0; c < C; c++)
+                        for (int ky = 0; ky < g->kh; ky++)
+                            memcpy(row + (c * g->kh + ky) * g->kw,
+                                   x + ((b * C + c) * H + oy * g->kh + ky) * Wd + ox * g->kw,
+                                   sizeof(float) * (size_t)g->kw);
+                }
+        opq_erq_stats_add(r->pool, cols, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+        free(cols);
+    } else {
+        if (t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+            return OPQ_OK;
+        rows = numel / (size_t)g->d;
+        opq_erq_stats_add(r->pool, t->data, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+    }
     g->n += (double)rows;
     r->st->t_gram += opq_now_s() - t0;
     return OPQ_OK;
@@ -598,10 +668,8 @@ static void refine_chunk(void *user, int64_t b, int64_t e) {
 // round to nearest when wqer is off. theta (d_out x P) ends with every weight column on its grid.
 static enum opq_status wqer(struct erq_run *r, const struct group *g, double *theta, int d_out,
                             int d_in, int nc, const struct grids *gr, bool do_wqer,
-                            long *n_flips) {
+                            double lambda2, int steps, long *n_flips) {
     int P = g->d + 1;
-    double lambda2 = r->st->opts.lambda * g->n;
-    int steps = r->st->opts.steps;
     int kmax = (nc + 1) / 2 + 1;
     size_t nk = (size_t)d_out * (size_t)kmax;
     double *dl = malloc(sizeof(double) * nk), *ef = malloc(sizeof(double) * nk);
@@ -771,7 +839,7 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     // Aqer: (G + l1 I) dTheta^T = E Theta^T over the nc used columns.
     memcpy(th, th0, sizeof(double) * tn);
     double t0 = opq_now_s();
-    if (eo->aqer && g->qa) {
+    if (eo->aqer && g->qa && !L->conv) { // the paper has no Aqer for the patch convolution
         double l1 = eo->lambda * g->n * (g->two_d ? 0.02 : 1.0);
         opq_erq_dgemm(false, true, nc, d_out, nc, 1.0, g->E, P, th0, P, 0.0, rhs, d_out);
         double *A = malloc(sizeof(double) * (size_t)nc * (size_t)nc);
@@ -800,7 +868,7 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     int k_out = (int)floor(eo->duq_frac * (double)d_out);
     if (k_out > d_in / 2)
         k_out = d_in / 2;
-    if (eo->duq && n_ch == d_out && k_out > 0 && column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
+    if (eo->duq && !L->conv && n_ch == d_out && k_out > 0 && column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
         out->outlier = malloc((size_t)d_in);
         out->qp_in   = calloc((size_t)d_out, sizeof(*out->qp_in));
         out->qp_out  = calloc((size_t)d_out, sizeof(*out->qp_out));
@@ -824,7 +892,11 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
         goto out;
     }
     long flips = 0;
-    if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, &flips)) != OPQ_OK)
+    // The patch convolution (the paper's section 4.5): no rounding refinement, ten times the
+    // ridge strength.
+    double lambda2 = eo->lambda * g->n * (L->conv ? 10.0 : 1.0);
+    if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, lambda2, L->conv ? 0 : eo->steps,
+                   &flips)) != OPQ_OK)
         goto out;
     r->st->t_wqer += opq_now_s() - t0;
     out->err_wqer = layer_err(&lc, th);

@@ -323,7 +323,8 @@ static enum opq_status find_layers(struct erq_run *r) {
                         x->t.shape[x->t.ndim - 1] != d_in))
             continue;
         intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, x->name) - 1;
-        if (gi >= 0 && (r->groups[gi].kh != kh || r->groups[gi].kw != kw || r->groups[gi].d != d_in))
+        if (gi >= 0 && (r->groups[gi].kh != kh || r->groups[gi].kw != kw ||
+                        r->groups[gi].d != d_in))
             continue; // the same value read as tokens and as patches: not handled
         if (gi < 0) {
             gi = r->n_groups++;
@@ -357,7 +358,7 @@ static enum opq_status find_layers(struct erq_run *r) {
     return OPQ_OK;
 }
 
-// ---- statistics ------------------------------------------------------------------------------------
+// ---- statistics -------------------------------------------------------------------------
 
 #define STATS_BLOCK_MAX 1024 // rows per float block
 #define FLOAT_EXACT 16777216.0 // 2^24: integers up to this are exact in float
@@ -868,7 +869,8 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     int k_out = (int)floor(eo->duq_frac * (double)d_out);
     if (k_out > d_in / 2)
         k_out = d_in / 2;
-    if (eo->duq && !L->conv && n_ch == d_out && k_out > 0 && column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
+    if (eo->duq && !L->conv && n_ch == d_out && k_out > 0 &&
+        column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
         out->outlier = malloc((size_t)d_in);
         out->qp_in   = calloc((size_t)d_out, sizeof(*out->qp_in));
         out->qp_out  = calloc((size_t)d_out, sizeof(*out->qp_out));
@@ -879,16 +881,16 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
         out->n_outliers = opq_erq_duq_outliers(th, d_out, d_in, P, k_out, out->outlier);
     }
     if (out->n_outliers > 0) {
-        if ((st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 0, n_ch, qmin, qmax, symmetric,
-                           method, out->qp_in)) != OPQ_OK ||
-            (st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 1, n_ch, qmin, qmax, symmetric,
-                           method, out->qp_out)) != OPQ_OK)
+        if ((st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 0, n_ch, qmin, qmax,
+                           symmetric, method, out->qp_in)) != OPQ_OK ||
+            (st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 1, n_ch, qmin, qmax,
+                           symmetric, method, out->qp_out)) != OPQ_OK)
             goto out;
         gr.outlier = out->outlier;
         gr.qp_in   = out->qp_in;
         gr.qp_out  = out->qp_out;
-    } else if ((st = fit_rows(r->pool, th, d_out, d_in, P, NULL, 0, n_ch, qmin, qmax, symmetric, method,
-                              qp)) != OPQ_OK) {
+    } else if ((st = fit_rows(r->pool, th, d_out, d_in, P, NULL, 0, n_ch, qmin, qmax, symmetric,
+                              method, qp)) != OPQ_OK) {
         goto out;
     }
     long flips = 0;

@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "exec.h"
+#include "npy.h"
 #include "gb.h"
 #include "quant/qdq.h"
 #include "quantize.h"
@@ -401,6 +402,110 @@ static void test_threads_byte_identical(void **state) {
     opq_erq_state_free(&s2);
 }
 
+// The patch convolution goes through ERQ as the linear layer of its im2col patches: a Conv
+// (kernel = stride = 2) and a MatMul + Add fed the patches of the same images in (image, row,
+// column) order, with (c, ky, kx) columns, end with the same quantized weights (Wqer without
+// refinement; the convolution gets ten times the ridge strength, so the MatMul gets lambda x 10).
+enum { CS = 32, CC = 2, CH = 4, CK = 2, CO = 3, CD = CC * CK * CK, CT = (CH / CK) * (CH / CK) };
+
+static void conv_or_matmul(bool conv, const float *data, float *y_out, const float *x_eval) {
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
+    float w[CO * CD], b[CO], wt[CD * CO];
+    uint64_t seed = 9;
+    for (int i = 0; i < CO * CD; i++)
+        w[i] = (float)urand(&seed);
+    for (int i = 0; i < CO; i++)
+        b[i] = 0.1f * (float)i;
+    for (int o = 0; o < CO; o++)
+        for (int j = 0; j < CD; j++)
+            wt[j * CO + o] = w[o * CD + j];
+    const char *path = conv ? OPQ_BINARY_DIR "/erq_conv_a.npy"
+                            : OPQ_BINARY_DIR "/erq_conv_b.npy";
+    struct opq_tensor t = {.dtype = OPQ_DTYPE_FLOAT, .data = (void *)data};
+    if (conv) {
+        gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, CC, CH, CH));
+        gb_init_f32(m, "w", GB_SHAPE(CO, CC, CK, CK), w);
+        gb_init_f32(m, "b", GB_SHAPE(CO), b);
+        struct opq_node *n = gb_node(m, "Conv", "x,w,b", "y");
+        gb_attr_ints(m, n, "kernel_shape", 2, (int64_t[]){CK, CK});
+        gb_attr_ints(m, n, "strides", 2, (int64_t[]){CK, CK});
+        t.ndim = 4;
+        memcpy(t.shape, (int64_t[]){CS, CC, CH, CH}, sizeof(int64_t) * 4);
+    } else {
+        gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, CT, CD));
+        gb_init_f32(m, "w", GB_SHAPE(CD, CO), wt);
+        gb_init_f32(m, "b", GB_SHAPE(CO), b);
+        gb_node(m, "MatMul", "x,w", "xw");
+        gb_node(m, "Add", "xw,b", "y");
+        t.ndim = 3;
+        memcpy(t.shape, (int64_t[]){CS, CT, CD}, sizeof(int64_t) * 3);
+    }
+    gb_output(m, "y");
+    t.nbytes = sizeof(float) * CS * CT * CD;
+    assert_int_equal(opq_npy_save(ctx, path, &t), OPQ_OK);
+    struct opq_quant_opts o;
+    opq_quant_opts_default(&o);
+    o.wbits = 3;
+    o.abits = 4;
+    o.w_asym = true;
+    o.calib.path = path;
+    o.holdout = 0;
+    o.batch = 8;
+    struct opq_erq_state s = {0};
+    opq_erq_opts_default(&s.opts);
+    s.opts.aqer = false;
+    s.opts.duq = false;
+    s.opts.steps = 0;
+    s.opts.lambda = conv ? 0.5 : 5.0;
+    o.refine = opq_erq_refine;
+    o.refine_user = &s;
+    enum opq_status qst = opq_quantize(ctx, m, &o, NULL);
+    if (qst != OPQ_OK)
+        fail_msg("status %d: %s", (int)qst, opq_ctx_errmsg(ctx));
+    assert_int_equal(s.n_layers, 1);
+    assert_true(s.layers[0].err_wqer < s.layers[0].err_rtn);
+    struct opq_named_tensor in = {.name = "x", .t = {.dtype = OPQ_DTYPE_FLOAT, .ndim = t.ndim,
+                                                     .data = (void *)x_eval}};
+    memcpy(in.t.shape, conv ? (int64_t[]){1, CC, CH, CH} : (int64_t[]){1, CT, CD, 0},
+           sizeof(int64_t) * 4);
+    in.t.nbytes = sizeof(float) * CT * CD;
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    struct opq_tensor y;
+    assert_int_equal(opq_exec_run(ex, &in, 1, &y, 1), OPQ_OK);
+    memcpy(y_out, y.data, sizeof(float) * CT * CO);
+    opq_exec_free(ex);
+    opq_erq_state_free(&s);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_patch_conv_as_linear(void **state) {
+    (void)state;
+    float *img = malloc(sizeof(float) * CS * CC * CH * CH);
+    float *pat = malloc(sizeof(float) * CS * CT * CD);
+    uint64_t seed = 17;
+    for (int i = 0; i < CS * CC * CH * CH; i++)
+        img[i] = (float)(urand(&seed) + (i % 5 == 0 ? 1.5 : 0.0));
+    for (int n = 0; n < CS; n++)
+        for (int py = 0; py < CH / CK; py++)
+            for (int px = 0; px < CH / CK; px++)
+                for (int c = 0; c < CC; c++)
+                    for (int ky = 0; ky < CK; ky++)
+                        for (int kx = 0; kx < CK; kx++)
+                            pat[((n * CT) + py * (CH / CK) + px) * CD + (c * CK + ky) * CK + kx] =
+                                img[((n * CC + c) * CH + py * CK + ky) * CH + px * CK + kx];
+    float ya[CT * CO], yb[CT * CO];
+    conv_or_matmul(true, img, ya, img);  // evaluated on the first image
+    conv_or_matmul(false, pat, yb, pat); // and on its patches
+    for (int p = 0; p < CT; p++)
+        for (int o = 0; o < CO; o++)
+            assert_true(fabs((double)ya[o * CT + p] - (double)yb[p * CO + o]) <= 1e-5);
+    free(img);
+    free(pat);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ridge_solve_matches_direct),
@@ -410,6 +515,7 @@ int main(void) {
         cmocka_unit_test(test_duq_encoding_executes),
         cmocka_unit_test(test_stats_match_double),
         cmocka_unit_test(test_threads_byte_identical),
+        cmocka_unit_test(test_patch_conv_as_linear),
     };
     return cmocka_run_group_tests_name("erq", tests, NULL, NULL);
 }

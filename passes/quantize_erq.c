@@ -33,8 +33,8 @@ enum opq_status opq_pass_run_quantize_erq(struct opq_pass_ctx *pc, struct opq_gr
     if ((st = opq_erq_encode_duq(g, &s, o.wbits, opq_model_opset(pc->model, ""))) != OPQ_OK ||
         (st = opq_graph_cleanup(g)) != OPQ_OK || (st = opq_graph_sort(g)) != OPQ_OK)
         goto out;
-    opq_log(pc->ctx, OPQ_LOG_INFO, "erq: statistics %.2f s, aqer %.2f s, wqer %.2f s", s.t_stats,
-            s.t_aqer, s.t_wqer);
+    opq_log(pc->ctx, OPQ_LOG_INFO, "erq: statistics %.2f s (Gram products %.2f s), aqer %.2f s, "
+            "wqer %.2f s, error figures %.2f s", s.t_stats, s.t_gram, s.t_aqer, s.t_wqer, s.t_err);
     pc->stats.n_rewrites = rep ? rep->n_qnodes : s.n_layers;
     if (rep && s.n_layers > 0) {
         rep->layers = calloc((size_t)s.n_layers, sizeof(*rep->layers));

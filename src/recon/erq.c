@@ -12,13 +12,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "blas.h"
 #include "graph.h"
 #include "quant/placement.h"
 #include "quantize.h"
 #include "recon/erq_la.h"
 #include "strmap.h"
-
-#define CHUNK_ROWS 256 // tokens per Gram update
+#include "threadpool.h"
 
 void opq_erq_opts_default(struct opq_erq_opts *o) {
     memset(o, 0, sizeof(*o));
@@ -192,6 +192,7 @@ struct layer {
     int               group;      // input statistics
     int               d_in, d_out;
     bool              rows_are_in; // W[d_in][d_out]
+    bool              conv;        // patch convolution W[d_out][C][kh][kw]
     float            *w_new, *b_new; // results, written back at the end
 };
 
@@ -200,6 +201,9 @@ struct group {
     const struct opq_qparams *qa; // NULL: the input is not quantized
     int                       d;  // D_in; the statistics are (d+1) x (d+1)
     bool                      two_d;
+    int                       kh, kw; // > 0: the input of a patch convolution (kernel = stride,
+                                      // no padding); its tokens are the kh x kw patches and
+                                      // d = channels * kh * kw (the weight's flattening order)
     int                       pass;
     double                   *G, *E, *F;
     double                    n;  // tokens seen
@@ -215,7 +219,8 @@ struct erq_run {
     int                    n_groups;
     struct opq_strmap     *by_name; // input value name -> group + 1
     int                    cur_pass;
-    double                *xq, *dx; // CHUNK_ROWS x (max d + 1)
+    float                 *work;    // opq_erq_stats_add's, for the largest input
+    struct opq_threadpool *pool;    // per-channel work (NULL: one thread)
 };
 
 static bool float_init(const struct opq_value *v) {
@@ -227,7 +232,7 @@ static bool float_init(const struct opq_value *v) {
 // reading a MatMul's output. NULL if there is none the rewrite may change.
 static float *find_bias(struct opq_node *n, int d_out) {
     struct opq_value *b = NULL;
-    if (n->op == OPQ_OP_GEMM) {
+    if (n->op == OPQ_OP_GEMM || n->op == OPQ_OP_CONV) {
         b = n->n_inputs >= 3 ? n->inputs[2] : NULL;
     } else {
         struct opq_value *y = n->outputs[0];
@@ -245,8 +250,33 @@ static float *find_bias(struct opq_node *n, int d_out) {
     return b->t.data;
 }
 
-// Collects the layers ERQ handles: MatMul x @ W and Gemm (alpha = beta = 1, transA = 0) with a
-// 2-D float weight target read by that node alone.
+// A patch convolution: 4-D weight, one group, strides equal to the kernel, no padding or
+// dilation (the ViT/Swin patch embedding); *kh, *kw its kernel.
+static bool patch_conv(const struct opq_node *n, const struct opq_value *w, int *kh, int *kw) {
+    if (n->op != OPQ_OP_CONV || w->t.ndim != 4 || opq_node_attr_int(n, "group", 1) != 1)
+        return false;
+    const struct opq_attr *a = opq_node_attr(n, "strides");
+    if (!a || a->n != 2 || a->ints[0] != w->t.shape[2] || a->ints[1] != w->t.shape[3])
+        return false;
+    if ((a = opq_node_attr(n, "pads")))
+        for (int i = 0; i < a->n; i++)
+            if (a->ints[i] != 0)
+                return false;
+    if ((a = opq_node_attr(n, "dilations")))
+        for (int i = 0; i < a->n; i++)
+            if (a->ints[i] != 1)
+                return false;
+    if ((a = opq_node_attr(n, "auto_pad")) && a->s.len > 0 &&
+        !(a->s.len == 6 && memcmp(a->s.data, "NOTSET", 6) == 0) &&
+        !(a->s.len == 5 && memcmp(a->s.data, "VALID", 5) == 0))
+        return false;
+    *kh = (int)w->t.shape[2];
+    *kw = (int)w->t.shape[3];
+    return true;
+}
+
+// Collects the layers ERQ handles: MatMul x @ W, Gemm (alpha = beta = 1, transA = 0) with a
+// 2-D float weight and the patch convolution, each weight target read by that node alone.
 static enum opq_status find_layers(struct erq_run *r) {
     struct opq_refine_ctx *rc = r->rc;
     struct opq_placement *pl  = rc->pl;
@@ -260,13 +290,20 @@ static enum opq_status find_layers(struct erq_run *r) {
         struct opq_qtarget *tg = &pl->targets[t];
         struct opq_value *w    = tg->value;
         if (tg->role != OPQ_QROLE_WEIGHT || tg->n_consumers != 1 || w->n_users != 1 ||
-            !float_init(w) || w->t.ndim != 2)
+            !float_init(w))
             continue;
         struct opq_node *n = tg->consumers[0];
         if (n->n_inputs < 2 || n->inputs[1] != w || n->inputs[0] == w || !n->inputs[0])
             continue;
-        bool rows_are_in;
-        if (n->op == OPQ_OP_MATMUL) {
+        bool rows_are_in = false;
+        int kh = 0, kw = 0;
+        if (patch_conv(n, w, &kh, &kw)) {
+            struct opq_value *x = n->inputs[0];
+            if (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim != 4 || x->t.shape[1] != w->t.shape[1])
+                continue;
+        } else if (w->t.ndim != 2) {
+            continue;
+        } else if (n->op == OPQ_OP_MATMUL) {
             rows_are_in = true;
         } else if (n->op == OPQ_OP_GEMM) {
             if (opq_node_attr_int(n, "transA", 0) != 0 || opq_node_attr_float(n, "alpha", 1.0f) != 1.0f ||
@@ -276,21 +313,27 @@ static enum opq_status find_layers(struct erq_run *r) {
         } else {
             continue;
         }
-        int d_in  = (int)(rows_are_in ? w->t.shape[0] : w->t.shape[1]);
+        int d_in  = (int)(rows_are_in ? w->t.shape[0] : w->t.shape[1]) * (kh > 0 ? kh * kw : 1);
         int d_out = (int)(rows_are_in ? w->t.shape[1] : w->t.shape[0]);
         int n_ch  = rc->n_ch[t];
         if (n_ch != 1 && (n_ch != d_out || rc->axis[t] != (rows_are_in ? 1 : 0)))
             continue;
         struct opq_value *x = n->inputs[0];
-        if (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim < 2 || x->t.shape[x->t.ndim - 1] != d_in)
+        if (kh == 0 && (x->t.dtype != OPQ_DTYPE_FLOAT || x->t.ndim < 2 ||
+                        x->t.shape[x->t.ndim - 1] != d_in))
             continue;
         intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, x->name) - 1;
+        if (gi >= 0 && (r->groups[gi].kh != kh || r->groups[gi].kw != kw ||
+                        r->groups[gi].d != d_in))
+            continue; // the same value read as tokens and as patches: not handled
         if (gi < 0) {
             gi = r->n_groups++;
             struct group *g = &r->groups[gi];
             g->x     = x;
             g->d     = d_in;
-            g->two_d = x->t.ndim == 2;
+            g->kh    = kh;
+            g->kw    = kw;
+            g->two_d = kh == 0 && x->t.ndim == 2;
             for (int a = 0; a < pl->n_targets && !g->qa; a++) {
                 if (pl->targets[a].role != OPQ_QROLE_ACT || pl->targets[a].value != x)
                     continue;
@@ -309,12 +352,105 @@ static enum opq_status find_layers(struct erq_run *r) {
         L->d_in        = d_in;
         L->d_out       = d_out;
         L->rows_are_in = rows_are_in;
+        L->conv        = kh > 0;
         L->bias        = find_bias(n, d_out);
     }
     return OPQ_OK;
 }
 
-// Streams one tensor into its group's statistics, CHUNK_ROWS tokens at a time.
+// ---- statistics -------------------------------------------------------------------------
+
+#define STATS_BLOCK_MAX 1024 // rows per float block
+#define FLOAT_EXACT 16777216.0 // 2^24: integers up to this are exact in float
+
+int opq_erq_stats_block(const struct opq_qparams *qa) {
+    if (!qa)
+        return 256;
+    double cmax = fmax(fabs((double)qa->qmin - (double)qa->zero_point),
+                       fabs((double)qa->qmax - (double)qa->zero_point));
+    cmax = cmax < 1.0 ? 1.0 : cmax;
+    double b = floor(FLOAT_EXACT / (cmax * cmax));
+    return b > STATS_BLOCK_MAX ? STATS_BLOCK_MAX : (int)b;
+}
+
+size_t opq_erq_stats_work(int d, const struct opq_qparams *qa) {
+    size_t w = (size_t)(qa ? 2 * d + 1 : d + 1);
+    return (size_t)opq_erq_stats_block(qa) * w + w * w;
+}
+
+#define STATS_PANEL 64 // columns of the block product per task
+
+struct stats_job {
+    const float *z;    // nr x W block rows
+    float       *c;    // W x W block product (upper triangle)
+    int          nr, W, d;
+    bool         quant;
+    double       s;    // activation scale (1: not quantized)
+    double      *G, *E, *F;
+};
+
+// Panel [j0, j0 + STATS_PANEL) of the block product Z^T Z (rows 0..j1: its upper part), one
+// single-threaded GEMM, then added into the double sums. Panels are fixed by W alone, so every
+// sum is formed the same way for any thread count.
+static void stats_panel(void *user, int64_t pb, int64_t pe) {
+    struct stats_job *j = user;
+    int W = j->W, d = j->d, P = d + 1;
+    double s = j->s, ss = s * s;
+    for (int64_t p = pb; p < pe; p++) {
+        int j0 = (int)p * STATS_PANEL, j1 = j0 + STATS_PANEL < W ? j0 + STATS_PANEL : W;
+        opq_sgemm(true, false, j1, j1 - j0, j->nr, 1.0f, j->z, W, j->z + j0, W, 0.0f,
+                  j->c + j0, W);
+        for (int i = 0; i < j1; i++) {
+            const float *ci = j->c + (size_t)i * (size_t)W;
+            for (int k = i > j0 ? i : j0; k < j1; k++) {
+                double v = (double)ci[k];
+                if (k < P) { // G: codes x codes (s^2), codes x 1 (s), 1 x 1
+                    double f = i < d ? (k < d ? ss : s) : 1.0;
+                    j->G[(size_t)i * (size_t)P + (size_t)k] += f * v;
+                } else if (i < P) { // E: [codes; 1] x errors
+                    j->E[(size_t)i * (size_t)P + (size_t)(k - P)] += (i < d ? s : 1.0) * v;
+                } else { // F: errors x errors
+                    j->F[(size_t)(i - P) * (size_t)P + (size_t)(k - P)] += v;
+                }
+            }
+        }
+    }
+}
+
+void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows, int d,
+                       const struct opq_qparams *qa, double *G, double *E, double *F,
+                       float *work) {
+    int P = d + 1, W = qa ? 2 * d + 1 : P, B = opq_erq_stats_block(qa);
+    struct stats_job job = {.z = work, .c = work + (size_t)B * (size_t)W, .W = W, .d = d,
+                            .quant = qa != NULL, .s = qa ? (double)qa->scale : 1.0, .G = G,
+                            .E = E, .F = F};
+    for (size_t r0 = 0; r0 < rows; r0 += (size_t)B) {
+        int nr = (int)(rows - r0 < (size_t)B ? rows - r0 : (size_t)B);
+        // Block rows [codes (or x) | 1 | x - Q_a(x)]; the codes times the scale are Q_a(x)
+        // exactly as opq_fq computes it.
+        for (int i = 0; i < nr; i++) {
+            const float *xi = x + (r0 + (size_t)i) * (size_t)d;
+            float *zi = work + (size_t)i * (size_t)W;
+            if (qa) {
+                float zp = (float)qa->zero_point, lo = (float)qa->qmin, hi = (float)qa->qmax;
+                for (int j = 0; j < d; j++) {
+                    float q = nearbyintf(xi[j] / qa->scale) + zp;
+                    q = q < lo ? lo : (q > hi ? hi : q);
+                    float code = q - zp;
+                    zi[j]      = code;
+                    zi[P + j]  = xi[j] - code * qa->scale;
+                }
+            } else {
+                memcpy(zi, xi, sizeof(float) * (size_t)d);
+            }
+            zi[d] = 1.0f;
+        }
+        job.nr = nr;
+        opq_parallel_for(pool, (W + STATS_PANEL - 1) / STATS_PANEL, 1, stats_panel, &job);
+    }
+}
+
+// Streams one tensor into its group's statistics.
 static enum opq_status stats_capture(void *user, const char *name, const struct opq_tensor *t) {
     struct erq_run *r = user;
     intptr_t gi = (intptr_t)opq_strmap_get(r->by_name, name) - 1;
@@ -322,31 +458,41 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
     if (gi < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &numel))
         return OPQ_OK;
     struct group *g = &r->groups[gi];
-    if (g->pass != r->cur_pass || t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+    if (g->pass != r->cur_pass)
         return OPQ_OK;
-    int d = g->d, P = d + 1;
-    size_t rows = numel / (size_t)d;
-    const float *x = t->data;
-    opq_erq_la_threads(r->ctx->n_threads);
-    for (size_t r0 = 0; r0 < rows; r0 += CHUNK_ROWS) {
-        int nr = (int)(rows - r0 < CHUNK_ROWS ? rows - r0 : CHUNK_ROWS);
-        for (int i = 0; i < nr; i++) {
-            const float *xi = x + (r0 + (size_t)i) * (size_t)d;
-            double *q = r->xq + (size_t)i * (size_t)P, *e = r->dx + (size_t)i * (size_t)P;
-            for (int j = 0; j < d; j++) {
-                float v = g->qa ? opq_fq(xi[j], g->qa) : xi[j];
-                q[j]    = (double)v;
-                e[j]    = (double)xi[j] - (double)v;
-            }
-            q[d] = 1.0;
-            e[d] = 0.0;
-        }
-        opq_erq_dsyrk_acc(P, nr, r->xq, P, g->G, P);
-        opq_erq_dgemm(true, false, P, P, nr, 1.0, r->xq, P, r->dx, P, 1.0, g->E, P);
-        opq_erq_dsyrk_acc(P, nr, r->dx, P, g->F, P);
+    double t0 = opq_now_s();
+    size_t rows;
+    if (g->kh > 0) { // patches [B, C, H, W] -> rows (b, oy, ox) of (c, ky, kx)
+        if (t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
+            t->shape[1] * g->kh * g->kw != g->d)
+            return OPQ_OK;
+        int64_t B = t->shape[0], C = t->shape[1], H = t->shape[2], Wd = t->shape[3];
+        int64_t oh = (H - g->kh) / g->kh + 1, ow = (Wd - g->kw) / g->kw + 1;
+        rows = (size_t)(B * oh * ow);
+        float *cols = malloc(sizeof(float) * rows * (size_t)g->d);
+        if (!cols)
+            return OPQ_ERR_NOMEM;
+        const float *x = t->data;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t oy = 0; oy < oh; oy++)
+                for (int64_t ox = 0; ox < ow; ox++) {
+                    float *row = cols + (size_t)((b * oh + oy) * ow + ox) * (size_t)g->d;
+                    for (int64_t c = 0; c < C; c++)
+                        for (int ky = 0; ky < g->kh; ky++)
+                            memcpy(row + (c * g->kh + ky) * g->kw,
+                                   x + ((b * C + c) * H + oy * g->kh + ky) * Wd + ox * g->kw,
+                                   sizeof(float) * (size_t)g->kw);
+                }
+        opq_erq_stats_add(r->pool, cols, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+        free(cols);
+    } else {
+        if (t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+            return OPQ_OK;
+        rows = numel / (size_t)g->d;
+        opq_erq_stats_add(r->pool, t->data, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
     }
-    opq_erq_la_threads(1);
     g->n += (double)rows;
+    r->st->t_gram += opq_now_s() - t0;
     return OPQ_OK;
 }
 
@@ -358,14 +504,21 @@ static void symmetrize(double *a, int n) {
 
 // ---- per-layer ERQ ---------------------------------------------------------------------------------
 
-// tr(A M B^T) over the first nc columns: A, B are d_out x ld, M is nc x nc with row stride ldm.
-static double quad(const double *A, const double *M, int ldm, const double *B, int d_out, int nc,
-                   int ld, double *tmp) {
-    opq_erq_dgemm(false, false, d_out, nc, nc, 1.0, A, ld, M, ldm, 0.0, tmp, nc);
+// tr(A M A^T) over the first nc columns for symmetric M (upper triangle read; row stride ldm),
+// A d_out x ld: the sum of M against the Gram matrix A^T A (a rank-d_out update, half the work
+// of forming A M). work: nc x nc.
+static double quad_sym(const double *A, const double *M, int ldm, int d_out, int nc, int ld,
+                       double *work) {
+    memset(work, 0, sizeof(double) * (size_t)nc * (size_t)nc);
+    opq_erq_dsyrk_acc(nc, d_out, A, ld, work, nc);
     double s = 0.0;
-    for (int i = 0; i < d_out; i++)
-        for (int j = 0; j < nc; j++)
-            s += tmp[(size_t)i * (size_t)nc + (size_t)j] * B[(size_t)i * (size_t)ld + (size_t)j];
+    for (int a = 0; a < nc; a++) {
+        const double *w = work + (size_t)a * (size_t)nc, *m = M + (size_t)a * (size_t)ldm;
+        double off = 0.0;
+        for (int b = a + 1; b < nc; b++)
+            off += w[b] * m[b];
+        s += w[a] * m[a] + 2.0 * off;
+    }
     return s;
 }
 
@@ -374,17 +527,43 @@ struct layer_ctx {
     const double *theta0;
     int d_out, nc, P;
     double c0, signal;
-    double *delta, *tmp;
+    double *delta, *work; // work: nc x nc
+    double *t0e; // theta0 E^T (d_out x nc): the cross term of every error is a dot with it
+    double *t_err;
 };
 
-// Relative output error of weights theta against the float layer on the calibration inputs.
+static double dot_cols(const double *a, int lda, const double *b, int ldb, int rows, int cols) {
+    double s = 0.0;
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++)
+            s += a[(size_t)i * (size_t)lda + (size_t)j] * b[(size_t)i * (size_t)ldb + (size_t)j];
+    return s;
+}
+
+// The constant parts: c0 = tr(theta0 F theta0^T), theta0 E^T, and the float output energy
+// sum ||theta0 x~||^2 = tr(theta0 (G + E + E^T + F) theta0^T).
+static void layer_err_init(struct layer_ctx *lc) {
+    double t0 = opq_now_s();
+    const struct group *g = lc->g;
+    int d_out = lc->d_out, nc = lc->nc, P = lc->P;
+    lc->c0 = quad_sym(lc->theta0, g->F, P, d_out, nc, P, lc->work);
+    opq_erq_dgemm(false, true, d_out, nc, nc, 1.0, lc->theta0, P, g->E, P, 0.0, lc->t0e, nc);
+    lc->signal = quad_sym(lc->theta0, g->G, P, d_out, nc, P, lc->work) +
+                 2.0 * dot_cols(lc->theta0, P, lc->t0e, nc, d_out, nc) + lc->c0;
+    *lc->t_err += opq_now_s() - t0;
+}
+
+// Relative output error of weights theta against the float layer on the calibration inputs:
+// with delta = theta - theta0, sum ||theta xq~ - theta0 x~||^2 = tr(delta G delta^T)
+// - 2 tr(delta E theta0^T) + c0.
 static double layer_err(struct layer_ctx *lc, const double *theta) {
+    double t0 = opq_now_s();
     size_t n = (size_t)lc->d_out * (size_t)lc->P;
     for (size_t i = 0; i < n; i++)
         lc->delta[i] = theta[i] - lc->theta0[i];
-    double e = quad(lc->delta, lc->g->G, lc->P, lc->delta, lc->d_out, lc->nc, lc->P, lc->tmp) -
-               2.0 * quad(lc->delta, lc->g->E, lc->P, lc->theta0, lc->d_out, lc->nc, lc->P, lc->tmp) +
-               lc->c0;
+    double e = quad_sym(lc->delta, lc->g->G, lc->P, lc->d_out, lc->nc, lc->P, lc->work) -
+               2.0 * dot_cols(lc->delta, lc->P, lc->t0e, lc->nc, lc->d_out, lc->nc) + lc->c0;
+    *lc->t_err += opq_now_s() - t0;
     return lc->signal > 0.0 ? (e > 0.0 ? e : 0.0) / lc->signal : 0.0;
 }
 
@@ -410,20 +589,42 @@ static inline const struct opq_qparams *grid_of(const struct grids *gr, int i, i
     return &gr->single[gr->n_ch > 1 ? i : 0];
 }
 
+struct fit_job {
+    const float        *buf;   // d_out x cnt
+    size_t              cnt;
+    int32_t             qmin, qmax;
+    bool                symmetric;
+    enum opq_wcalib     method;
+    struct opq_qparams *out;
+    enum opq_status    *st;    // per row: the status of the chunk starting there
+};
+
+static void fit_chunk(void *user, int64_t b, int64_t e) {
+    struct fit_job *j = user;
+    size_t rows = (size_t)(e - b);
+    j->st[b] = opq_weight_qparams(j->buf + (size_t)b * j->cnt, rows * j->cnt, rows, j->cnt,
+                                  j->qmin, j->qmax, j->symmetric, j->method, j->out + b);
+}
+
 // Fits per-row qparams on the columns selected by sel (NULL: all; else columns with sel[j] ==
-// want) of theta (d_out x ld, first d_in columns).
-static enum opq_status fit_rows(const double *theta, int d_out, int d_in, int ld,
-                                const uint8_t *sel, int want, int n_ch, int32_t qmin,
-                                int32_t qmax, bool symmetric, enum opq_wcalib method,
-                                struct opq_qparams *out) {
+// want) of theta (d_out x ld, first d_in columns). Rows are independent: with n_ch > 1 they are
+// split over the pool (the same qparams for any thread count).
+static enum opq_status fit_rows(struct opq_threadpool *pool, const double *theta, int d_out,
+                                int d_in, int ld, const uint8_t *sel, int want, int n_ch,
+                                int32_t qmin, int32_t qmax, bool symmetric,
+                                enum opq_wcalib method, struct opq_qparams *out) {
     int cnt = 0;
     for (int j = 0; j < d_in; j++)
         cnt += !sel || sel[j] == want;
     if (cnt == 0)
         return OPQ_OK;
     float *buf = malloc(sizeof(float) * (size_t)d_out * (size_t)cnt);
-    if (!buf)
-        return OPQ_ERR_NOMEM;
+    enum opq_status *sts = calloc((size_t)d_out, sizeof(*sts));
+    enum opq_status st = OPQ_OK;
+    if (!buf || !sts) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
     for (int i = 0; i < d_out; i++) {
         int c = 0;
         for (int j = 0; j < d_in; j++)
@@ -432,34 +633,57 @@ static enum opq_status fit_rows(const double *theta, int d_out, int d_in, int ld
                     (float)theta[(size_t)i * (size_t)ld + (size_t)j];
     }
     size_t n = (size_t)d_out * (size_t)cnt;
-    enum opq_status st = n_ch > 1 ? opq_weight_qparams(buf, n, (size_t)d_out, (size_t)cnt, qmin,
-                                                       qmax, symmetric, method, out)
-                                  : opq_weight_qparams(buf, n, 1, n, qmin, qmax, symmetric,
-                                                       method, out);
+    if (n_ch > 1) {
+        struct fit_job job = {.buf = buf, .cnt = (size_t)cnt, .qmin = qmin, .qmax = qmax,
+                              .symmetric = symmetric, .method = method, .out = out, .st = sts};
+        opq_parallel_for(pool, d_out, 16, fit_chunk, &job);
+        for (int i = 0; i < d_out && st == OPQ_OK; i++)
+            st = sts[i];
+    } else {
+        st = opq_weight_qparams(buf, n, 1, n, qmin, qmax, symmetric, method, out);
+    }
+out:
     free(buf);
+    free(sts);
     return st;
+}
+
+struct refine_job {
+    const double *H;
+    int           k, steps;
+    double       *dl, *h;       // d_out x k
+    const double *ef, *ec;      // d_out x k
+    int          *flips;        // d_out
+};
+
+static void refine_chunk(void *user, int64_t b, int64_t e) {
+    struct refine_job *j = user;
+    for (int64_t i = b; i < e; i++) {
+        size_t o = (size_t)i * (size_t)j->k;
+        opq_erq_refine_row(j->H, j->k, j->dl + o, j->ef + o, j->ec + o, j->steps, j->h + o,
+                           &j->flips[i]);
+    }
 }
 
 // Progressive quantization with rounding refinement and ridge compensation (Wqer), or plain
 // round to nearest when wqer is off. theta (d_out x P) ends with every weight column on its grid.
 static enum opq_status wqer(struct erq_run *r, const struct group *g, double *theta, int d_out,
                             int d_in, int nc, const struct grids *gr, bool do_wqer,
-                            long *n_flips) {
+                            double lambda2, int steps, long *n_flips) {
     int P = g->d + 1;
-    double lambda2 = r->st->opts.lambda * g->n;
-    int steps = r->st->opts.steps;
     int kmax = (nc + 1) / 2 + 1;
     size_t nk = (size_t)d_out * (size_t)kmax;
     double *dl = malloc(sizeof(double) * nk), *ef = malloc(sizeof(double) * nk);
     double *ec = malloc(sizeof(double) * nk);
     int32_t *qf = malloc(sizeof(int32_t) * nk), *qc = malloc(sizeof(int32_t) * nk);
     double *H = malloc(sizeof(double) * (size_t)kmax * (size_t)kmax);
-    double *h = malloc(sizeof(double) * (size_t)kmax);
+    double *h = malloc(sizeof(double) * nk);
+    int *flips = calloc((size_t)d_out, sizeof(int));
     size_t rmax = (size_t)nc;
     double *A = malloc(sizeof(double) * rmax * rmax), *M = malloc(sizeof(double) * rmax * (size_t)kmax);
     double *dR = malloc(sizeof(double) * rmax * (size_t)d_out);
     enum opq_status st = OPQ_OK;
-    if (!dl || !ef || !ec || !qf || !qc || !H || !h || !A || !M || !dR) {
+    if (!dl || !ef || !ec || !qf || !qc || !H || !h || !flips || !A || !M || !dR) {
         st = OPQ_ERR_NOMEM;
         goto out;
     }
@@ -506,12 +730,12 @@ static enum opq_status wqer(struct erq_run *r, const struct group *g, double *th
                         (g->G[(size_t)(done + a) * (size_t)P + (size_t)(done + b)] - mu_a * mu_b) /
                         (g->n - 1.0);
                 }
-            for (int i = 0; i < d_out; i++) {
-                int f = 0;
-                size_t o = (size_t)i * (size_t)k;
-                opq_erq_refine_row(H, k, dl + o, ef + o, ec + o, steps, h, &f);
-                *n_flips += f;
-            }
+            // Rows are independent: the same result for any split over the pool.
+            struct refine_job job = {.H = H, .k = k, .steps = steps, .dl = dl, .h = h, .ef = ef,
+                                     .ec = ec, .flips = flips};
+            opq_parallel_for(r->pool, d_out, 4, refine_chunk, &job);
+            for (int i = 0; i < d_out; i++)
+                *n_flips += flips[i];
         }
         // Ridge compensation of the remaining columns R = [r0, nc): d_R = -M d_S.
         if (nr > 0) {
@@ -550,6 +774,7 @@ out:
     free(qc);
     free(H);
     free(h);
+    free(flips);
     free(A);
     free(M);
     free(dR);
@@ -579,10 +804,12 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     int n_ch = rc->n_ch[L->t_w];
     bool symmetric = !rc->opts->w_asym || rc->opts->target == OPQ_TARGET_TRT;
     double *th0 = calloc(tn, sizeof(double)), *th = calloc(tn, sizeof(double));
-    double *delta = malloc(sizeof(double) * tn), *tmp = malloc(sizeof(double) * tn);
+    double *delta = malloc(sizeof(double) * tn);
+    double *work = malloc(sizeof(double) * (size_t)nc * (size_t)nc);
     double *rhs = malloc(sizeof(double) * (size_t)P * (size_t)d_out);
+    double *t0e = malloc(sizeof(double) * tn);
     enum opq_status st = OPQ_OK;
-    if (!th0 || !th || !delta || !tmp || !rhs) {
+    if (!th0 || !th || !delta || !work || !rhs || !t0e) {
         st = OPQ_ERR_NOMEM;
         goto out;
     }
@@ -595,14 +822,12 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
         th0[(size_t)i * (size_t)P + (size_t)d_in] = L->bias ? (double)L->bias[i] : 0.0;
     }
     struct layer_ctx lc = {.g = g, .theta0 = th0, .d_out = d_out, .nc = nc, .P = P,
-                           .delta = delta, .tmp = tmp};
-    lc.c0 = quad(th0, g->F, P, th0, d_out, nc, P, tmp);
-    lc.signal = quad(th0, g->G, P, th0, d_out, nc, P, tmp) +
-                2.0 * quad(th0, g->E, P, th0, d_out, nc, P, tmp) + lc.c0;
+                           .delta = delta, .work = work, .t0e = t0e, .t_err = &r->st->t_err};
+    layer_err_init(&lc);
     snprintf(out->name, sizeof(out->name), "%s", L->node->name ? L->node->name : L->w->name);
     out->d_in  = d_in;
     out->d_out = d_out;
-    out->err_before = layer_err(&lc, th0);
+    out->err_before = lc.signal > 0.0 ? lc.c0 / lc.signal : 0.0; // theta = theta0
     // Reference: round to nearest on the flow's grids.
     memcpy(th, th0, sizeof(double) * tn);
     for (int i = 0; i < d_out; i++)
@@ -615,7 +840,7 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     // Aqer: (G + l1 I) dTheta^T = E Theta^T over the nc used columns.
     memcpy(th, th0, sizeof(double) * tn);
     double t0 = opq_now_s();
-    if (eo->aqer && g->qa) {
+    if (eo->aqer && g->qa && !L->conv) { // the paper has no Aqer for the patch convolution
         double l1 = eo->lambda * g->n * (g->two_d ? 0.02 : 1.0);
         opq_erq_dgemm(false, true, nc, d_out, nc, 1.0, g->E, P, th0, P, 0.0, rhs, d_out);
         double *A = malloc(sizeof(double) * (size_t)nc * (size_t)nc);
@@ -633,8 +858,8 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
             for (int j = 0; j < nc; j++)
                 th[(size_t)i * (size_t)P + (size_t)j] += rhs[(size_t)j * (size_t)d_out + (size_t)i];
     }
-    out->err_aqer = layer_err(&lc, th);
     r->st->t_aqer += opq_now_s() - t0;
+    out->err_aqer = layer_err(&lc, th);
 
     // Grids re-fitted on the updated weights; DUQ where columns are outliers.
     t0 = opq_now_s();
@@ -644,7 +869,8 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
     int k_out = (int)floor(eo->duq_frac * (double)d_out);
     if (k_out > d_in / 2)
         k_out = d_in / 2;
-    if (eo->duq && n_ch == d_out && k_out > 0 && column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
+    if (eo->duq && !L->conv && n_ch == d_out && k_out > 0 &&
+        column_ratio(th, d_out, d_in, P) >= eo->duq_ratio) {
         out->outlier = malloc((size_t)d_in);
         out->qp_in   = calloc((size_t)d_out, sizeof(*out->qp_in));
         out->qp_out  = calloc((size_t)d_out, sizeof(*out->qp_out));
@@ -655,23 +881,27 @@ static enum opq_status do_layer(struct erq_run *r, struct layer *L, struct opq_e
         out->n_outliers = opq_erq_duq_outliers(th, d_out, d_in, P, k_out, out->outlier);
     }
     if (out->n_outliers > 0) {
-        if ((st = fit_rows(th, d_out, d_in, P, out->outlier, 0, n_ch, qmin, qmax, symmetric,
-                           method, out->qp_in)) != OPQ_OK ||
-            (st = fit_rows(th, d_out, d_in, P, out->outlier, 1, n_ch, qmin, qmax, symmetric,
-                           method, out->qp_out)) != OPQ_OK)
+        if ((st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 0, n_ch, qmin, qmax,
+                           symmetric, method, out->qp_in)) != OPQ_OK ||
+            (st = fit_rows(r->pool, th, d_out, d_in, P, out->outlier, 1, n_ch, qmin, qmax,
+                           symmetric, method, out->qp_out)) != OPQ_OK)
             goto out;
         gr.outlier = out->outlier;
         gr.qp_in   = out->qp_in;
         gr.qp_out  = out->qp_out;
-    } else if ((st = fit_rows(th, d_out, d_in, P, NULL, 0, n_ch, qmin, qmax, symmetric, method,
-                              qp)) != OPQ_OK) {
+    } else if ((st = fit_rows(r->pool, th, d_out, d_in, P, NULL, 0, n_ch, qmin, qmax, symmetric,
+                              method, qp)) != OPQ_OK) {
         goto out;
     }
     long flips = 0;
-    if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, &flips)) != OPQ_OK)
+    // The patch convolution (the paper's section 4.5): no rounding refinement, ten times the
+    // ridge strength.
+    double lambda2 = eo->lambda * g->n * (L->conv ? 10.0 : 1.0);
+    if ((st = wqer(r, g, th, d_out, d_in, nc, &gr, eo->wqer, lambda2, L->conv ? 0 : eo->steps,
+                   &flips)) != OPQ_OK)
         goto out;
-    out->err_wqer = layer_err(&lc, th);
     r->st->t_wqer += opq_now_s() - t0;
+    out->err_wqer = layer_err(&lc, th);
 
     // Results in the initializer's layout (written back once every layer is done).
     size_t wn = (size_t)d_in * (size_t)d_out;
@@ -713,8 +943,9 @@ out:
     free(th0);
     free(th);
     free(delta);
-    free(tmp);
+    free(work);
     free(rhs);
+    free(t0e);
     return st;
 }
 
@@ -730,12 +961,17 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
     opq_erq_state_free(s);
     s->layers = calloc((size_t)r.n_layers + 1, sizeof(*s->layers));
     names     = calloc((size_t)r.n_groups + 1, sizeof(*names));
-    int dmax  = 1;
-    for (int gi = 0; gi < r.n_groups; gi++)
-        dmax = r.groups[gi].d > dmax ? r.groups[gi].d : dmax;
-    r.xq = malloc(sizeof(double) * CHUNK_ROWS * (size_t)(dmax + 1));
-    r.dx = malloc(sizeof(double) * CHUNK_ROWS * (size_t)(dmax + 1));
-    if (!s->layers || !names || !r.xq || !r.dx) {
+    size_t wmax = 1;
+    for (int gi = 0; gi < r.n_groups; gi++) {
+        size_t w = opq_erq_stats_work(r.groups[gi].d, r.groups[gi].qa);
+        wmax = w > wmax ? w : wmax;
+    }
+    r.work = malloc(sizeof(float) * wmax);
+    if (r.ctx->n_threads > 1 && !(r.pool = opq_threadpool_new(r.ctx, r.ctx->n_threads))) {
+        st = r.ctx->status != OPQ_OK ? r.ctx->status : OPQ_ERR_NOMEM;
+        goto out;
+    }
+    if (!s->layers || !names || !r.work) {
         st = OPQ_ERR_NOMEM;
         goto out;
     }
@@ -849,8 +1085,8 @@ out:
         }
     free(r.layers);
     free(r.groups);
-    free(r.xq);
-    free(r.dx);
+    free(r.work);
+    opq_threadpool_free(r.pool);
     free(names);
     opq_strmap_free(r.by_name);
     return st;

@@ -76,6 +76,8 @@ struct opq_erq_state {
     struct opq_erq_layer *layers;
     int                   n_layers;
     double                t_stats, t_aqer, t_wqer; // seconds per phase
+    double                t_gram;  // of t_stats: the Gram products (the rest is the forward)
+    double                t_err;   // the per-layer error figures (part of no phase above)
 };
 
 void opq_erq_state_free(struct opq_erq_state *s);
@@ -106,6 +108,21 @@ enum opq_status opq_erq_ridge_solve(struct opq_ctx *ctx, const double *A, int n,
 // accepted changes. scratch: k doubles.
 double opq_erq_refine_row(const double *H, int k, double *delta, const double *e_floor,
                           const double *e_ceil, int steps, double *scratch, int *n_flips);
+
+// Streamed statistics of one layer input (see top). x: rows x d float inputs, qa their
+// activation quantizer (NULL: not quantized, then E and F get nothing). Adds to the upper
+// triangles of G and F and to all of E ((d+1) x (d+1), row-major). Blocks of
+// opq_erq_stats_block(qa) rows are multiplied in float and added to the double sums: the block
+// products of G are formed from the integer codes (q - z) and are exact (every partial sum is an
+// integer below 2^24), those of E and F from the float rounding errors x - Q_a(x). The block
+// product is split into fixed column panels over pool (NULL: inline), so the sums are the same
+// for any thread count. work: opq_erq_stats_work(d, qa) floats.
+struct opq_threadpool;
+int opq_erq_stats_block(const struct opq_qparams *qa);
+size_t opq_erq_stats_work(int d, const struct opq_qparams *qa);
+void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows, int d,
+                       const struct opq_qparams *qa, double *G, double *E, double *F,
+                       float *work);
 
 // Dual uniform quantization's outlier columns of a weight Theta (d_out x ld row-major, first
 // d_in columns): per row the entries above the 99th percentile of its positive entries or below

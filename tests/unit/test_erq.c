@@ -1,7 +1,9 @@
 /* test_erq.c: ERQ's numerical kernels (recon/erq.h): the ridge solve against a direct solve,
  * rounding refinement never increasing its proxy, the outlier-column choice of dual uniform
  * quantization, on-grid weights keeping their codes through the encoder, and the DUQ encoding
- * (two DequantizeLinear + Add) computing exactly the dual-grid weights in our executor. */
+ * (two DequantizeLinear + Add) computing exactly the dual-grid weights in our executor; the
+ * streamed statistics (float blocks, double sums) against a double reference, and a whole ERQ
+ * run giving byte-identical models on one and two threads. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,11 +11,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <cmocka.h>
 
 #include "exec.h"
+#include "npy.h"
 #include "gb.h"
 #include "quant/qdq.h"
+#include "quantize.h"
 #include "recon/erq.h"
 
 // Deterministic uniform numbers in [-1, 1) (a 64-bit LCG).
@@ -247,6 +252,260 @@ static void test_duq_encoding_executes(void **state) {
     opq_ctx_free(ctx);
 }
 
+// Reference statistics in double, token by token: Q_a(x) = (code - z) * scale formed in double
+// (opq_fq's float product differs from it by a float rounding), the error x - opq_fq(x).
+static void stats_ref(const float *x, int rows, int d, const struct opq_qparams *qa, double *G,
+                      double *E, double *F) {
+    int P = d + 1;
+    double *q = malloc(sizeof(double) * (size_t)P), *e = malloc(sizeof(double) * (size_t)P);
+    for (int n = 0; n < rows; n++) {
+        for (int j = 0; j < d; j++) {
+            float v = qa ? opq_fq(x[n * d + j], qa) : x[n * d + j];
+            q[j] = qa ? (double)(opq_quantize1(x[n * d + j], qa) - qa->zero_point) *
+                            (double)qa->scale
+                      : (double)v;
+            e[j] = (double)x[n * d + j] - (double)v;
+        }
+        q[d] = 1.0;
+        e[d] = 0.0;
+        for (int a = 0; a < P; a++)
+            for (int b = 0; b < P; b++) {
+                G[a * P + b] += q[a] * q[b];
+                E[a * P + b] += q[a] * e[b];
+                F[a * P + b] += e[a] * e[b];
+            }
+    }
+    free(q);
+    free(e);
+}
+
+// The streamed statistics match the double reference: G (from exact integer-code products)
+// to double rounding, E and F (float block products of the rounding errors) to float rounding
+// of the blocks; several blocks, 4- and 8-bit grids and an unquantized input.
+static void test_stats_match_double(void **state) {
+    (void)state;
+    enum { D = 24, ROWS = 2100 };
+    int P = D + 1;
+    float *x = malloc(sizeof(float) * ROWS * D);
+    uint64_t seed = 21;
+    for (int i = 0; i < ROWS * D; i++)
+        x[i] = (float)(2.0 * urand(&seed) + (i % D == 3 ? 6.0 : 0.0)); // one shifted channel
+    struct opq_qparams q4 = {.scale = 0.61f, .zero_point = 4, .qmin = 0, .qmax = 15};
+    struct opq_qparams q8 = {.scale = 0.037f, .zero_point = 60, .qmin = 0, .qmax = 255};
+    const struct opq_qparams *qs[3] = {&q4, &q8, NULL};
+    assert_true(opq_erq_stats_block(&q4) >= 1000);
+    // 8 bits, zero point 60: codes up to 195 in magnitude, several blocks of 2100 rows
+    assert_true(opq_erq_stats_block(&q8) * 195.0 * 195.0 <= 16777216.0);
+    assert_true(opq_erq_stats_block(&q8) > 256 && opq_erq_stats_block(&q8) < 1000);
+    for (int t = 0; t < 3; t++) {
+        size_t PP = (size_t)P * (size_t)P;
+        double *G = calloc(PP, sizeof(double)), *E = calloc(PP, sizeof(double));
+        double *F = calloc(PP, sizeof(double)), *Gr = calloc(PP, sizeof(double));
+        double *Er = calloc(PP, sizeof(double)), *Fr = calloc(PP, sizeof(double));
+        float *work = malloc(sizeof(float) * opq_erq_stats_work(D, qs[t]));
+        // Two calls, as two batches arrive.
+        opq_erq_stats_add(NULL, x, 700, D, qs[t], G, E, F, work);
+        opq_erq_stats_add(NULL, x + 700 * D, ROWS - 700, D, qs[t], G, E, F, work);
+        stats_ref(x, ROWS, D, qs[t], Gr, Er, Fr);
+        double gmax = 0.0, emax = 0.0, fmax_ = 0.0;
+        for (int a = 0; a < P; a++)
+            for (int b = 0; b < P; b++) {
+                gmax = fmax(gmax, fabs(Gr[a * P + b]));
+                emax = fmax(emax, fabs(Er[a * P + b]));
+                fmax_ = fmax(fmax_, fabs(Fr[a * P + b]));
+            }
+        for (int a = 0; a < P; a++)
+            for (int b = 0; b < P; b++) {
+                if (b >= a) {
+                    // exact codes: double rounding only; raw float inputs: float products
+                    double tol = qs[t] ? 1e-12 : 1e-5;
+                    assert_true(fabs(G[a * P + b] - Gr[a * P + b]) <= tol * gmax);
+                    assert_true(fabs(F[a * P + b] - Fr[a * P + b]) <= 1e-5 * fmax_ + 1e-300);
+                }
+                assert_true(fabs(E[a * P + b] - Er[a * P + b]) <= 1e-5 * emax + 1e-300);
+            }
+        if (qs[t])
+            assert_true(emax > 0.0 && fmax_ > 0.0);
+        else
+            assert_true(emax == 0.0 && E[0] == 0.0 && F[0] == 0.0);
+        free(G);
+        free(E);
+        free(F);
+        free(Gr);
+        free(Er);
+        free(Fr);
+        free(work);
+    }
+    free(x);
+}
+
+// ERQ (W4A4, DUQ, refinement) on the vit_tiny fixture: 1 and 2 threads (statistics, refinement
+// and grid fits split over the pool) serialize to the same bytes.
+static void erq_fixture(int threads, void **buf, size_t *len, struct opq_erq_state *s) {
+    struct opq_ctx *ctx = opq_ctx_new();
+    opq_ctx_set_threads(ctx, threads);
+    struct opq_model *m = NULL;
+    assert_int_equal(opq_model_load(ctx, OPQ_SOURCE_DIR "/fixtures/models/vit_tiny_op17.onnx",
+                                    &m), OPQ_OK);
+    struct opq_quant_opts o;
+    opq_quant_opts_default(&o);
+    o.wbits = o.abits = 4;
+    o.w_asym = true;
+    o.calib.path = "random";
+    o.calib.count = 24;
+    o.calib.seed = 3;
+    o.holdout = 0;
+    o.batch = 8;
+    opq_erq_opts_default(&s->opts);
+    o.reparam = 1;
+    o.reparam_alpha = 1.0f;
+    o.refine = opq_erq_refine;
+    o.refine_user = s;
+    if (opq_quantize(ctx, m, &o, NULL) != OPQ_OK)
+        fail_msg("%s", opq_ctx_errmsg(ctx));
+    assert_int_equal(opq_erq_encode_duq(m->graph, s, 4, 17), OPQ_OK);
+    assert_int_equal(opq_graph_cleanup(m->graph), OPQ_OK);
+    assert_int_equal(opq_graph_sort(m->graph), OPQ_OK);
+    void *b;
+    assert_int_equal(opq_model_save_buffer(ctx, m, &b, len), OPQ_OK);
+    *buf = malloc(*len);
+    memcpy(*buf, b, *len);
+    opq_buffer_free(ctx, b);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_threads_byte_identical(void **state) {
+    (void)state;
+    if (access(OPQ_SOURCE_DIR "/fixtures/models/vit_tiny_op17.onnx", R_OK) != 0)
+        skip();
+    struct opq_erq_state s1 = {0}, s2 = {0};
+    void *b1, *b2;
+    size_t l1, l2;
+    erq_fixture(1, &b1, &l1, &s1);
+    erq_fixture(2, &b2, &l2, &s2);
+    assert_true(s1.n_layers > 0 && s1.n_layers == s2.n_layers);
+    long flips = 0;
+    for (int i = 0; i < s1.n_layers; i++) {
+        // The error figures go through threaded BLAS: equal up to the summation order.
+        assert_true(fabs(s1.layers[i].err_wqer - s2.layers[i].err_wqer) <=
+                    1e-12 * s1.layers[i].err_wqer);
+        assert_true(s1.layers[i].err_wqer < s1.layers[i].err_rtn);
+        flips += s1.layers[i].n_outliers;
+    }
+    assert_true(flips > 0); // DUQ took part
+    assert_int_equal(l1, l2);
+    assert_memory_equal(b1, b2, l1);
+    free(b1);
+    free(b2);
+    opq_erq_state_free(&s1);
+    opq_erq_state_free(&s2);
+}
+
+// The patch convolution goes through ERQ as the linear layer of its im2col patches: a Conv
+// (kernel = stride = 2) and a MatMul + Add fed the patches of the same images in (image, row,
+// column) order, with (c, ky, kx) columns, end with the same quantized weights (Wqer without
+// refinement; the convolution gets ten times the ridge strength, so the MatMul gets lambda x 10).
+enum { CS = 32, CC = 2, CH = 4, CK = 2, CO = 3, CD = CC * CK * CK, CT = (CH / CK) * (CH / CK) };
+
+static void conv_or_matmul(bool conv, const float *data, float *y_out, const float *x_eval) {
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
+    float w[CO * CD], b[CO], wt[CD * CO];
+    uint64_t seed = 9;
+    for (int i = 0; i < CO * CD; i++)
+        w[i] = (float)urand(&seed);
+    for (int i = 0; i < CO; i++)
+        b[i] = 0.1f * (float)i;
+    for (int o = 0; o < CO; o++)
+        for (int j = 0; j < CD; j++)
+            wt[j * CO + o] = w[o * CD + j];
+    const char *path = conv ? OPQ_BINARY_DIR "/erq_conv_a.npy"
+                            : OPQ_BINARY_DIR "/erq_conv_b.npy";
+    struct opq_tensor t = {.dtype = OPQ_DTYPE_FLOAT, .data = (void *)data};
+    if (conv) {
+        gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, CC, CH, CH));
+        gb_init_f32(m, "w", GB_SHAPE(CO, CC, CK, CK), w);
+        gb_init_f32(m, "b", GB_SHAPE(CO), b);
+        struct opq_node *n = gb_node(m, "Conv", "x,w,b", "y");
+        gb_attr_ints(m, n, "kernel_shape", 2, (int64_t[]){CK, CK});
+        gb_attr_ints(m, n, "strides", 2, (int64_t[]){CK, CK});
+        t.ndim = 4;
+        memcpy(t.shape, (int64_t[]){CS, CC, CH, CH}, sizeof(int64_t) * 4);
+    } else {
+        gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, CT, CD));
+        gb_init_f32(m, "w", GB_SHAPE(CD, CO), wt);
+        gb_init_f32(m, "b", GB_SHAPE(CO), b);
+        gb_node(m, "MatMul", "x,w", "xw");
+        gb_node(m, "Add", "xw,b", "y");
+        t.ndim = 3;
+        memcpy(t.shape, (int64_t[]){CS, CT, CD}, sizeof(int64_t) * 3);
+    }
+    gb_output(m, "y");
+    t.nbytes = sizeof(float) * CS * CT * CD;
+    assert_int_equal(opq_npy_save(ctx, path, &t), OPQ_OK);
+    struct opq_quant_opts o;
+    opq_quant_opts_default(&o);
+    o.wbits = 3;
+    o.abits = 4;
+    o.w_asym = true;
+    o.calib.path = path;
+    o.holdout = 0;
+    o.batch = 8;
+    struct opq_erq_state s = {0};
+    opq_erq_opts_default(&s.opts);
+    s.opts.aqer = false;
+    s.opts.duq = false;
+    s.opts.steps = 0;
+    s.opts.lambda = conv ? 0.5 : 5.0;
+    o.refine = opq_erq_refine;
+    o.refine_user = &s;
+    enum opq_status qst = opq_quantize(ctx, m, &o, NULL);
+    if (qst != OPQ_OK)
+        fail_msg("status %d: %s", (int)qst, opq_ctx_errmsg(ctx));
+    assert_int_equal(s.n_layers, 1);
+    assert_true(s.layers[0].err_wqer < s.layers[0].err_rtn);
+    struct opq_named_tensor in = {.name = "x", .t = {.dtype = OPQ_DTYPE_FLOAT, .ndim = t.ndim,
+                                                     .data = (void *)x_eval}};
+    memcpy(in.t.shape, conv ? (int64_t[]){1, CC, CH, CH} : (int64_t[]){1, CT, CD, 0},
+           sizeof(int64_t) * 4);
+    in.t.nbytes = sizeof(float) * CT * CD;
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    struct opq_tensor y;
+    assert_int_equal(opq_exec_run(ex, &in, 1, &y, 1), OPQ_OK);
+    memcpy(y_out, y.data, sizeof(float) * CT * CO);
+    opq_exec_free(ex);
+    opq_erq_state_free(&s);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
+static void test_patch_conv_as_linear(void **state) {
+    (void)state;
+    float *img = malloc(sizeof(float) * CS * CC * CH * CH);
+    float *pat = malloc(sizeof(float) * CS * CT * CD);
+    uint64_t seed = 17;
+    for (int i = 0; i < CS * CC * CH * CH; i++)
+        img[i] = (float)(urand(&seed) + (i % 5 == 0 ? 1.5 : 0.0));
+    for (int n = 0; n < CS; n++)
+        for (int py = 0; py < CH / CK; py++)
+            for (int px = 0; px < CH / CK; px++)
+                for (int c = 0; c < CC; c++)
+                    for (int ky = 0; ky < CK; ky++)
+                        for (int kx = 0; kx < CK; kx++)
+                            pat[((n * CT) + py * (CH / CK) + px) * CD + (c * CK + ky) * CK + kx] =
+                                img[((n * CC + c) * CH + py * CK + ky) * CH + px * CK + kx];
+    float ya[CT * CO], yb[CT * CO];
+    conv_or_matmul(true, img, ya, img);  // evaluated on the first image
+    conv_or_matmul(false, pat, yb, pat); // and on its patches
+    for (int p = 0; p < CT; p++)
+        for (int o = 0; o < CO; o++)
+            assert_true(fabs((double)ya[o * CT + p] - (double)yb[p * CO + o]) <= 1e-5);
+    free(img);
+    free(pat);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ridge_solve_matches_direct),
@@ -254,6 +513,9 @@ int main(void) {
         cmocka_unit_test(test_duq_outliers),
         cmocka_unit_test(test_on_grid_keeps_codes),
         cmocka_unit_test(test_duq_encoding_executes),
+        cmocka_unit_test(test_stats_match_double),
+        cmocka_unit_test(test_threads_byte_identical),
+        cmocka_unit_test(test_patch_conv_as_linear),
     };
     return cmocka_run_group_tests_name("erq", tests, NULL, NULL);
 }

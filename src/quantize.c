@@ -1054,7 +1054,9 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     bool any_search = false;
     for (int t = 0; st == OPQ_OK && t < pl.n_targets; t++)
         any_search |= pl.targets[t].role == OPQ_QROLE_ACT &&
-                      (o->act_search > 0 || (o->act_search < 0 && !o->refine && abits_of[t] < 8));
+                      (o->act_search > 0 ||
+                       (o->act_search < 0 && (!o->refine || o->refine == opq_recon_refine) &&
+                        abits_of[t] < 8));
     if (st == OPQ_OK && any_search && o->act_search_samples > 0) {
         phase_end(rep, "ranges", t0);
         ranges_done = true;

@@ -57,6 +57,11 @@ struct opq_pass_ctx {
 void opq_pass_log_float_change(struct opq_pass_ctx *pc, struct opq_model *before,
                                const char *what);
 
+// The quantizing passes' common tail: runs opq_quantize with `o` on pc->model and hands its
+// report to pc->opts->report (when asked); n_rewrites = quantized nodes.
+struct opq_quant_opts;
+enum opq_status opq_pass_quantize_with(struct opq_pass_ctx *pc, const struct opq_quant_opts *o);
+
 typedef enum opq_status (*opq_pass_fn)(struct opq_pass_ctx *pc, struct opq_graph *g);
 
 struct opq_pass {

@@ -5,7 +5,8 @@
  * QDrop. Matches: every MatMul/Gemm/Conv the flow quantizes. Rewrites: as the quantize pass
  * (integer weight initializers + DequantizeLinear, activation Q/DQ pairs with the learned
  * scales). Preserves: graph inputs/outputs, every non-quantized op. Needs opts->quant
- * (hyperparameters in opts->quant->recon). MLP reconstruction (GELU -> ReLU) is not part of it. */
+ * (hyperparameters in opts->quant->recon). MLP reconstruction runs before it as the mlp-recon
+ * pass (--mlp-recon). */
 #include "pass.h"
 #include "quantize.h"
 #include "recon/recon.h"
@@ -17,16 +18,7 @@ enum opq_status opq_pass_run_quantize_aphq(struct opq_pass_ctx *pc, struct opq_g
                              "the quantize-aphq pass needs quantization options (calibration "
                              "data)");
     struct opq_quant_opts o = *pc->opts->quant;
-    struct opq_report *rep = NULL;
     o.refine = opq_recon_refine;
     o.refine_user = &o.recon;
-    enum opq_status st = opq_quantize(pc->ctx, pc->model, &o, pc->opts->report ? &rep : NULL);
-    if (st != OPQ_OK)
-        return st;
-    pc->stats.n_rewrites = rep ? rep->n_qnodes : 0;
-    if (pc->opts->report) {
-        opq_report_free(*pc->opts->report);
-        *pc->opts->report = rep;
-    }
-    return OPQ_OK;
+    return opq_pass_quantize_with(pc, &o);
 }

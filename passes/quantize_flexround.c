@@ -18,17 +18,8 @@ enum opq_status opq_pass_run_quantize_flexround(struct opq_pass_ctx *pc, struct 
                              "the quantize-flexround pass needs quantization options "
                              "(calibration data)");
     struct opq_quant_opts o = *pc->opts->quant;
-    struct opq_report *rep = NULL;
     o.recon.rounding = OPQ_RECON_FLEXROUND;
     o.refine = opq_recon_refine;
     o.refine_user = &o.recon;
-    enum opq_status st = opq_quantize(pc->ctx, pc->model, &o, pc->opts->report ? &rep : NULL);
-    if (st != OPQ_OK)
-        return st;
-    pc->stats.n_rewrites = rep ? rep->n_qnodes : 0;
-    if (pc->opts->report) {
-        opq_report_free(*pc->opts->report);
-        *pc->opts->report = rep;
-    }
-    return OPQ_OK;
+    return opq_pass_quantize_with(pc, &o);
 }

@@ -1389,8 +1389,11 @@ static uint64_t fingerprint(const struct eng *e) {
     return h;
 }
 
+// Per rounding, so one folder can hold an aphq and a flexround run side by side (they share
+// aph.bin, see the shared APH pass).
 static void ckpt_path(const struct eng *e, int ui, char *buf, size_t cap) {
-    snprintf(buf, cap, "%s/unit_%03d.bin", e->o->checkpoint, ui);
+    snprintf(buf, cap, "%s/%s_unit_%03d.bin", e->o->checkpoint,
+             e->o->rounding == OPQ_RECON_FLEXROUND ? "flexround" : "adaround", ui);
 }
 
 // Saves the unit's hardened weights, every activation step size and the unit report. Written

@@ -511,11 +511,12 @@ static void test_reconstruction_lowers_error(void **state) {
     free(buf);
 }
 
-static void rm_checkpoint(const char *dir, int from, int to) {
+static void rm_checkpoint(const char *dir, enum opq_recon_rounding rounding, int from, int to) {
     char p[512];
     for (int u = from; u < to; u++) {
-        snprintf(p, sizeof(p), "%s/unit_%03d.bin", dir, u);
-        remove(p);
+        snprintf(p, sizeof(p), "%s/%s_unit_%03d.bin", dir,
+                 rounding == OPQ_RECON_FLEXROUND ? "flexround" : "adaround", u);
+        assert_int_equal(remove(p), 0); // the file the engine wrote is where we expect it
     }
 }
 
@@ -532,7 +533,7 @@ static void resume_check(enum opq_recon_rounding rounding) {
     size_t la, lb, lc;
     quantize_fixture(&a, &ba, &la);
     // interrupted after unit 2: the later units' states are missing
-    rm_checkpoint(dir, 3, 6);
+    rm_checkpoint(dir, rounding, 3, 6);
     b.ro = a.ro;
     quantize_fixture(&b, &bb, &lb);
     assert_true(b.rep.units[0].resumed && b.rep.units[2].resumed && !b.rep.units[3].resumed);
@@ -542,7 +543,7 @@ static void resume_check(enum opq_recon_rounding rounding) {
     c.ro.rounding = rounding;
     quantize_fixture(&c, &bc, &lc);
     assert_true(la == lc && memcmp(ba, bc, la) == 0);
-    rm_checkpoint(dir, 0, 6);
+    rm_checkpoint(dir, rounding, 0, 6);
     rmdir(dir);
     opq_recon_report_free(&a.rep);
     opq_recon_report_free(&b.rep);

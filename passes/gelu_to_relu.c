@@ -121,16 +121,7 @@ out:
     opq_calib_close(src);
 }
 
-enum opq_status opq_pass_run_gelu_to_relu(struct opq_pass_ctx *pc, struct opq_graph *g) {
-    struct opq_model *before = NULL;
-    if (pc->opts->quant && pc->opts->quant->calib.path) {
-        void *buf = NULL;
-        size_t len = 0;
-        if (opq_model_save_buffer(pc->ctx, pc->model, &buf, &len) == OPQ_OK)
-            opq_model_load_buffer(pc->ctx, buf, len, pc->model->path, pc->model->dir, &before);
-        opq_buffer_free(pc->ctx, buf);
-        opq_ctx_clear_error(pc->ctx);
-    }
+enum opq_status opq_pass_gelu_swap(struct opq_pass_ctx *pc, struct opq_graph *g) {
     struct opq_recognized *r = NULL;
     enum opq_status st = opq_recognize(pc->ctx, g, &r);
     for (int i = 0; st == OPQ_OK && i < r->n_items; i++) {
@@ -169,9 +160,18 @@ enum opq_status opq_pass_run_gelu_to_relu(struct opq_pass_ctx *pc, struct opq_gr
     if (st == OPQ_OK && pc->stats.n_rewrites > 0) {
         opq_graph_compact(g);
         st = opq_graph_sort(g);
-        if (st == OPQ_OK && before)
-            opq_pass_log_float_change(pc, before, "GELU -> ReLU");
     }
+    return st;
+}
+
+enum opq_status opq_pass_run_gelu_to_relu(struct opq_pass_ctx *pc, struct opq_graph *g) {
+    struct opq_model *before = NULL; // for the report (best effort: no copy, no report)
+    if (pc->opts->quant && pc->opts->quant->calib.path &&
+        opq_model_clone(pc->ctx, pc->model, &before) != OPQ_OK)
+        opq_ctx_clear_error(pc->ctx);
+    enum opq_status st = opq_pass_gelu_swap(pc, g);
+    if (st == OPQ_OK && before && pc->stats.n_rewrites > 0)
+        opq_pass_log_float_change(pc, before, "GELU -> ReLU");
     opq_model_free(before);
     return st;
 }

@@ -19,15 +19,12 @@ enum opq_status opq_pass_run_mlp_recon(struct opq_pass_ctx *pc, struct opq_graph
                              "the mlp-recon pass needs calibration data (--calib)");
     struct opq_model *teacher = NULL;
     struct opq_calib_src *src = NULL;
-    void *buf = NULL;
-    size_t len = 0;
-    enum opq_status st = opq_model_save_buffer(pc->ctx, pc->model, &buf, &len);
+    enum opq_status st = opq_model_clone(pc->ctx, pc->model, &teacher);
     if (st == OPQ_OK)
-        st = opq_model_load_buffer(pc->ctx, buf, len, pc->model->path, pc->model->dir, &teacher);
-    opq_buffer_free(pc->ctx, buf);
-    if (st == OPQ_OK)
-        st = opq_pass_run_gelu_to_relu(pc, g);
+        st = opq_pass_gelu_swap(pc, g);
     long swapped = pc->stats.n_rewrites;
+    if (st == OPQ_OK && swapped > 0)
+        opq_pass_log_float_change(pc, teacher, "GELU -> ReLU");
     if (st == OPQ_OK && swapped > 0)
         st = opq_calib_open(pc->ctx, teacher, &q->calib, &src);
     if (st == OPQ_OK && swapped > 0) {

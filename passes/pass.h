@@ -51,6 +51,10 @@ struct opq_pass_ctx {
     struct opq_pass_stats           stats; // reset before each pass
 };
 
+// The gelu-to-relu rewrite without its report (mlp-recon runs it on the model it already copied):
+// every GELU becomes a Relu in its place; pc->stats.n_rewrites counts them.
+enum opq_status opq_pass_gelu_swap(struct opq_pass_ctx *pc, struct opq_graph *g);
+
 // Logs (info) how far pc->model's logits moved from `before`'s on up to 256 calibration samples
 // (top-1 agreement, logits SQNR), prefixed by the pass name and `what`. Best effort: without
 // calibration data or float logits it logs nothing.

@@ -1645,6 +1645,18 @@ void opq_buffer_free(struct opq_ctx *ctx, void *buf) {
     opq_free(ctx, buf);
 }
 
+enum opq_status opq_model_clone(struct opq_ctx *ctx, const struct opq_model *model,
+                                struct opq_model **out) {
+    void *buf = NULL;
+    size_t len = 0;
+    *out = NULL;
+    enum opq_status st = opq_model_save_buffer(ctx, model, &buf, &len);
+    if (st == OPQ_OK)
+        st = opq_model_load_buffer(ctx, buf, len, model->path, model->dir, out);
+    opq_buffer_free(ctx, buf);
+    return st;
+}
+
 void opq_io_set_inline_limit(size_t bytes) {
     inline_limit = bytes ? bytes : (size_t)INT32_MAX;
 }

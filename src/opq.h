@@ -105,6 +105,10 @@ enum opq_status opq_model_save(struct opq_ctx *ctx, const struct opq_model *mode
 enum opq_status opq_model_save_buffer(struct opq_ctx *ctx, const struct opq_model *model,
                                       void **buf, size_t *len);
 void            opq_buffer_free(struct opq_ctx *ctx, void *buf);
+// A deep copy through a serialize/parse round trip in memory (so models past protobuf's 2 GiB
+// limit are refused like opq_model_save_buffer). The caller frees *out with opq_model_free.
+enum opq_status opq_model_clone(struct opq_ctx *ctx, const struct opq_model *model,
+                                struct opq_model **out);
 
 #ifdef __cplusplus
 }

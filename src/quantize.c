@@ -496,18 +496,6 @@ static bool is_block_output(const struct opq_node *n) {
 
 // ---- main flow ----------------------------------------------------------------------------------------
 
-static enum opq_status clone_model(struct opq_ctx *ctx, const struct opq_model *m,
-                                   struct opq_model **out) {
-    void *buf = NULL;
-    size_t len = 0;
-    enum opq_status st = opq_model_save_buffer(ctx, m, &buf, &len);
-    if (st != OPQ_OK)
-        return st;
-    st = opq_model_load_buffer(ctx, buf, len, m->path, m->dir, out);
-    opq_buffer_free(ctx, buf);
-    return st;
-}
-
 // Softmax of a row in double.
 static void softmax_row(const float *x, int64_t n, double *p) {
     double mx = x[0], s = 0.0;
@@ -795,7 +783,7 @@ static enum opq_status search_ranges(struct opq_ctx *ctx, struct opq_model *mode
     struct opq_model *qm = NULL;
     struct opq_placement qpl = {0};
     bool *search = calloc((size_t)pl->n_targets + 1, sizeof(bool));
-    enum opq_status st = search ? clone_model(ctx, model, &qm) : OPQ_ERR_NOMEM;
+    enum opq_status st = search ? opq_model_clone(ctx, model, &qm) : OPQ_ERR_NOMEM;
     if (st == OPQ_OK)
         st = annotate_types(ctx, qm, src);
     if (st == OPQ_OK)
@@ -859,7 +847,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     int holdout = opq_quant_holdout(o, total);
     int n_calib = total - holdout;
     rep->n_calib = n_calib;
-    if (holdout > 0 && (st = clone_model(ctx, model, &fmodel)) != OPQ_OK)
+    if (holdout > 0 && (st = opq_model_clone(ctx, model, &fmodel)) != OPQ_OK)
         goto out;
     phase_end(rep, "prepare", t0);
 

@@ -371,6 +371,16 @@ static void set_param_flag(struct opq_graph *g, const struct mlp *m, int n, bool
     }
 }
 
+// out = h rescaled to RMS 1 (all ones if h is all zero).
+static void rms_one(const double *h, size_t n, float *out) {
+    double ss = 0.0;
+    for (size_t k = 0; k < n; k++)
+        ss += h[k] * h[k];
+    double rms = sqrt(ss / (double)n);
+    for (size_t k = 0; k < n; k++)
+        out[k] = rms > 0.0 ? (float)(h[k] / rms) : 1.0f;
+}
+
 // APH weights of every MLP output in the teacher, rescaled to RMS 1 (exact: K <= 64 classes;
 // else per MLP from its targets in the group loop).
 static enum opq_status aph_exact(struct opq_ctx *ctx, struct opq_exec *ext, struct opq_graph *tg,
@@ -390,14 +400,8 @@ static enum opq_status aph_exact(struct opq_ctx *ctx, struct opq_exec *ext, stru
     }
     if (st == OPQ_OK)
         st = opq_recon_aph_many(ext, tg, in, X0, N, B, T, outs, stops, nm, h);
-    for (int i = 0; st == OPQ_OK && i < nm; i++) {
-        double ss = 0.0;
-        for (size_t k = 0; k < m[i].per_y; k++)
-            ss += h[i][k] * h[i][k];
-        double rms = sqrt(ss / (double)m[i].per_y);
-        for (size_t k = 0; k < m[i].per_y; k++)
-            m[i].h[k] = rms > 0.0 ? (float)(h[i][k] / rms) : 1.0f;
-    }
+    for (int i = 0; st == OPQ_OK && i < nm; i++)
+        rms_one(h[i], m[i].per_y, m[i].h);
     for (int i = 0; h && i < nm; i++)
         free(h[i]);
     free(h);
@@ -553,12 +557,8 @@ enum opq_status opq_mr_run(struct opq_ctx *ctx, struct opq_model *teacher,
                 }
                 st = opq_recon_aph(ext, tg, m[i].y, m[i].y_prod + 1, tg->n_nodes - 1, m[i].Y, N,
                                    B, o->temp, h);
-                double ss = 0.0;
-                for (size_t k = 0; st == OPQ_OK && k < m[i].per_y; k++)
-                    ss += h[k] * h[k];
-                double rms = sqrt(ss / (double)m[i].per_y);
-                for (size_t k = 0; st == OPQ_OK && k < m[i].per_y; k++)
-                    m[i].h[k] = rms > 0.0 ? (float)(h[k] / rms) : 1.0f;
+                if (st == OPQ_OK)
+                    rms_one(h, m[i].per_y, m[i].h);
                 free(h);
                 if (st != OPQ_OK)
                     break;

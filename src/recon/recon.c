@@ -525,6 +525,18 @@ static uint32_t coin_threshold(float p) {
     return (uint32_t)lrintf(p * 256.0f);
 }
 
+// The channel segment of site s starting at element i0 (of n): its trained step size and code
+// range relative to the zero point; returns the segment's end.
+static size_t site_seg(const struct site *s, size_t i0, size_t n, float *sc, float *lo, float *hi) {
+    size_t c = site_ch(s, i0);
+    const struct opq_qparams *p = &s->qp[c];
+    float z = (float)p->zero_point;
+    *sc = s->scale[c];
+    *lo = (float)p->qmin - z;
+    *hi = (float)p->qmax - z;
+    return i0 + s->inner < n ? i0 + s->inner : n;
+}
+
 #define RND_MAGIC 12582912.0f // 1.5 * 2^23: (x + M) - M rounds half to even for |x| < 2^22
 
 // Forward fake quantization of site s in place (training: with quantizer dropping, keeping the
@@ -548,11 +560,8 @@ static void site_forward(struct eng *e, struct site *s, enum amode am) {
         memset(s->keep, 1, n);
     }
     for (size_t i0 = 0; i0 < n; i0 += s->inner) {
-        size_t c = site_ch(s, i0);
-        const struct opq_qparams *p = &s->qp[c];
-        float sc = s->scale[c], z = (float)p->zero_point;
-        float lo = (float)p->qmin - z, hi = (float)p->qmax - z;
-        size_t end = i0 + s->inner < n ? i0 + s->inner : n;
+        float sc, lo, hi;
+        size_t end = site_seg(s, i0, n, &sc, &lo, &hi);
         if (drop) {
             const uint8_t *k = s->keep;
             for (size_t i = i0; i < end; i++) {
@@ -578,11 +587,8 @@ static void site_backward(struct eng *e, struct site *s) {
     const uint8_t *keep = s->keep;
     float *cb = s->c;
     for (size_t i0 = 0; i0 < n; i0 += s->inner) {
-        size_t c = site_ch(s, i0);
-        const struct opq_qparams *p = &s->qp[c];
-        float sc = s->scale[c], z = (float)p->zero_point;
-        float lo = (float)p->qmin - z, hi = (float)p->qmax - z;
-        size_t end = i0 + s->inner < n ? i0 + s->inner : n;
+        float sc, lo, hi;
+        size_t end = site_seg(s, i0, n, &sc, &lo, &hi);
         for (size_t i = i0; i < end; i++) {
             float xs = s->x[i] / sc;
             float xc = xs < lo - 1.0f ? lo - 1.0f : (xs > hi + 1.0f ? hi + 1.0f : xs);
@@ -596,7 +602,7 @@ static void site_backward(struct eng *e, struct site *s) {
         double ds = 0.0;
         for (size_t i = i0; i < end; i++)
             ds += (double)cb[i];
-        s->dscale[c] += ds;
+        s->dscale[site_ch(s, i0)] += ds;
     }
 }
 
@@ -717,6 +723,20 @@ static void softmax_t(const float *z, int64_t K, double T, double *p) {
         p[k] /= sum;
 }
 
+// The reverse-mode seed of the APH's second sweep: seed = H_z u per sample, H_z = (diag(p) -
+// p p^T) / T^2 the Hessian of the batch-mean KL at the float point (p, u: B rows of K).
+static void hz_seed(const double *p, const double *u, int B, int64_t K, float T, float *seed) {
+    for (int i = 0; i < B; i++) {
+        const double *pi = p + (size_t)i * (size_t)K, *ui = u + (size_t)i * (size_t)K;
+        double pu = 0.0;
+        for (int64_t k = 0; k < K; k++)
+            pu += pi[k] * ui[k];
+        for (int64_t k = 0; k < K; k++)
+            seed[(size_t)i * (size_t)K + (size_t)k] =
+                (float)((pi[k] * ui[k] - pi[k] * pu) / ((double)T * (double)T * B));
+    }
+}
+
 enum opq_status opq_recon_aph(struct opq_exec *ex, struct opq_graph *g, const char *out, int first,
                               int last, const float *O, int n, int B, float T, double *hbar) {
     struct opq_ctx *ctx = g->ctx;
@@ -785,18 +805,8 @@ enum opq_status opq_recon_aph(struct opq_exec *ex, struct opq_graph *g, const ch
             prov.t.data = (void *)Ob;
         }
         // v = H_z u, then h = |J^T v|
-        for (int i = 0; i < B; i++) {
-            const double *pi = p + (size_t)i * (size_t)K;
-            double *ui = u + (size_t)i * (size_t)K;
-            double pu = 0.0;
-            for (int64_t k = 0; k < K; k++)
-                pu += pi[k] * ui[k];
-            for (int64_t k = 0; k < K; k++) {
-                seed[(size_t)i * (size_t)K + (size_t)k] =
-                    (float)((pi[k] * ui[k] - pi[k] * pu) / ((double)T * (double)T * B));
-                ui[k] = 0.0;
-            }
-        }
+        hz_seed(p, u, B, K, T, seed);
+        memset(u, 0, sizeof(double) * nb);
         st = opq_exec_backward(ex, first, last, &prov, 1, &sd, 1, &out, 1, &grad);
         if (st != OPQ_OK)
             goto out;
@@ -884,16 +894,7 @@ enum opq_status opq_recon_aph_many(struct opq_exec *ex, struct opq_graph *g, con
         }
         // h_j = |J_j^T H_z u_j|: one sweep per value, down to its producer
         for (int j = 0; j < n_outs; j++) {
-            for (int i = 0; i < B; i++) {
-                const double *pi = p + (size_t)i * (size_t)K;
-                const double *ui = u + (size_t)j * nb + (size_t)i * (size_t)K;
-                double pu = 0.0;
-                for (int64_t k = 0; k < K; k++)
-                    pu += pi[k] * ui[k];
-                for (int64_t k = 0; k < K; k++)
-                    seed[(size_t)i * (size_t)K + (size_t)k] =
-                        (float)((pi[k] * ui[k] - pi[k] * pu) / ((double)T * (double)T * B));
-            }
+            hz_seed(p, u + (size_t)j * nb, B, K, T, seed);
             if ((st = opq_exec_tape_backward(tape, stops[j], &sd, 1, grads)) != OPQ_OK)
                 goto out;
             const float *G = grads[j].data;
@@ -1632,27 +1633,6 @@ static enum opq_status eng_setup(struct eng *e) {
     enum opq_status st = find_units(e);
     if (st != OPQ_OK)
         return st;
-    // pinned: everything that crosses a sub-range boundary
-    int cap = 0;
-    for (int u = 0; u < e->n_units; u++)
-        for (int r = 0; r < e->units[u].n_subs; r++)
-            cap += e->units[u].subs[r].n_ext + e->units[u].subs[r].n_outs;
-    const char **pin = calloc((size_t)cap + 1, sizeof(*pin));
-    int *pin_vi = calloc((size_t)cap + 1, sizeof(int));
-    if (!pin || !pin_vi) {
-        free(pin);
-        free(pin_vi);
-        return nomem(e->ctx);
-    }
-    int np = 0;
-    for (int u = 0; u < e->n_units; u++)
-        for (int r = 0; r < e->units[u].n_subs; r++) {
-            struct sub *S = &e->units[u].subs[r];
-            for (int i = 0; i < S->n_ext; i++)
-                set_add(pin_vi, &np, S->ext[i]);
-            for (int i = 0; i < S->n_outs; i++)
-                set_add(pin_vi, &np, S->outs[i]);
-        }
     const struct opq_tensor *s = opq_calib_sample_shape(rc->src, 0);
     struct opq_named_tensor shape = {.name = opq_calib_input_name(rc->src, 0), .t = *s};
     shape.t.ndim = s->ndim + 1;
@@ -1661,21 +1641,27 @@ static enum opq_status eng_setup(struct eng *e) {
     shape.t.data = NULL;
     // only the unit outputs are pinned (a unit's plain forward then computes all of it: the
     // reference of the iteration cost); sub-ranges run on tapes, which keep their own values
-    int nb = 0;
+    const char **pin = calloc((size_t)e->n_units, sizeof(*pin));
+    if (!pin)
+        return nomem(e->ctx);
     for (int u = 0; u < e->n_units; u++)
-        pin[nb++] = g->values[e->units[u].out_vi]->name;
-    struct opq_exec_opts eo = {.batch = e->B, .pinned = pin, .n_pinned = nb};
+        pin[u] = g->values[e->units[u].out_vi]->name;
+    struct opq_exec_opts eo = {.batch = e->B, .pinned = pin, .n_pinned = e->n_units};
     st = opq_exec_plan(e->ctx, rc->model, &shape, 1, &eo, &e->ex);
-    for (int i = 0; st == OPQ_OK && i < np; i++) {
-        int vi = pin_vi[i];
-        const struct opq_tensor *t = opq_exec_value(e->ex, g->values[vi]->name);
-        e->bbytes[vi] = t->nbytes;
-        e->isf[vi] = t->dtype == OPQ_DTYPE_FLOAT;
-    }
     free(pin);
-    free(pin_vi);
     if (st != OPQ_OK)
         return st;
+    // batch sizes of the values crossing sub-range boundaries (their buffers: unit_bufs)
+    for (int u = 0; u < e->n_units; u++)
+        for (int r = 0; r < e->units[u].n_subs; r++) {
+            const struct sub *S = &e->units[u].subs[r];
+            for (int i = 0; i < S->n_ext + S->n_outs; i++) {
+                int vi = i < S->n_ext ? S->ext[i] : S->outs[i - S->n_ext];
+                const struct opq_tensor *t = opq_exec_value(e->ex, g->values[vi]->name);
+                e->bbytes[vi] = t->nbytes;
+                e->isf[vi] = t->dtype == OPQ_DTYPE_FLOAT;
+            }
+        }
     // unit boundaries are cached per sample: they must have the batch as leading dim
     for (int u = 0; u < e->n_units; u++) {
         int vis[2] = {e->units[u].in_vi, e->units[u].out_vi};

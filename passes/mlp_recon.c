@@ -31,6 +31,7 @@ enum opq_status opq_pass_run_mlp_recon(struct opq_pass_ctx *pc, struct opq_graph
         int total = opq_calib_count(src);
         struct opq_mr_opts mo = q->mr;
         mo.seed = pc->opts->seed;
+        mo.batch = q->recon.batch; // --recon-batch, as --help says
         if (q->recon.time_budget > 0.0 && mo.seconds <= 0.0) {
             // a fifth of what is left of the run's budget; block reconstruction gets the rest
             double t0 = q->recon.budget_start > 0.0 ? q->recon.budget_start : opq_now_s();

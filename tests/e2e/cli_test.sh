@@ -405,6 +405,17 @@ case_mlp_recon() {
     ! grep -q "Erf" out.txt || fail "an Erf GELU is left"
     run 1 "$vit" c.onnx --mlp-recon --gelu-to-relu --calib random
     expect_one_error_line "--mlp-recon already swaps GELU for ReLU"
+    run 1 "$vit" c.onnx --method none --mlp-recon
+    expect_one_error_line "no calibration data"
+    run 1 "$vit" c.onnx --passes mlp-recon,quantize-aphq
+    expect_one_error_line "no calibration data"
+    run 1 "$vit" c.onnx "${args[@]}" --mr-iters 0
+    expect_one_error_line "--mr-iters"
+    run 1 "$vit" c.onnx "${args[@]}" --mr-lr 0
+    expect_one_error_line "--mr-lr"
+    run 1 "$vit" c.onnx --calib random --input-bits 9
+    expect_one_error_line "--input-bits"
+    [ ! -e c.onnx ] || fail "an output was written after an error"
 }
 
 fn="case_$CASE"

@@ -429,8 +429,10 @@ static int run_main(struct opq_ctx *ctx, struct main_opts *o) {
             names[n_names++] = o->mlp_recon ? "mlp-recon" : "gelu-to-relu";
         o->method = NULL;
     }
+    // every quantizing pass (quantize, quantize-erq, -aphq, -flexround) and mlp-recon reads the
+    // calibration data: refuse before loading when it is missing
     for (int i = 0; i < n_names; i++)
-        quantizes |= strcmp(names[i], "quantize") == 0;
+        quantizes |= strncmp(names[i], "quantize", 8) == 0 || strcmp(names[i], "mlp-recon") == 0;
     if (quantizes && !o->quant.calib.path) {
         cli_error("no calibration data: give --calib FILE.npy|FILE.npz|FOLDER (or --calib random "
                   "for a smoke test without real data; --method none skips quantization)");

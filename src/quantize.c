@@ -18,6 +18,7 @@
 #include "quant/trt_check.h"
 #include "recognize.h"
 #include "strmap.h"
+#include "threadpool.h"
 
 void opq_quant_opts_default(struct opq_quant_opts *o) {
     memset(o, 0, sizeof(*o));
@@ -199,13 +200,11 @@ static enum opq_status chan_capture(void *user, const char *name, const struct o
         return OPQ_OK;
     const float *x = t->data;
     float *lo = cr->lo[k], *hi = cr->hi[k];
-    for (size_t i = 0; i < n; i++) {
-        size_t c = i % (size_t)C;
-        if (x[i] < lo[c])
-            lo[c] = x[i];
-        if (x[i] > hi[c])
-            hi[c] = x[i];
-    }
+    for (size_t r = 0; r < n / (size_t)C; r++, x += C)
+        for (int64_t c = 0; c < C; c++) {
+            lo[c] = x[c] < lo[c] ? x[c] : lo[c];
+            hi[c] = x[c] > hi[c] ? x[c] : hi[c];
+        }
     return OPQ_OK;
 }
 
@@ -364,6 +363,7 @@ struct observers {
     const char         **names;
     int                  n;
     struct chan_ranges  *cr;    // optional: per-channel ranges of reparam sites
+    struct opq_threadpool *pool; // counting threads (idle while the executor runs)
 };
 
 static enum opq_status obs_capture(void *user, const char *name, const struct opq_tensor *t) {
@@ -377,7 +377,7 @@ static enum opq_status obs_capture(void *user, const char *name, const struct op
     struct opq_observer *o = &ob->obs[ob->first[k]];
     int H = ob->heads[k];
     if (H <= 1 || t->ndim < 2 || t->shape[1] != H) {
-        opq_observer_add(o, t->data, n);
+        opq_observer_add_mt(o, t->data, n, ob->pool);
         return OPQ_OK;
     }
     // per head: contiguous runs of shape[2] * ... elements along axis 1
@@ -829,6 +829,12 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         return OPQ_ERR_NOMEM;
     if ((st = check_opts(ctx, model, o)) != OPQ_OK)
         goto out;
+    // Observer counting and the weight-range search run on their own pool (the executor's
+    // workers sleep between kernels, so the two never compete).
+    if (opq_ctx_threads(ctx) > 1 && !(ob.pool = opq_threadpool_new(ctx, opq_ctx_threads(ctx)))) {
+        st = OPQ_ERR_NOMEM;
+        goto out;
+    }
     if ((st = opq_graph_sort(g)) != OPQ_OK || (st = opq_graph_verify(g)) != OPQ_OK)
         goto out;
     bool trt    = o->target == OPQ_TARGET_TRT;
@@ -998,8 +1004,8 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
                 st = OPQ_ERR_NOMEM;
                 break;
             }
-            st = opq_weight_qparams(v->t.data, n, n_ch, inner, qmin, qmax, !o->w_asym, o->wcalib,
-                                    qp[t]);
+            st = opq_weight_qparams_mt(v->t.data, n, n_ch, inner, qmin, qmax, !o->w_asym,
+                                       o->wcalib, qp[t], ob.pool);
             if (st == OPQ_ERR_NUMERIC)
                 st = opq_set_error(ctx, st, "weight '%s' has NaN or Inf values", v->name);
             n_chs[t] = (int)n_ch;
@@ -1086,14 +1092,11 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
             spec.bits      = o->wbits;
             spec.is_signed = true;
             // the weight's own quantization error
-            const float *w = v->t.data;
             double s2 = 0.0, e2 = 0.0;
-            for (size_t i = 0; i < n; i++) {
-                size_t c = spec.n_ch > 1 ? (i / inner) % (size_t)spec.n_ch : 0;
-                double d = (double)w[i] - (double)opq_fq(w[i], &qp[t][c]);
-                s2 += (double)w[i] * (double)w[i];
-                e2 += d * d;
-            }
+            if ((st = opq_quantize_channels(v->t.data, n, spec.n_ch > 1 ? (size_t)spec.n_ch : 1,
+                                            spec.n_ch > 1 ? inner : n, qp[t], NULL, &s2,
+                                            &e2)) != OPQ_OK)
+                break;
             rt->sqnr_db = sqnr_db(s2, e2);
             st = opq_qdq_quantize_weight(g, v, &spec, NULL);
         } else {
@@ -1151,6 +1154,7 @@ out:
     free(ob.heads);
     free(ob.obs);
     opq_strmap_free(ob.index);
+    opq_threadpool_free(ob.pool);
     reparam_sites_free(&rsites);
     opq_calib_close(src);
     opq_model_free(fmodel);

@@ -2,6 +2,7 @@
 #include "quant/qdq.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -207,10 +208,20 @@ enum opq_status opq_qdq_quantize_weight(struct opq_graph *g, struct opq_value *w
     struct opq_value *qw = new_init(g, hint, qdt, w->t.ndim, w->t.shape);
     if (!qw)
         return OPQ_ERR_NOMEM;
-    for (size_t i = 0; i < n; i++) {
-        size_t c = s->n_ch > 1 ? (i / inner) % (size_t)s->n_ch : 0;
-        put_code(qw->t.data, qdt, i, opq_quantize1(x[i], &s->p[c]));
-    }
+    int32_t *codes = malloc(n * sizeof(int32_t) + 1);
+    if (!codes)
+        return opq_set_error(g->ctx, OPQ_ERR_NOMEM, "'%s': out of memory", w->name);
+    enum opq_status qs = opq_quantize_channels(x, n, s->n_ch > 1 ? (size_t)s->n_ch : 1,
+                                               s->n_ch > 1 ? inner : n, s->p, codes, NULL, NULL);
+    if (qs == OPQ_OK && qdt == OPQ_DTYPE_INT8)
+        for (size_t i = 0; i < n; i++)
+            ((int8_t *)qw->t.data)[i] = (int8_t)codes[i];
+    else if (qs == OPQ_OK)
+        for (size_t i = 0; i < n; i++)
+            put_code(qw->t.data, qdt, i, codes[i]);
+    free(codes);
+    if (qs != OPQ_OK)
+        return opq_set_error(g->ctx, qs, "'%s': cannot quantize", w->name);
     struct opq_value *scale, *zp;
     enum opq_status st = make_scale_zp(g, w->name, s, qdt, &scale, &zp);
     if (st != OPQ_OK)

@@ -68,6 +68,10 @@ struct opq_observer {
 void opq_observer_init(struct opq_observer *o);
 // Adds n samples. Non-finite samples are counted (n_nonfinite) and otherwise ignored.
 void opq_observer_add(struct opq_observer *o, const float *x, size_t n);
+// The same, split over the pool's threads (NULL: the caller alone); the result is identical.
+struct opq_threadpool;
+void opq_observer_add_mt(struct opq_observer *o, const float *x, size_t n,
+                         struct opq_threadpool *pool);
 // Merges b into a (for per-thread observers).
 void opq_observer_merge(struct opq_observer *a, const struct opq_observer *b);
 
@@ -95,6 +99,19 @@ enum opq_wcalib { OPQ_WCALIB_MINMAX = 0, OPQ_WCALIB_MSE = 1 };
 enum opq_status opq_weight_qparams(const float *w, size_t n, size_t n_ch, size_t inner,
                                    int32_t qmin, int32_t qmax, bool symmetric,
                                    enum opq_wcalib method, struct opq_qparams *out);
+// The same with the channels split over the pool's threads (NULL: the caller alone); the result
+// does not depend on the thread count.
+enum opq_status opq_weight_qparams_mt(const float *w, size_t n, size_t n_ch, size_t inner,
+                                      int32_t qmin, int32_t qmax, bool symmetric,
+                                      enum opq_wcalib method, struct opq_qparams *out,
+                                      struct opq_threadpool *pool);
+
+// Integer codes of a weight viewed as [n_ch][...] (as above) with per-channel qparams p (one grid
+// for all channels), exactly as opq_quantize1 gives them, into q (n entries; may be NULL), and
+// the sums of x^2 (sig) and of the squared fake-quantization error (err), either may be NULL.
+enum opq_status opq_quantize_channels(const float *x, size_t n, size_t n_ch, size_t inner,
+                                      const struct opq_qparams *p, int32_t *q, double *sig,
+                                      double *err);
 
 #include <math.h>
 static inline float opq_fq(float x, const struct opq_qparams *p) {

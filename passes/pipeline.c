@@ -25,10 +25,10 @@ static const struct method methods[] = {
     {"none", "no quantization: only the function-preserving clean-up passes",
      {"remove-identity", "cleanup-dead", NULL}},
     {"rtn", "calibrated round-to-nearest quantization (the default)",
-     {"remove-identity", "cleanup-dead", "quantize", NULL}},
+     {"remove-identity", "cleanup-dead", "defer-softmax", "quantize", NULL}},
     {"erq", "ERQ: activation and weight quantization error reduction (ridge regression, "
             "rounding refinement, dual uniform weights)",
-     {"remove-identity", "cleanup-dead", "quantize-erq", NULL}},
+     {"remove-identity", "cleanup-dead", "defer-softmax", "quantize-erq", NULL}},
     {"aphq", "APHQ-ViT block reconstruction: AdaRound + LSQ per unit, APH-weighted loss, QDrop "
              "(no MLP reconstruction yet)",
      {"remove-identity", "cleanup-dead", "quantize-aphq", NULL}},

@@ -32,6 +32,7 @@ void opq_quant_opts_default(struct opq_quant_opts *o) {
     o->wcalib        = OPQ_WCALIB_MSE;
     o->target        = OPQ_TARGET_ORT;
     o->reparam       = -1;
+    o->defer_softmax = -1;
     o->reparam_alpha = 1.0f;
     o->batch         = 16;
     o->holdout       = -1;

@@ -69,6 +69,9 @@ struct opq_quant_opts {
     unsigned              keep_float;     // enum opq_keep_float bits
     enum opq_target       target;
     int                   reparam;        // -1: where it helps, 0: off, 1: every LayerNorm
+    // The defer-softmax pass of the presets (passes/defer_softmax.c): -1 (default) when
+    // activations are below 8 bits, 0 off, 1 on. Read by that pass, not by opq_quantize.
+    int                   defer_softmax;
     float                 reparam_alpha;  // migration strength (reparam.h)
     int                   batch;          // calibration batch
     int                   holdout;        // samples kept out for the report (-1: automatic)

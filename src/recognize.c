@@ -299,11 +299,23 @@ static enum opq_status match_gelu_tanh(struct builder *b, struct opq_node *th) {
 
 // ---- attention ----------------------------------------------------------------------------------
 
+// sm: a Softmax, or the Exp of the deferred form (passes/defer_softmax.c)
+// Exp(S - ReduceMax(S)) . V / ReduceSum(...).
 static enum opq_status match_attention(struct builder *b, struct opq_node *sm) {
     struct opq_node *ns[MAX_PAT_NODES];
     int k = 0;
     struct opq_value *v = sm->inputs[0];
     struct opq_node *p = v ? v->producer : NULL;
+    if (sm->op == OPQ_OP_EXP) {
+        struct opq_node *sub = producer_op(v, OPQ_OP_SUB);
+        struct opq_node *mx = sub ? producer_op(sub->inputs[1], OPQ_OP_REDUCEMAX) : NULL;
+        if (!mx || mx->inputs[0] != sub->inputs[0])
+            return OPQ_OK;
+        ns[k++] = mx;
+        ns[k++] = sub;
+        v = sub->inputs[0];
+        p = v ? v->producer : NULL;
+    }
     if (p && p->op == OPQ_OP_ADD) { // mask
         ns[k++] = p;
         // the scores come from whichever operand is not a constant/graph input
@@ -444,7 +456,7 @@ enum opq_status opq_recognize(struct opq_ctx *ctx, const struct opq_graph *g,
             st = match_gelu_erf(&b, n);
         else if (n->op == OPQ_OP_TANH)
             st = match_gelu_tanh(&b, n);
-        else if (n->op == OPQ_OP_SOFTMAX)
+        else if (n->op == OPQ_OP_SOFTMAX || n->op == OPQ_OP_EXP)
             st = match_attention(&b, n);
     }
     if (st == OPQ_OK)

@@ -42,7 +42,7 @@ struct opq_pattern {
     int first, last;          // node index range covered (inclusive)
     // attention: the Q.K^T MatMul, the Softmax and the P.V MatMul; blocks: the two LayerNorms'
     // pattern indices and the two residual Adds.
-    struct opq_node *qk, *softmax, *pv;
+    struct opq_node *qk, *softmax, *pv; // softmax: the Exp in the deferred form
     int ln1, ln2;
     struct opq_node *res1, *res2;
 };

@@ -4,7 +4,9 @@
  * input from then on (it must be known at plan time). keepdims (default 1); empty/absent axes
  * reduce everything unless noop_with_empty_axes = 1 (then Y = X). float32 (ReduceSum/Max also
  * int64). Sums accumulate in double.
- * VJP: ReduceSum dX = broadcast(dY); ReduceMean dX = broadcast(dY) / count. */
+ * VJP: ReduceSum dX = broadcast(dY); ReduceMean dX = broadcast(dY) / count; ReduceMax routes dY
+ * to the first element (in memory order) equal to the maximum and gives the others 0 (a
+ * subgradient at ties, as in argmax-based max pooling). */
 #include <math.h>
 
 #include "k_math.h"
@@ -211,8 +213,21 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     out_strides(x, mask, os);
     int64_t idx[OPQ_MAX_DIMS] = {0};
     int64_t o = 0;
+    bool *taken = NULL; // ReduceMax: the output's maximum already found
+    if (op == ROP_MAX && !(taken = opq_arena_alloc(k->scratch, (size_t)ny + 1)))
+        return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
+                             ku_name(n));
+    for (int64_t i = 0; taken && i < ny; i++)
+        taken[i] = false;
     for (int64_t i = 0; i < nx; i++) {
-        dx[i] = dy[o] * scale;
+        if (taken) {
+            const float *xf = x->data;
+            bool hit = !taken[o] && xf[i] == ((const float *)out[0].data)[o];
+            dx[i] = hit ? dy[o] : 0.0f;
+            taken[o] = taken[o] || hit;
+        } else {
+            dx[i] = dy[o] * scale;
+        }
         for (int d = x->ndim - 1; d >= 0; d--) {
             idx[d]++;
             o += os[d];
@@ -243,6 +258,7 @@ RED_FORWARD(reducesum, ROP_SUM)
 RED_FORWARD(reducemax, ROP_MAX)
 RED_BACKWARD(reducemean, ROP_MEAN)
 RED_BACKWARD(reducesum, ROP_SUM)
+RED_BACKWARD(reducemax, ROP_MAX)
 
 const struct opq_kernel opq_kernel_reducemean = {
     .parse = red_parse,
@@ -260,4 +276,5 @@ const struct opq_kernel opq_kernel_reducemax = {
     .parse = red_parse,
     .infer = red_infer,
     .forward = reducemax_forward,
+    .backward = reducemax_backward,
 };

@@ -330,6 +330,28 @@ case_fixture_vit() {
     fi
 }
 
+# defer-softmax on the two attention exports (fused qkv + Gather, torchvision's MHA with Slice)
+# and on Swin's windows: every Softmax goes, the logits stay within float rounding.
+case_defer_softmax() {
+    "$PY" -c 'import numpy' 2>/dev/null || { echo "skip: $PY lacks numpy" >&2; exit 77; }
+    "$PY" -c 'import numpy as np; np.save("x.npy", np.random.default_rng(1).random((8, 1, 28, 28), dtype=np.float32))' \
+        || fail "could not write x.npy"
+    local f
+    for f in vit_tiny tv_vit swin_tiny; do
+        local m=${OPQ_SOURCE_DIR:-}/fixtures/models/${f}_op17.onnx
+        [ -f "$m" ] || { echo "skip: $m missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+        run 0 "$m" d.onnx --passes defer-softmax --defer-softmax on --verify --force -q
+        run 0 inspect d.onnx
+        grep -q '^  Softmax ' out.txt && fail "$f: a Softmax is left"
+        grep -Eq '^  ReduceMax +4$' out.txt || fail "$f: not 4 ReduceMax nodes"
+        rm -rf o1 o2
+        run 0 run "$m" --input input=x.npy --output-dir o1
+        run 0 run d.onnx --input input=x.npy --output-dir o2
+        "$PY" -c 'import numpy as np, sys; a = np.load("o1/logits.npy"); b = np.load("o2/logits.npy"); sys.exit(0 if np.abs(a - b).max() <= 1e-5 * np.abs(a).max() else 1)' \
+            || fail "$f: logits changed beyond 1e-5 relative"
+    done
+}
+
 # --opset N: upgrades an opset-13 fixture (its ReduceMeans get an axes input), refuses a target
 # below the model's, one above 21, and --passes without upgrade-opset.
 case_opset() {

@@ -45,6 +45,8 @@ const char cli_quant_usage[] =
     "  --target ort|trt    ort (default) or TensorRT's explicit-quantization rules (8-bit)\n"
     "  --reparam auto|on|off  post-LayerNorm range reparameterization (default auto)\n"
     "  --reparam-alpha A   its migration strength, 0..1 (default 1)\n"
+    "  --defer-softmax auto|on|off  normalize attention after softmax.V, so quantized\n"
+    "                      rows peak at 1 (default auto: activations below 8 bits)\n"
     "  --report FILE.json  write the quantization report as JSON\n"
     "ERQ (--method erq; the paper uses --weight-scheme asym):\n"
     "  --erq-lambda L      ridge strength per calibration token, lambda = L * tokens\n"
@@ -221,6 +223,15 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
             q->reparam = 0;
         else
             return bad(opt, val, "auto, on or off");
+    } else if (strcmp(opt, "--defer-softmax") == 0) {
+        if (strcmp(val, "auto") == 0)
+            q->defer_softmax = -1;
+        else if (strcmp(val, "on") == 0)
+            q->defer_softmax = 1;
+        else if (strcmp(val, "off") == 0)
+            q->defer_softmax = 0;
+        else
+            return bad(opt, val, "auto, on or off");
     } else if (strcmp(opt, "--reparam-alpha") == 0) {
         if (!parse_float(val, 0.0, 1.0, &d))
             return bad(opt, val, "a number in [0, 1]");
@@ -310,6 +321,7 @@ bool cli_quant_takes_value(const char *opt) {
         "--weight-scheme", "--act-scheme", "--calibrator", "--percentile", "--act-search",
         "--act-search-samples", "--weight-calibrator",
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
+        "--defer-softmax",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
         "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",
         "--recon-qdrop", "--flexround-lr", "--mr-iters", "--mr-lr", "--time-budget",

@@ -20,9 +20,11 @@
  * quantizes E on its way into the MatMul; z is computed from the float E.
  * Preserves: graph inputs/outputs and names, everything else. Skipped (debug log): other
  * Softmax uses. With quantization options, `defer_softmax` (-1 auto: activations below 8 bits,
- * 0 off, 1 on) decides whether to run; run without them, it always rewrites. In the rtn and
- * erq presets only: the reconstruction engine (aphq, flexround) refuses an activation that feeds
- * a quantized and a float node, as E does (MatMul and ReduceSum). */
+ * 0 off, 1 on) decides whether to run; run without them, it always rewrites. In every
+ * quantizing preset. Round to nearest and ERQ compute z from the float E; the reconstruction
+ * methods (aphq, flexround) from the quantized E (placement's norm_readers: the engine has every
+ * reader of a quantized value see it quantized), which also makes each row of the effective
+ * attention sum to 1. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

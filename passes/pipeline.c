@@ -30,12 +30,12 @@ static const struct method methods[] = {
             "rounding refinement, dual uniform weights)",
      {"remove-identity", "cleanup-dead", "defer-softmax", "quantize-erq", NULL}},
     {"aphq", "APHQ-ViT block reconstruction: AdaRound + LSQ per unit, APH-weighted loss, QDrop "
-             "(no MLP reconstruction yet)",
-     {"remove-identity", "cleanup-dead", "quantize-aphq", NULL}},
+             "(MLP reconstruction first with --mlp-recon)",
+     {"remove-identity", "cleanup-dead", "defer-softmax", "quantize-aphq", NULL}},
     {"flexround", "FlexRound in the block-reconstruction engine: learned grid and element-wise "
                   "division before rounding + LSQ per unit, APH-weighted loss (--recon-loss), "
                   "QDrop",
-     {"remove-identity", "cleanup-dead", "quantize-flexround", NULL}},
+     {"remove-identity", "cleanup-dead", "defer-softmax", "quantize-flexround", NULL}},
 };
 
 int opq_method_passes(const char *name, const char **out, int cap) {

@@ -750,6 +750,23 @@ static int act_bits(const struct opq_quant_opts *o, const bool *in_side, const s
     return in_side && in_side[v->index] && o->input_bits > o->abits ? o->input_bits : o->abits;
 }
 
+// The Q/DQ pair of an activation target, read by its quantized consumers and its readers.
+static enum opq_status insert_act(struct opq_graph *g, const struct opq_qtarget *tg,
+                                  const struct opq_qdq_spec *spec) {
+    if (tg->n_readers == 0)
+        return opq_qdq_insert_activation(g, tg->value, spec, NULL, tg->consumers,
+                                         tg->n_consumers, NULL);
+    int n = tg->n_consumers + tg->n_readers;
+    struct opq_node **all = malloc(sizeof(*all) * (size_t)n);
+    if (!all)
+        return opq_set_error(g->ctx, OPQ_ERR_NOMEM, "'%s': out of memory", tg->value->name);
+    memcpy(all, tg->consumers, sizeof(*all) * (size_t)tg->n_consumers);
+    memcpy(all + tg->n_consumers, tg->readers, sizeof(*all) * (size_t)tg->n_readers);
+    enum opq_status st = opq_qdq_insert_activation(g, tg->value, spec, NULL, all, n, NULL);
+    free(all);
+    return st;
+}
+
 // Q/DQ pairs for every target of pl (a placement of g) with the given qparams.
 static enum opq_status encode_targets(struct opq_graph *g, const struct opq_placement *pl,
                                       struct opq_qparams *const *qp, const int *n_chs,
@@ -766,8 +783,7 @@ static enum opq_status encode_targets(struct opq_graph *g, const struct opq_plac
         } else {
             spec.bits      = abits_of[t];
             spec.is_signed = a_sym;
-            st = opq_qdq_insert_activation(g, tg->value, &spec, NULL, tg->consumers,
-                                           tg->n_consumers, NULL);
+            st = insert_act(g, tg, &spec);
         }
     }
     return st == OPQ_OK ? opq_graph_sort(g) : st;
@@ -861,7 +877,8 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     // 1. Placement on the float graph (typed by one executor plan).
     if ((st = annotate_types(ctx, model, src)) != OPQ_OK)
         goto out;
-    struct opq_placement_opts po = {.exclude = o->exclude, .keep_float = o->keep_float};
+    struct opq_placement_opts po = {.exclude = o->exclude, .keep_float = o->keep_float,
+                                    .norm_readers = o->refine == opq_recon_refine};
     if ((st = opq_placement_find(ctx, g, &po, &pl)) != OPQ_OK)
         goto out;
 
@@ -1050,8 +1067,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
     for (int t = 0; st == OPQ_OK && t < pl.n_targets; t++)
         any_search |= pl.targets[t].role == OPQ_QROLE_ACT &&
                       (o->act_search > 0 ||
-                       (o->act_search < 0 && (!o->refine || o->refine == opq_recon_refine) &&
-                        abits_of[t] < 8));
+                       (o->act_search < 0 && abits_of[t] < 8));
     if (st == OPQ_OK && any_search && o->act_search_samples > 0) {
         phase_end(rep, "ranges", t0);
         ranges_done = true;
@@ -1103,7 +1119,7 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         } else {
             spec.bits      = abits_of[t];
             spec.is_signed = a_sym;
-            st = opq_qdq_insert_activation(g, v, &spec, NULL, tg->consumers, tg->n_consumers, NULL);
+            st = insert_act(g, tg, &spec);
         }
         rt->bits       = spec.bits;
         rt->n_ch       = spec.n_ch;

@@ -56,11 +56,11 @@ struct opq_quant_opts {
     enum opq_calibrator   calibrator;     // activation ranges
     // Output-aware range search after the calibrator (quant/actsearch.h): an activation read by
     // a MatMul/Gemm gets the candidate range that minimises its consumers' output error over the
-    // first act_search_samples calibration samples. -1 (default): activations below 8 bits with
-    // no refine step or block reconstruction (opq_recon_refine, whose LSQ step sizes start from
-    // the searched ranges: FlexRound W4A4 +0.3 / +0.4 pt on vit_tiny / tv_vit); not with ERQ
-    // (not measured) nor at 8 bits (no gain on the fixtures, a forward per candidate); 0: none
-    // (the calibrator's ranges), 1: every activation, whatever the method.
+    // first act_search_samples calibration samples. -1 (default): activations below 8 bits,
+    // whatever the method (block reconstruction's LSQ step sizes start from the searched ranges:
+    // FlexRound W4A4 +0.3 / +0.4 pt on vit_tiny / tv_vit; ERQ's ridge updates see them: ERQ W4A4
+    // tv_vit 85.59 against 85.07), not at 8 bits (no gain on the fixtures, a forward per
+    // candidate); 0: none (the calibrator's ranges), 1: every activation.
     int                   act_search;
     int                   act_search_samples;
     double                percentile;     // for OPQ_CALIB_PERCENTILE

@@ -249,6 +249,8 @@ enum opq_status opq_placement_find(struct opq_ctx *ctx, struct opq_graph *g,
                     t->role        = is_w ? OPQ_QROLE_WEIGHT : OPQ_QROLE_ACT;
                     t->axis        = is_w ? weight_axis(n, s, v) : -1;
                     t->head_axis   = -1;
+                    t->readers     = NULL;
+                    t->n_readers   = 0;
                     t->consumers   = opq_arena_alloc(g->arena, sizeof(*t->consumers) *
                                                                  ((size_t)v->n_users + 1));
                     if (!t->consumers) {
@@ -264,6 +266,49 @@ enum opq_status opq_placement_find(struct opq_ctx *ctx, struct opq_graph *g,
                 if (!have)
                     t->consumers[t->n_consumers++] = n;
             }
+        }
+    }
+    // Row sums of deferred softmaxes: E -> ReduceSum -> z, and z only divides the output of a
+    // quantized MatMul that reads E as its first operand.
+    for (int k = 0; opts && opts->norm_readers && k < out->n_targets; k++) {
+        struct opq_qtarget *t = &out->targets[k];
+        struct opq_value *v = t->value;
+        if (t->role != OPQ_QROLE_ACT)
+            continue;
+        for (int u = 0; u < v->n_users; u++) {
+            struct opq_node *r = v->users[u];
+            if (r->op != OPQ_OP_REDUCESUM || r->n_outputs != 1 || !r->outputs[0] ||
+                r->outputs[0]->n_users == 0)
+                continue;
+            bool norm = true;
+            const struct opq_value *z = r->outputs[0];
+            for (int d = 0; d < z->n_users && norm; d++) {
+                const struct opq_node *dv = z->users[d];
+                bool ok = dv->op == OPQ_OP_DIV && dv->n_inputs == 2 && dv->inputs[1] == z &&
+                          dv->inputs[0] && dv->inputs[0]->producer;
+                bool by_consumer = false;
+                for (int c = 0; ok && c < t->n_consumers; c++) {
+                    const struct opq_node *m = t->consumers[c];
+                    by_consumer |= m->op == OPQ_OP_MATMUL && m->inputs[0] == v &&
+                                   dv->inputs[0]->producer == m;
+                }
+                norm = ok && by_consumer;
+            }
+            if (!norm)
+                continue;
+            if (!t->readers) {
+                t->readers = opq_arena_alloc(g->arena,
+                                             sizeof(*t->readers) * ((size_t)v->n_users + 1));
+                if (!t->readers) {
+                    st = OPQ_ERR_NOMEM;
+                    goto out;
+                }
+            }
+            bool have = false;
+            for (int i = 0; i < t->n_readers; i++)
+                have |= t->readers[i] == r;
+            if (!have)
+                t->readers[t->n_readers++] = r;
         }
     }
     // Activations whose every quantized consumer is an attention matmul (both operands computed,

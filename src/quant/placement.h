@@ -31,6 +31,11 @@ struct opq_qtarget {
                                     // [B, heads, ., .]): 1, else -1 (per-head scales option)
     struct opq_node  **consumers;   // the quantized nodes that read it (graph arena)
     int                n_consumers;
+    // Float nodes that read the quantized value too (graph arena): the row sum z of a deferred
+    // softmax (passes/defer_softmax.c), Y = MatMul(E, V) / ReduceSum(E), so that z sums the same
+    // quantized E the MatMul multiplies and every row of the effective attention sums to 1.
+    struct opq_node  **readers;
+    int                n_readers;
 };
 
 struct opq_placement {
@@ -44,6 +49,11 @@ struct opq_placement {
 struct opq_placement_opts {
     const char *exclude;     // may be NULL
     unsigned    keep_float;  // enum opq_keep_float bits
+    // Fill opq_qtarget.readers (the row sums of deferred softmaxes read the quantized E). The
+    // reconstruction engine needs it: every reader of a quantized value inside a unit sees that
+    // value fake-quantized. Round to nearest keeps the float row sum; the two measured the same
+    // on average at W4A4 RTN over the four fixtures (README).
+    bool        norm_readers;
 };
 
 // Parses "first,last,head,patch-embed" into bits; OPQ_ERR_USAGE naming a bad word.

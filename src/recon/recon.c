@@ -112,7 +112,18 @@ struct eng {
     struct opq_rng rng;
     uint64_t fingerprint;
     float **aph; // per unit: its APH output weights from the shared pass (NULL: none)
+    // The APH computations record the float model from a unit's output to the logits on a tape
+    // (every value of that range); at the training batch that is what a ViT-S/16 at batch 32
+    // cannot hold (16.5 GB measured). They run on aph_ex, planned at the largest batch aph_b
+    // dividing B whose tape fits APH_TAPE_BYTES (aph_ex == ex when B fits: the small models).
+    struct opq_exec *aph_ex;
+    int aph_b;
 };
+
+#define APH_TAPE_BYTES ((size_t)1 << 30)
+
+static enum opq_status aph_exec_setup(struct eng *e);
+static void aph_exec_free(struct eng *e);
 
 static enum opq_status nomem(struct opq_ctx *ctx) {
     return opq_set_error(ctx, OPQ_ERR_NOMEM, "reconstruction: out of memory");
@@ -284,6 +295,8 @@ static enum opq_status build_unit(struct eng *e, struct unit *U, int ui) {
                 bool q = false;
                 for (int c = 0; c < tg->n_consumers; c++)
                     q = q || tg->consumers[c] == r;
+                for (int c = 0; c < tg->n_readers; c++)
+                    q = q || tg->readers[c] == r;
                 if (!q) {
                     free(splits);
                     return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
@@ -1068,8 +1081,11 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
     double *h = malloc(sizeof(double) * d->per_out);
     if (!h)
         return nomem(e->ctx);
-    enum opq_status st = opq_recon_aph(e->ex, e->g, e->g->values[U->out_vi]->name, U->last + 1,
-                                       e->g->n_nodes - 1, d->Y, e->N, e->B, e->o->temp, h);
+    enum opq_status st = aph_exec_setup(e);
+    if (st == OPQ_OK)
+        st = opq_recon_aph(e->aph_ex, e->g, e->g->values[U->out_vi]->name, U->last + 1,
+                           e->g->n_nodes - 1, d->Y, e->N, e->aph_b, e->o->temp, h);
+    aph_exec_free(e); // planned again for the next unit: training does not hold its tape memory
     for (size_t i = 0; st == OPQ_OK && i < d->per_out; i++)
         d->hw[i] = (float)h[i];
     free(h);
@@ -1481,6 +1497,44 @@ static enum opq_status ckpt_load(struct eng *e, int ui, struct opq_recon_unit_re
 
 #define APH_MAGIC "OPQAPH01"
 
+// Plans aph_ex / aph_b (see struct eng). A tape holds about every planned value of the graph.
+static enum opq_status aph_exec_setup(struct eng *e) {
+    if (e->aph_ex)
+        return OPQ_OK;
+    struct opq_exec_stats es;
+    opq_exec_get_stats(e->ex, &es);
+    size_t per_sample = es.value_bytes / (size_t)e->B;
+    int b = e->B;
+    while (b > 1 && b % 2 == 0 && (size_t)b * per_sample > APH_TAPE_BYTES)
+        b /= 2;
+    if (b == e->B) {
+        e->aph_ex = e->ex;
+        e->aph_b  = e->B;
+        return OPQ_OK;
+    }
+    const struct opq_tensor *s = opq_calib_sample_shape(e->rc->src, 0);
+    struct opq_named_tensor shape = {.name = opq_calib_input_name(e->rc->src, 0), .t = *s};
+    shape.t.ndim     = s->ndim + 1;
+    shape.t.shape[0] = b;
+    memcpy(&shape.t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+    shape.t.data = NULL;
+    struct opq_exec_opts eo = {.batch = b};
+    enum opq_status st = opq_exec_plan(e->ctx, e->rc->model, &shape, 1, &eo, &e->aph_ex);
+    if (st != OPQ_OK)
+        return st;
+    e->aph_b = b;
+    opq_log(e->ctx, OPQ_LOG_INFO,
+            "APH weights in batches of %d (a tape of the float model takes about %.0f MB a "
+            "sample)", b, (double)per_sample / 1048576.0);
+    return OPQ_OK;
+}
+
+static void aph_exec_free(struct eng *e) {
+    if (e->aph_ex != e->ex)
+        opq_exec_free(e->aph_ex);
+    e->aph_ex = NULL;
+}
+
 static uint64_t aph_fingerprint(const struct eng *e, const float *X, size_t per_in) {
     uint64_t h = 1469598103934665603ull;
     int32_t ints[] = {e->g->n_nodes, e->n_units, e->N, e->B};
@@ -1578,8 +1632,10 @@ static enum opq_status aph_all(struct eng *e, const float *X, size_t per_in) {
         }
     }
     opq_progress(e->ctx, "APH weights", 0, 1);
-    st = opq_recon_aph_many(e->ex, e->g, e->g->values[e->units[0].in_vi]->name, X, e->N, e->B,
-                            e->o->temp, outs, stops, n, h);
+    if ((st = aph_exec_setup(e)) == OPQ_OK)
+        st = opq_recon_aph_many(e->aph_ex, e->g, e->g->values[e->units[0].in_vi]->name, X, e->N,
+                                e->aph_b, e->o->temp, outs, stops, n, h);
+    aph_exec_free(e); // the shared pass is all the APH this run needs
     opq_progress(e->ctx, "APH weights", 1, 1);
     j = 0;
     for (int u = 0; st == OPQ_OK && u < e->n_units; u++) {
@@ -1710,6 +1766,7 @@ static void eng_free(struct eng *e) {
         free(e->aph[u]);
     free(e->aph);
     free_units(e);
+    aph_exec_free(e);
     opq_exec_free(e->ex);
 }
 

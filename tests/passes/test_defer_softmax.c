@@ -15,6 +15,7 @@
 #include "exec.h"
 #include "gb.h"
 #include "pass.h"
+#include "quant/placement.h"
 #include "quantize.h"
 #include "recognize.h"
 
@@ -132,6 +133,40 @@ static void check_rewritten(int opset) {
     opq_ctx_free(ctx);
 }
 
+// With norm_readers the row sum reads the quantized E (the target's reader); without, it does
+// not; nothing else is a reader.
+static void test_readers(void **state) {
+    (void)state;
+    for (int on = 0; on <= 1; on++) {
+        struct opq_ctx *ctx = opq_ctx_new();
+        struct opq_model *m = attention(ctx, 17, -1, 0);
+        assert_int_equal(run_pass(ctx, m, NULL), 1);
+        for (int i = 0; i < m->graph->n_values; i++) // typed, as the quantize flow does first
+            if (m->graph->values[i]->t.dtype == OPQ_DTYPE_UNDEF)
+                m->graph->values[i]->t.dtype = OPQ_DTYPE_FLOAT;
+        struct opq_placement_opts po = {.norm_readers = on};
+        struct opq_placement pl;
+        assert_int_equal(opq_placement_find(ctx, m->graph, &po, &pl), OPQ_OK);
+        int found = 0;
+        for (int t = 0; t < pl.n_targets; t++) {
+            const struct opq_qtarget *tg = &pl.targets[t];
+            bool exp = tg->value->producer && !strcmp(tg->value->producer->op_type, "Exp");
+            if (!exp) {
+                assert_int_equal(tg->n_readers, 0);
+                continue;
+            }
+            found++;
+            assert_int_equal(tg->n_consumers, 2); // the two P.V MatMuls
+            assert_int_equal(tg->n_readers, on);
+            if (on)
+                assert_string_equal(tg->readers[0]->op_type, "ReduceSum");
+        }
+        assert_int_equal(found, 1);
+        opq_model_free(m);
+        opq_ctx_free(ctx);
+    }
+}
+
 static void test_opset17(void **state) {
     (void)state;
     check_rewritten(17);
@@ -193,7 +228,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_opset17),     cmocka_unit_test(test_opset18),
         cmocka_unit_test(test_opset11),     cmocka_unit_test(test_left_alone),
-        cmocka_unit_test(test_options),
+        cmocka_unit_test(test_options),     cmocka_unit_test(test_readers),
     };
     return cmocka_run_group_tests_name("defer_softmax", tests, NULL, NULL);
 }

@@ -118,6 +118,13 @@ struct eng {
     // dividing B whose tape fits APH_TAPE_BYTES (aph_ex == ex when B fits: the small models).
     struct opq_exec *aph_ex;
     int aph_b;
+    // Under --time-budget, the per-unit APH (more than OPQ_RECON_APH_MAX_EXACT classes) is the
+    // largest fixed cost of a unit and grows with the depth of the model after it: its measured
+    // cost (seconds per sample per node after the unit) sizes the samples it takes, and the
+    // iterations leave room for the APH of the units still to come.
+    double t_start;  // the budget's start
+    double aph_cost; // 0 until measured
+    int aph_n;       // samples of the latest per-unit APH
 };
 
 #define APH_TAPE_BYTES ((size_t)1 << 30)
@@ -1058,6 +1065,38 @@ out:
     return st;
 }
 
+// Nodes after unit u's output, summed over the units from `from` on whose APH is computed per
+// unit (all but the logits).
+static double aph_depth(const struct eng *e, int from) {
+    double d = 0.0;
+    for (int u = from; u < e->n_units; u++)
+        if (e->units[u].out_vi != e->logits_vi)
+            d += (double)(e->g->n_nodes - 1 - e->units[u].last);
+    return d;
+}
+
+static double budget_left(const struct eng *e) {
+    double since = e->o->budget_start > 0.0 ? e->o->budget_start : e->t_start;
+    return e->o->time_budget * 60.0 - (opq_now_s() - since);
+}
+
+// Samples of unit U's APH (a multiple of aph_b): all of them without a time budget; with one,
+// as many as keep the APH of this and the later units within 40% of the time left, from the
+// cost measured on the previous unit (the first unit measures on at most 32).
+static int aph_budget_samples(struct eng *e, const struct unit *U) {
+    if (e->o->time_budget <= 0.0)
+        return e->N;
+    int u = (int)(U - e->units);
+    double n = e->aph_cost > 0.0 ? 0.4 * budget_left(e) / (e->aph_cost * aph_depth(e, u)) : 32.0;
+    int b = e->aph_b, k = n < (double)e->N ? (int)n / b * b : e->N;
+    if (k < b)
+        k = b;
+    if (k < e->N)
+        opq_log(e->ctx, OPQ_LOG_INFO, "time budget: APH of %s on %d of %d samples", U->name, k,
+                e->N);
+    return k;
+}
+
 static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit_data *d) {
     if (d->head)
         return OPQ_OK;
@@ -1082,9 +1121,15 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
     if (!h)
         return nomem(e->ctx);
     enum opq_status st = aph_exec_setup(e);
+    int n_aph = st == OPQ_OK ? aph_budget_samples(e, U) : e->N;
+    double ta = opq_now_s();
     if (st == OPQ_OK)
         st = opq_recon_aph(e->aph_ex, e->g, e->g->values[U->out_vi]->name, U->last + 1,
-                           e->g->n_nodes - 1, d->Y, e->N, e->aph_b, e->o->temp, h);
+                           e->g->n_nodes - 1, d->Y, n_aph, e->aph_b, e->o->temp, h);
+    if (st == OPQ_OK) {
+        e->aph_cost = (opq_now_s() - ta) / ((double)n_aph * (double)(e->g->n_nodes - 1 - U->last));
+        e->aph_n    = n_aph;
+    }
     aph_exec_free(e); // planned again for the next unit: training does not hold its tape memory
     for (size_t i = 0; st == OPQ_OK && i < d->per_out; i++)
         d->hw[i] = (float)h[i];
@@ -1794,9 +1839,11 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
             return st;
     }
     double per_iter = (opq_now_s() - t0) / 2.0 * 1.1; // + the optimizer step
-    double since = e->o->budget_start > 0.0 ? e->o->budget_start : t_start;
-    double left = e->o->time_budget * 60.0 - (opq_now_s() - since);
-    double share = left / (double)(e->n_units - ui) * 0.9;
+    (void)t_start;
+    double left = budget_left(e);
+    // room for the later units' own APH (per-unit path), at the current sample count
+    double reserve = e->aph_cost * (double)e->aph_n * aph_depth(e, ui + 1);
+    double share = fmax(left - reserve, 0.0) / (double)(e->n_units - ui) * 0.9;
     double n = share / fmax(per_iter, 1e-9);
     if (n < (double)*iters)
         *iters = n < 10.0 ? 10 : (int)n;
@@ -1875,6 +1922,7 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
     struct opq_recon_report rep = {0};
     enum opq_status st = OPQ_OK;
     double t_start = opq_now_s();
+    e.t_start = t_start;
     if (o->batch < 1 || o->iters < 1)
         return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
                              "reconstruction: batch and iterations must "

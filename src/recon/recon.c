@@ -28,6 +28,12 @@ void opq_recon_report_free(struct opq_recon_report *r) {
     r->n_units = 0;
 }
 
+// Training-step phases timed by the engine (logged per unit at debug level).
+enum tm_phase { TM_BATCH, TM_WEIGHTS, TM_RECORD, TM_SITE_FWD, TM_LOSS, TM_SWEEP, TM_SITE_BWD,
+                TM_UPDATE, TM_COUNT };
+static const char *const tm_names[TM_COUNT] = {"batch",   "weights", "record", "site-fwd",
+                                               "loss",    "sweep",   "site-bwd", "update"};
+
 // ---- state --------------------------------------------------------------------------------------
 
 enum wmode { W_FLOAT = 0, W_SOFT, W_HARD };
@@ -112,6 +118,7 @@ struct eng {
     struct opq_rng rng;
     uint64_t fingerprint;
     float **aph; // per unit: its APH output weights from the shared pass (NULL: none)
+    double tm[TM_COUNT]; // training time per phase (seconds, current unit)
 };
 
 static enum opq_status nomem(struct opq_ctx *ctx) {
@@ -128,6 +135,13 @@ static struct opq_named_tensor named(const struct eng *e, int vi, void *data) {
     struct opq_named_tensor nt = {.name = v->name, .t = *opq_exec_value(e->ex, v->name)};
     nt.t.data = data;
     return nt;
+}
+
+// Adds the time since *t0 to phase ph and restarts *t0.
+static void tm_add(struct eng *e, enum tm_phase ph, double *t0) {
+    double t = opq_now_s();
+    e->tm[ph] += t - *t0;
+    *t0 = t;
 }
 
 // ---- graph analysis -----------------------------------------------------------------------------
@@ -635,10 +649,13 @@ static enum opq_status sub_wrt(struct eng *e, struct unit *U, struct sub *S, con
 static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm, enum amode am,
                                     const float *xin, bool record) {
     enum opq_status st = OPQ_OK;
+    double t0 = opq_now_s();
     set_weights(e, U, wm);
+    tm_add(e, TM_WEIGHTS, &t0);
     memcpy(e->fwd[U->in_vi], xin, e->bbytes[U->in_vi]);
     if (e->site_of[U->in_vi])
         site_forward(e, &U->sites[e->site_of[U->in_vi] - 1], am);
+    tm_add(e, TM_SITE_FWD, &t0);
     struct opq_named_tensor prov[64];
     const char *wrt[128];
     for (int r = 0; r < U->n_subs && st == OPQ_OK; r++) {
@@ -659,6 +676,7 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
         st = opq_exec_tape_record(S->tape, S->first, S->last, prov, S->n_ext, wrt, S->n_wrt);
         if (st != OPQ_OK)
             break;
+        tm_add(e, TM_RECORD, &t0);
         for (int i = 0; i < S->n_outs; i++) {
             int vi = S->outs[i];
             const struct opq_tensor *t = opq_exec_tape_value(S->tape, e->g->values[vi]->name);
@@ -666,6 +684,7 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
             if (e->site_of[vi])
                 site_forward(e, &U->sites[e->site_of[vi] - 1], am);
         }
+        tm_add(e, TM_SITE_FWD, &t0);
     }
     return st;
 }
@@ -675,6 +694,7 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
 static enum opq_status unit_backward(struct eng *e, struct unit *U) {
     struct opq_named_tensor seeds[64];
     struct opq_tensor grads[128];
+    double t0 = opq_now_s();
     for (int r = U->n_subs - 1; r >= 0; r--) {
         struct sub *S = &U->subs[r];
         int n_seeds = 0;
@@ -690,6 +710,7 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
                 site_backward(e, &U->sites[e->site_of[vi] - 1]);
             seeds[n_seeds++] = named(e, vi, e->grd[vi]);
         }
+        tm_add(e, TM_SITE_BWD, &t0);
         if (S->n_wrt == 0 || n_seeds == 0)
             continue;
         enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
@@ -703,9 +724,11 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
             for (size_t k = 0; k < n; k++)
                 dst[k] += gsrc[k];
         }
+        tm_add(e, TM_SWEEP, &t0);
     }
     if (e->site_of[U->in_vi])
         site_backward(e, &U->sites[e->site_of[U->in_vi] - 1]);
+    tm_add(e, TM_SITE_BWD, &t0);
     return OPQ_OK;
 }
 
@@ -1230,6 +1253,7 @@ static void zero_grads(struct eng *e, struct unit *U) {
 // One training step's forward + backward on a random batch; returns the loss through *L.
 static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
                                   double *L) {
+    double t0 = opq_now_s();
     for (int b = 0; b < e->B; b++) {
         uint32_t j = opq_rng_below(&e->rng, (uint32_t)e->N);
         const float *xq = d->Xq + (size_t)j * d->per_in, *xf = d->X + (size_t)j * d->per_in;
@@ -1247,9 +1271,11 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
             memcpy(d->hbat + (size_t)b * d->per_out, d->hw + (size_t)j * d->per_out,
                    sizeof(float) * d->per_out);
     }
+    tm_add(e, TM_BATCH, &t0);
     enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin, true);
     if (st != OPQ_OK)
         return st;
+    t0 = opq_now_s();
     zero_grads(e, U);
     const float *hw = d->hw_per_sample ? d->hbat : d->hw;
     *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
@@ -1257,6 +1283,7 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
     if (!(L0v > 0.0))
         L0v = 1.0;
     unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    tm_add(e, TM_LOSS, &t0);
     return unit_backward(e, U);
 }
 
@@ -1787,6 +1814,7 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
         return st;
     opq_rng_seed(&e->rng, e->o->seed, 1000u + (uint64_t)ui);
     const char *phase = phase_names[ui % (int)ARRAY_SIZE(phase_names)];
+    memset(e->tm, 0, sizeof(e->tm));
     double L0 = 0.0, L = 0.0, Lsum = 0.0, t_train = opq_now_s();
     int step = iters / 100 > 0 ? iters / 100 : 1;
     for (int it = 0; it < iters; it++) {
@@ -1795,7 +1823,9 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
         if (it == 0)
             L0 = L > 0.0 ? L : 1.0;
         Lsum += L;
+        double t1 = opq_now_s();
         train_update(e, U, it, iters);
+        tm_add(e, TM_UPDATE, &t1);
         if ((it + 1) % step == 0 || it + 1 == iters)
             opq_progress(e->ctx, phase, it + 1, iters);
         if ((it + 1) % (iters / 10 > 0 ? iters / 10 : 1) == 0) {
@@ -1806,6 +1836,12 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
     }
     ur->iters = iters;
     ur->iter_ms = 1e3 * (opq_now_s() - t_train) / iters;
+    char buf[512];
+    int len = 0;
+    for (int p = 0; p < TM_COUNT && len < (int)sizeof(buf); p++)
+        len += snprintf(buf + len, sizeof(buf) - (size_t)len, " %s %.1f", tm_names[p],
+                        1e3 * e->tm[p] / iters);
+    opq_log(e->ctx, OPQ_LOG_DEBUG, "%s: ms per iteration:%s", U->name, buf);
     ur->flip_frac = harden(e, U);
     ur->seconds = opq_now_s() - t0;
     return OPQ_OK;

@@ -750,6 +750,10 @@ void opq_exec_get_stats(const struct opq_exec *e, struct opq_exec_stats *st) {
     st->n_folded = e->n_folded;
 }
 
+struct opq_threadpool *opq_exec_pool(const struct opq_exec *e) {
+    return e->pool;
+}
+
 int opq_exec_producer_index(const struct opq_exec *e, const char *name) {
     const struct opq_value *v = opq_graph_value(e->g, name);
     return v && v->producer ? v->producer->index : -1;
@@ -995,9 +999,63 @@ static enum opq_status bwd_nomem(struct opq_exec *e) {
     return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory in backward");
 }
 
-static void add_into(float *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
+struct add_job {
+    float *dst;
+    const float *src;
+};
+
+static void add_range(void *user, int64_t i0, int64_t i1) {
+    const struct add_job *j = user;
+    for (int64_t i = i0; i < i1; i++)
+        j->dst[i] += j->src[i];
+}
+
+// dst += src over the pool (element-wise: the same bytes for any split).
+static void add_into(struct opq_exec *e, float *dst, const float *src, size_t n) {
+    struct add_job j = {dst, src};
+    opq_parallel_for(e->pool, (int64_t)n, 1 << 15, add_range, &j);
+}
+
+// Pure view ops: the output has the input's bytes.
+static bool is_view_op(const struct opq_node *n) {
+    switch (n->op) {
+    case OPQ_OP_RESHAPE:
+    case OPQ_OP_FLATTEN:
+    case OPQ_OP_SQUEEZE:
+    case OPQ_OP_UNSQUEEZE:
+    case OPQ_OP_IDENTITY:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// The input of node n whose gradient is exactly the gradient of its output 0 (Add without
+// broadcast, Sub's minuend, view ops), or -1. The reverse sweep then hands the output's
+// gradient buffer over instead of copying it.
+static int passthrough_input(const struct opq_node *n, struct opq_tensor *const *fw) {
+    int cand[2] = {0, -1};
+    if (n->op == OPQ_OP_ADD)
+        cand[1] = 1;
+    else if (n->op != OPQ_OP_SUB && !is_view_op(n))
+        return -1;
+    if (n->n_outputs < 1 || !n->outputs[0] || !fw[n->outputs[0]->index])
+        return -1;
+    const struct opq_tensor *y = fw[n->outputs[0]->index];
+    for (int c = 0; c < 2; c++) {
+        int j = cand[c];
+        if (j < 0 || j >= n->n_inputs || !n->inputs[j])
+            continue;
+        const struct opq_tensor *x = fw[n->inputs[j]->index];
+        if (!x || !is_float(x) || !is_float(y) || x->nbytes != y->nbytes)
+            continue;
+        bool twice = false;
+        for (int q = 0; q < n->n_inputs; q++)
+            twice = twice || (q != j && n->inputs[q] == n->inputs[j]);
+        if (!twice)
+            return j;
+    }
+    return -1;
 }
 
 // A recorded forward (see exec.h): every value of nodes first..last kept in the tape's arena.
@@ -1105,7 +1163,14 @@ enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int las
             if (!tt)
                 return bwd_nomem(e);
             *tt = slot_of(e, v)->t;
-            tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
+            // a view's output shares its input's bytes (recorded values never change)
+            const struct opq_tensor *src = j == 0 && is_view_op(n) && n->inputs[0]
+                                               ? fw[n->inputs[0]->index]
+                                               : NULL;
+            if (src && src->nbytes == tt->nbytes && src->dtype == tt->dtype)
+                tt->data = src->data;
+            else
+                tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
             if (!tt->data)
                 return bwd_nomem(e);
             fw[v->index] = tt;
@@ -1138,6 +1203,13 @@ const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *t, cons
     return v ? t->fw[v->index] : NULL;
 }
 
+static bool is_wrt(const struct opq_exec_tape *t, int vi) {
+    for (int i = 0; i < t->n_wrt; i++)
+        if (t->wrt[i] == vi)
+            return true;
+    return false;
+}
+
 enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
                                        const struct opq_named_tensor *seeds, int n_seeds,
                                        struct opq_tensor *grads) {
@@ -1163,7 +1235,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s' must be float32", seeds[i].name);
         size_t nb = seeds[i].t.nbytes;
         if (gr[v->index]) {
-            add_into(gr[v->index], seeds[i].t.data, nb / sizeof(float));
+            add_into(e, gr[v->index], seeds[i].t.data, nb / sizeof(float));
         } else {
             gr[v->index] = opq_arena_memdup(t->grads, seeds[i].t.data, nb);
             if (!gr[v->index])
@@ -1185,6 +1257,22 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             want_din = want_din || (n->inputs[j] && t->need[n->inputs[j]->index]);
         if (!has_dout || !want_din)
             continue;
+        // an input whose gradient is the output's own (and has none yet) takes over its buffer:
+        // the output's gradient is complete here and read by nobody after its producer, unless
+        // it was asked for
+        int pt = passthrough_input(n, fw);
+        const struct opq_value *ptv = pt >= 0 ? n->inputs[pt] : NULL;
+        if (ptv && (!t->need[ptv->index] || gr[ptv->index] || !gr[n->outputs[0]->index] ||
+                    is_wrt(t, n->outputs[0]->index)))
+            ptv = NULL;
+        if (ptv) {
+            gr[ptv->index] = gr[n->outputs[0]->index];
+            bool more = false;
+            for (int j = 0; j < n->n_inputs; j++)
+                more = more || (n->inputs[j] && n->inputs[j] != ptv && t->need[n->inputs[j]->index]);
+            if (!more)
+                continue;
+        }
         if (!e->kern[i]->backward)
             return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
                                  "node '%s': %s has no backward (it is on the gradient path)",
@@ -1201,7 +1289,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
                 continue;
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
-            if (t->need[v->index]) {
+            if (t->need[v->index] && v != ptv) {
                 e->dins[j].data = opq_arena_alloc_raw(t->grads, e->dins[j].nbytes);
                 if (!e->dins[j].data)
                     return bwd_nomem(e);
@@ -1220,7 +1308,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             if (!v || !e->dins[j].data)
                 continue;
             if (gr[v->index])
-                add_into(gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
+                add_into(e, gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
             else
                 gr[v->index] = e->dins[j].data;
         }

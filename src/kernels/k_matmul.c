@@ -149,6 +149,30 @@ static enum opq_status matmul_forward(struct opq_kctx *k, const struct opq_node 
     return OPQ_OK;
 }
 
+struct mm_bwd_job {
+    const struct mm_geom *g;
+    const float *a, *b, *dy;
+    float *da, *db;
+};
+
+// Backward of batch entries i0..i1 when no operand is broadcast (disjoint dA/dB slices).
+static void mm_bwd_range(void *user, int64_t i0, int64_t i1) {
+    const struct mm_bwd_job *j = user;
+    const struct mm_geom *g = j->g;
+    int64_t mk = g->m * g->k, kn = g->k * g->n, mn = g->m * g->n;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t oa;
+        int64_t ob;
+        mm_batch_offsets(g, i, &oa, &ob);
+        if (j->da)
+            opq_sgemm(false, true, g->m, g->k, g->n, 1.0f, j->dy + i * mn, g->n, j->b + ob * kn,
+                      g->n, 1.0f, j->da + oa * mk, g->k);
+        if (j->db)
+            opq_sgemm(true, false, g->k, g->n, g->m, 1.0f, j->a + oa * mk, g->k, j->dy + i * mn,
+                      g->n, 1.0f, j->db + ob * kn, g->n);
+    }
+}
+
 static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node *n,
                                        const struct opq_tensor *const *in,
                                        const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -180,6 +204,15 @@ static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node
         if (db)
             opq_sgemm_mt(k->pool, true, false, g.k, g.n, rows, 1.0f, a, g.k, dy, g.n, 0.0f, db,
                          g.n);
+        return OPQ_OK;
+    }
+    // no batch broadcast (attention): every entry owns its slices of dA and dB, one whole
+    // entry per thread at a time
+    int64_t na = ku_numel(in[0]) / (mk > 0 ? mk : 1);
+    int64_t nbm = ku_numel(in[1]) / (kn > 0 ? kn : 1);
+    if (na == g.batch && nbm == g.batch) {
+        struct mm_bwd_job j = {&g, a, b, dy, da, db};
+        ku_parallel(k, g.batch, 1, mm_bwd_range, &j);
         return OPQ_OK;
     }
     // general: accumulate per batch entry in a fixed order (deterministic)

@@ -20,6 +20,7 @@
 #include "recognize.h"
 #include "recon/actq.h"
 #include "rng.h"
+#include "threadpool.h"
 
 void opq_recon_report_free(struct opq_recon_report *r) {
     if (!r)
@@ -73,6 +74,7 @@ struct wparam {
     float *alpha, *m, *v2, *g, *dwda;
     struct opq_flexround fr;
     double *gacc;
+    bool gw; // g holds this step's gradient (else it is zero)
 };
 
 struct sub {
@@ -112,6 +114,7 @@ struct eng {
     void **fwd;     // per value: one batch of data (quantized activations)
     void **cur;     // per value: its data in the last unit_forward (borrowed: fwd or a tape)
     float **grd;    // per value: its gradient
+    bool *gw;       // per value: grd holds this step's gradient (else it is zero)
     size_t *bbytes; // per value: bytes of one batch
     bool *isf;      // per value: float (gets a gradient buffer)
     struct unit *units;
@@ -533,6 +536,59 @@ static enum opq_status unit_bufs(struct eng *e, struct unit *U, bool on) {
 
 // ---- unit forward / backward --------------------------------------------------------------------
 
+// AdaRound weights and, for W_SOFT, their derivative along alpha, elements i0..i1 of w.
+struct wjob {
+    struct wparam *w;
+    enum wmode wm;
+    const struct opq_recon_opts *o;
+    bool reg;
+    double beta, lr;
+    int t;
+};
+
+static void adaround_weights(void *user, int64_t i0, int64_t i1) {
+    const struct wjob *j = user;
+    struct wparam *w = j->w;
+    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
+        const struct opq_qparams *p = &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+        float z = (float)p->zero_point, dh = 0.0f, h;
+        if (j->wm == W_SOFT)
+            h = opq_adaround_h(w->alpha[i], &dh);
+        else
+            h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
+        float q = w->base[i] + h + z;
+        bool clamped = q < (float)p->qmin || q > (float)p->qmax;
+        q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
+        w->wq[i] = (q - z) * p->scale;
+        if (j->wm == W_SOFT)
+            w->dwda[i] = clamped ? 0.0f : p->scale * dh;
+    }
+}
+
+// The AdaRound step of elements i0..i1: the gradient along alpha (with the rounding
+// regularizer after the warm-up), then Adam.
+static void adaround_update(void *user, int64_t i0, int64_t i1) {
+    const struct wjob *j = user;
+    struct wparam *w = j->w;
+    double beta = j->beta;
+    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
+        float dh;
+        float h = opq_adaround_h(w->alpha[i], &dh);
+        double ga = (double)w->g[i] * (double)w->dwda[i];
+        if (j->reg && dh != 0.0f) {
+            double x = 2.0 * (double)h - 1.0, ax = fabs(x);
+            if (ax > 0.0)
+                ga += -(double)j->o->reg_weight * beta * pow(ax, beta - 1.0) *
+                      (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
+        }
+        w->g[i] = (float)ga;
+    }
+    opq_adam_step(w->alpha + i0, w->g + i0, w->m + i0, w->v2 + i0, (size_t)(i1 - i0),
+                  (float)j->lr, j->t);
+}
+
+#define WGRAIN 16384 // weight elements per work item (element-wise: any split, same bytes)
+
 static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
     for (int k = 0; k < U->n_wps; k++) {
         struct wparam *w = &U->wps[k];
@@ -545,21 +601,8 @@ static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
             w->v->t.data = w->wq;
             continue;
         }
-        for (size_t i = 0; i < w->n; i++) {
-            const struct opq_qparams *p =
-                &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
-            float z = (float)p->zero_point, dh = 0.0f, h;
-            if (wm == W_SOFT)
-                h = opq_adaround_h(w->alpha[i], &dh);
-            else
-                h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
-            float q = w->base[i] + h + z;
-            bool clamped = q < (float)p->qmin || q > (float)p->qmax;
-            q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
-            w->wq[i] = (q - z) * p->scale;
-            if (wm == W_SOFT)
-                w->dwda[i] = clamped ? 0.0f : p->scale * dh;
-        }
+        struct wjob j = {.w = w, .wm = wm};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)w->n, WGRAIN, adaround_weights, &j);
         w->v->t.data = w->wq;
     }
 }
@@ -694,7 +737,7 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
                                  S->last);
         for (int i = 0; i < S->n_outs; i++) {
             int vi = S->outs[i];
-            if (e->g->values[vi]->t.dtype != OPQ_DTYPE_FLOAT && !e->grd[vi])
+            if (!e->grd[vi] || !e->gw[vi]) // no gradient reached it: zero
                 continue;
             if (e->site_of[vi])
                 site_backward(e, &U->sites[e->site_of[vi] - 1]);
@@ -711,13 +754,21 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
             int w = S->wrt_vi[i];
             float *dst = i < S->n_val ? e->grd[w] : U->wps[-1 - w].g;
             size_t n = i < S->n_val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
-            for (size_t k = 0; k < n; k++)
-                dst[k] += gsrc[k];
+            bool *written = i < S->n_val ? &e->gw[w] : &U->wps[-1 - w].gw;
+            if (!*written)
+                memcpy(dst, gsrc, sizeof(float) * n);
+            else
+                for (size_t k = 0; k < n; k++)
+                    dst[k] += gsrc[k];
+            *written = true;
         }
         tm_add(e, TM_SWEEP, &t0);
     }
-    if (e->site_of[U->in_vi])
+    if (e->site_of[U->in_vi] && e->gw[U->in_vi])
         site_backward(e, &U->sites[e->site_of[U->in_vi] - 1]);
+    for (int k = 0; k < U->n_wps; k++)
+        if (!U->wps[k].gw)
+            memset(U->wps[k].g, 0, sizeof(float) * U->wps[k].n);
     tm_add(e, TM_SITE_BWD, &t0);
     return OPQ_OK;
 }
@@ -1249,18 +1300,17 @@ static void free_unit_params(struct eng *e, struct unit *U) {
     }
 }
 
+// Gradients start at zero: flagged unwritten (the first contribution is copied, not added).
 static void zero_grads(struct eng *e, struct unit *U) {
     for (int r = 0; r < U->n_subs; r++) {
         struct sub *S = &U->subs[r];
         for (int i = 0; i < S->n_ext; i++)
-            if (e->grd[S->ext[i]])
-                memset(e->grd[S->ext[i]], 0, e->bbytes[S->ext[i]]);
+            e->gw[S->ext[i]] = false;
         for (int i = 0; i < S->n_outs; i++)
-            if (e->grd[S->outs[i]])
-                memset(e->grd[S->outs[i]], 0, e->bbytes[S->outs[i]]);
+            e->gw[S->outs[i]] = false;
     }
     for (int k = 0; k < U->n_wps; k++)
-        memset(U->wps[k].g, 0, sizeof(float) * U->wps[k].n);
+        U->wps[k].gw = false;
     for (int k = 0; k < U->n_sites; k++)
         memset(U->sites[k].dscale, 0, sizeof(double) * (size_t)U->sites[k].n_ch);
 }
@@ -1293,11 +1343,14 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
     t0 = opq_now_s();
     zero_grads(e, U);
     const float *hw = d->hw_per_sample ? d->hbat : d->hw;
-    *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
-    double L0v = L0 > 0.0 ? L0 : *L;
-    if (!(L0v > 0.0))
-        L0v = 1.0;
-    unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    if (L0 > 0.0) { // the gradient's scale is known: one pass
+        *L = unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0);
+    } else {
+        *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
+        double L0v = *L > 0.0 ? *L : 1.0;
+        unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    }
+    e->gw[U->out_vi] = true;
     tm_add(e, TM_LOSS, &t0);
     return unit_backward(e, U);
 }
@@ -1324,20 +1377,13 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
         opq_adam_step(w->fr.theta, w->dwda, w->m, w->v2, np, (float)lr_flex, it + 1);
     }
     for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_ADAROUND; k++) {
-        struct wparam *w = &U->wps[k];
-        for (size_t i = 0; i < w->n; i++) {
-            float dh;
-            float h = opq_adaround_h(w->alpha[i], &dh);
-            double ga = (double)w->g[i] * (double)w->dwda[i];
-            if (reg && dh != 0.0f) {
-                double x = 2.0 * (double)h - 1.0, ax = fabs(x);
-                if (ax > 0.0)
-                    ga += -(double)o->reg_weight * beta * pow(ax, beta - 1.0) *
-                          (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
-            }
-            w->g[i] = (float)ga;
-        }
-        opq_adam_step(w->alpha, w->g, w->m, w->v2, w->n, o->lr_round, it + 1);
+        struct wjob j = {.w = &U->wps[k],
+                         .o = o,
+                         .reg = reg,
+                         .beta = beta,
+                         .lr = (double)o->lr_round,
+                         .t = it + 1};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)U->wps[k].n, WGRAIN, adaround_update, &j);
     }
     double lr =
         0.5 * (double)o->lr_act * (1.0 + cos(3.14159265358979323846 * (double)it / (double)iters));
@@ -1668,9 +1714,11 @@ static enum opq_status eng_setup(struct eng *e) {
     e->fwd = calloc(nv, sizeof(*e->fwd));
     e->cur = calloc(nv, sizeof(*e->cur));
     e->grd = calloc(nv, sizeof(*e->grd));
+    e->gw = calloc(nv, sizeof(*e->gw));
     e->bbytes = calloc(nv, sizeof(*e->bbytes));
     e->isf = calloc(nv, sizeof(*e->isf));
-    if (!e->dyn || !e->site_of || !e->fwd || !e->cur || !e->grd || !e->bbytes || !e->isf)
+    if (!e->dyn || !e->site_of || !e->fwd || !e->cur || !e->grd || !e->gw || !e->bbytes ||
+        !e->isf)
         return nomem(e->ctx);
     mark_dynamic(e);
     enum opq_status st = find_units(e);
@@ -1759,6 +1807,7 @@ static void eng_free(struct eng *e) {
     free(e->fwd);
     free(e->cur);
     free(e->grd);
+    free(e->gw);
     free(e->bbytes);
     free(e->isf);
     free(e->dyn);

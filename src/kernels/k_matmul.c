@@ -166,10 +166,10 @@ static void mm_bwd_range(void *user, int64_t i0, int64_t i1) {
         mm_batch_offsets(g, i, &oa, &ob);
         if (j->da)
             opq_sgemm(false, true, g->m, g->k, g->n, 1.0f, j->dy + i * mn, g->n, j->b + ob * kn,
-                      g->n, 1.0f, j->da + oa * mk, g->k);
+                      g->n, 0.0f, j->da + oa * mk, g->k);
         if (j->db)
             opq_sgemm(true, false, g->k, g->n, g->m, 1.0f, j->a + oa * mk, g->k, j->dy + i * mn,
-                      g->n, 1.0f, j->db + ob * kn, g->n);
+                      g->n, 0.0f, j->db + ob * kn, g->n);
     }
 }
 
@@ -187,15 +187,17 @@ static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node
     const float *dy = dout[0].data;
     float *da = din[0].data;
     float *db = din[1].data;
-    if (da)
-        memset(da, 0, din[0].nbytes);
-    if (db)
-        memset(db, 0, din[1].nbytes);
-    if (!dy)
+    if (!dy) {
+        if (da)
+            memset(da, 0, din[0].nbytes);
+        if (db)
+            memset(db, 0, din[1].nbytes);
         return OPQ_OK;
+    }
     int64_t mk = g.m * g.k;
     int64_t kn = g.k * g.n;
     int64_t mn = g.m * g.n;
+    // the two paths below write every element of dA and dB (beta 0)
     if (g.b_shared && !g.a_shared) {
         int64_t rows = g.batch * g.m;
         if (da)
@@ -216,6 +218,10 @@ static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node
         return OPQ_OK;
     }
     // general: accumulate per batch entry in a fixed order (deterministic)
+    if (da)
+        memset(da, 0, din[0].nbytes);
+    if (db)
+        memset(db, 0, din[1].nbytes);
     for (int64_t i = 0; i < g.batch; i++) {
         int64_t oa;
         int64_t ob;

@@ -72,6 +72,7 @@ struct wparam {
     float *wq;              // quantized values handed to the executor
     float *base;            // floor(w0 / s)
     float *alpha, *m, *v2, *g, *dwda;
+    float *h, *dh; // AdaRound: h(alpha) and h'(alpha) of the last soft forward
     struct opq_flexround fr;
     double *gacc;
     bool gw; // g holds this step's gradient (else it is zero)
@@ -136,6 +137,8 @@ struct eng {
         size_t n;
     } *spares;
     int n_spares, cap_spares;
+    uint32_t *bat_j;         // [B] training batch: samples
+    struct opq_rng *bat_rng; // [B] and where their QDrop coins start
 };
 
 static enum opq_status nomem(struct opq_ctx *ctx) {
@@ -552,10 +555,13 @@ static void adaround_weights(void *user, int64_t i0, int64_t i1) {
     for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
         const struct opq_qparams *p = &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
         float z = (float)p->zero_point, dh = 0.0f, h;
-        if (j->wm == W_SOFT)
+        if (j->wm == W_SOFT) {
             h = opq_adaround_h(w->alpha[i], &dh);
-        else
+            w->h[i] = h;
+            w->dh[i] = dh;
+        } else {
             h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
+        }
         float q = w->base[i] + h + z;
         bool clamped = q < (float)p->qmin || q > (float)p->qmax;
         q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
@@ -566,14 +572,15 @@ static void adaround_weights(void *user, int64_t i0, int64_t i1) {
 }
 
 // The AdaRound step of elements i0..i1: the gradient along alpha (with the rounding
-// regularizer after the warm-up), then Adam.
+// regularizer after the warm-up), then Adam. h and dh are those of this step's soft forward
+// (alpha has not moved since).
 static void adaround_update(void *user, int64_t i0, int64_t i1) {
     const struct wjob *j = user;
     struct wparam *w = j->w;
     double beta = j->beta;
     for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
-        float dh;
-        float h = opq_adaround_h(w->alpha[i], &dh);
+        float dh = w->dh[i];
+        float h = w->h[i];
         double ga = (double)w->g[i] * (double)w->dwda[i];
         if (j->reg && dh != 0.0f) {
             double x = 2.0 * (double)h - 1.0, ax = fabs(x);
@@ -1194,7 +1201,10 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
         w->v2 = spare_get(e, nb, true);
         w->g = spare_get(e, nb, true);
         w->dwda = spare_get(e, nb, true);
-        if (!w->wq || !w->base || !w->alpha || !w->m || !w->v2 || !w->g || !w->dwda)
+        w->h = spare_get(e, nb, false);
+        w->dh = spare_get(e, nb, false);
+        if (!w->wq || !w->base || !w->alpha || !w->m || !w->v2 || !w->g || !w->dwda || !w->h ||
+            !w->dh)
             return nomem(e->ctx);
         for (size_t i = 0; i < w->n; i++) {
             const struct opq_qparams *p =
@@ -1265,6 +1275,8 @@ static void free_unit_params(struct eng *e, struct unit *U) {
             spare_put(e, w->v2, nb);
             spare_put(e, w->g, nb);
             spare_put(e, w->dwda, nb);
+            spare_put(e, w->h, nb);
+            spare_put(e, w->dh, nb);
         } else {
             free(w->wq);
             free(w->base);
@@ -1277,6 +1289,7 @@ static void free_unit_params(struct eng *e, struct unit *U) {
         free(w->fr.theta);
         free(w->gacc);
         w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = w->fr.theta = NULL;
+        w->h = w->dh = NULL;
         w->gacc = NULL;
     }
     for (int k = 0; k < U->n_sites; k++) {
@@ -1315,18 +1328,28 @@ static void zero_grads(struct eng *e, struct unit *U) {
         memset(U->sites[k].dscale, 0, sizeof(double) * (size_t)U->sites[k].n_ch);
 }
 
-// One training step's forward + backward on a random batch; returns the loss through *L.
-static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
-                                  double *L) {
-    double t0 = opq_now_s();
-    for (int b = 0; b < e->B; b++) {
-        uint32_t j = opq_rng_below(&e->rng, (uint32_t)e->N);
+struct batch_job {
+    struct eng *e;
+    struct unit_data *d;
+    uint32_t *j;         // [B] sample of each batch row
+    struct opq_rng *rng; // [B] QDrop: the stream at that row's first coin
+};
+
+// Batch rows b0..b1: the input (QDrop: each element the quantized or the float input, by a
+// fair coin), the targets and the per-sample loss weights.
+static void batch_range(void *user, int64_t b0, int64_t b1) {
+    struct batch_job *bj = user;
+    struct eng *e = bj->e;
+    struct unit_data *d = bj->d;
+    for (int64_t b = b0; b < b1; b++) {
+        uint32_t j = bj->j[b];
         const float *xq = d->Xq + (size_t)j * d->per_in, *xf = d->X + (size_t)j * d->per_in;
         float *dst = d->xin + (size_t)b * d->per_in;
         if (e->o->qdrop) {
             struct coin cn = {0};
+            struct opq_rng r = bj->rng[b];
             for (size_t k = 0; k < d->per_in; k++)
-                dst[k] = coin_flip(&e->rng, &cn, 128) ? xq[k] : xf[k];
+                dst[k] = coin_flip(&r, &cn, 128) ? xq[k] : xf[k];
         } else {
             memcpy(dst, xq, sizeof(float) * d->per_in);
         }
@@ -1336,6 +1359,23 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
             memcpy(d->hbat + (size_t)b * d->per_out, d->hw + (size_t)j * d->per_out,
                    sizeof(float) * d->per_out);
     }
+}
+
+// One training step's forward + backward on a random batch; returns the loss through *L.
+static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
+                                  double *L) {
+    double t0 = opq_now_s();
+    // draw the samples (and where each one's mixing coins start in the stream), then assemble
+    // the batch over the pool
+    struct batch_job bj = {.e = e, .d = d, .j = e->bat_j, .rng = e->bat_rng};
+    for (int b = 0; b < e->B; b++) {
+        bj.j[b] = opq_rng_below(&e->rng, (uint32_t)e->N);
+        if (e->o->qdrop) {
+            bj.rng[b] = e->rng;
+            opq_rng_advance(&e->rng, (d->per_in + 3) / 4);
+        }
+    }
+    opq_parallel_for(opq_exec_pool(e->ex), e->B, 1, batch_range, &bj);
     tm_add(e, TM_BATCH, &t0);
     enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin, true);
     if (st != OPQ_OK)
@@ -1729,12 +1769,16 @@ static enum opq_status eng_setup(struct eng *e) {
     for (int u = 0; u < e->n_units; u++) {
         const struct unit *U = &e->units[u];
         e->max_subs = U->n_subs > e->max_subs ? U->n_subs : e->max_subs;
-        int nb = U->n_sites + 7 * U->n_wps + 4;
+        int nb = U->n_sites + 9 * U->n_wps + 4;
         for (int r = 0; r < U->n_subs; r++)
             nb += 2 * (U->subs[r].n_ext + U->subs[r].n_outs);
         e->cap_spares = nb > e->cap_spares ? nb : e->cap_spares;
     }
     e->tapes = calloc((size_t)e->max_subs, sizeof(*e->tapes));
+    e->bat_j = calloc((size_t)e->B, sizeof(*e->bat_j));
+    e->bat_rng = calloc((size_t)e->B, sizeof(*e->bat_rng));
+    if (!e->bat_j || !e->bat_rng)
+        return nomem(e->ctx);
     e->spares = calloc((size_t)e->cap_spares, sizeof(*e->spares));
     if (!e->tapes || !e->spares)
         return nomem(e->ctx);
@@ -1820,6 +1864,8 @@ static void eng_free(struct eng *e) {
     for (int r = 0; e->tapes && r < e->max_subs; r++)
         opq_exec_tape_free(e->tapes[r]);
     free(e->tapes);
+    free(e->bat_j);
+    free(e->bat_rng);
     spare_trim(e);
     free(e->spares);
     opq_exec_free(e->ex);

@@ -446,13 +446,15 @@ static enum opq_status plan_chains(struct opq_exec *e) {
 struct chain_job {
     struct opq_exec *e;
     const struct chain *c;
+    struct opq_tensor *const *fw; // a tape's values (every chain value stored), or NULL
     _Atomic int failed;
 };
 
 // A tile view of value v (rows r0.. of n rows): chain temporaries in `loc`, full-size values
 // at their rows, constants as a 1-D tensor broadcasting along the rows.
 static void chain_view(struct opq_exec *e, const struct chain *c, const struct opq_value *v,
-                       int64_t r0, int64_t n, float (*loc)[CHAIN_TILE], struct opq_tensor *t) {
+                       int64_t r0, int64_t n, float (*loc)[CHAIN_TILE],
+                       struct opq_tensor *const *fw, struct opq_tensor *t) {
     const struct slot *s = slot_of(e, v);
     t->dtype = OPQ_DTYPE_FLOAT;
     if (s->is_const) {
@@ -466,7 +468,10 @@ static void chain_view(struct opq_exec *e, const struct chain *c, const struct o
     t->shape[0] = n;
     t->shape[1] = c->cols;
     t->nbytes = (size_t)(n * c->cols) * sizeof(float);
-    t->data = s->loc >= 0 ? loc[s->loc] : (float *)s->t.data + r0 * c->cols;
+    if (fw)
+        t->data = (float *)fw[v->index]->data + r0 * c->cols;
+    else
+        t->data = s->loc >= 0 ? loc[s->loc] : (float *)s->t.data + r0 * c->cols;
 }
 
 static void chain_tiles(void *user, int64_t t0, int64_t t1) {
@@ -490,10 +495,10 @@ static void chain_tiles(void *user, int64_t t0, int64_t t1) {
             const struct opq_tensor *ins[2];
             struct opq_tensor out;
             for (int q = 0; q < nd->n_inputs; q++) {
-                chain_view(e, c, nd->inputs[q], r0, n, loc, &in[q]);
+                chain_view(e, c, nd->inputs[q], r0, n, loc, j->fw, &in[q]);
                 ins[q] = &in[q];
             }
-            chain_view(e, c, nd->outputs[0], r0, n, loc, &out);
+            chain_view(e, c, nd->outputs[0], r0, n, loc, j->fw, &out);
             if (e->kern[i]->forward(&k, nd, ins, &out) != OPQ_OK) {
                 atomic_store(&j->failed, 1);
                 return;
@@ -511,7 +516,7 @@ static bool chain_run(struct opq_exec *e, const struct chain *c) {
         if (y->loc >= 0 && e->cap_fn && (e->cap_all || y->capture))
             return false;
     }
-    struct chain_job j = {.e = e, .c = c};
+    struct chain_job j = {.e = e, .c = c, .fw = NULL};
     atomic_init(&j.failed, 0);
     int64_t per = CHAIN_TILE / c->cols;
     opq_parallel_for(e->pool, (c->rows + per - 1) / per, 1, chain_tiles, &j);
@@ -1095,6 +1100,50 @@ void opq_exec_tape_free(struct opq_exec_tape *t) {
     opq_free(t->e->ctx, t);
 }
 
+// Node n of a record: its inputs bound (provided, recorded or executor values) and its outputs
+// given tape storage (a view shares its input's bytes: recorded values never change); `need`
+// follows the gradient path.
+static enum opq_status tape_node_values(struct opq_exec_tape *t, const struct opq_node *n,
+                                        struct opq_tensor **fw, bool *need) {
+    struct opq_exec *e = t->e;
+    bool any_need = false;
+    for (int j = 0; j < n->n_inputs; j++) {
+        const struct opq_value *v = n->inputs[j];
+        if (!v)
+            continue;
+        any_need = any_need || need[v->index];
+        if (fw[v->index])
+            continue;
+        struct slot *s = slot_of(e, v);
+        if (!s->valid)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE,
+                                 "node '%s' (%s): input '%s' has no data (provide it)",
+                                 node_name(n), n->op_type, v->name);
+        fw[v->index] = &s->t;
+    }
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_value *v = n->outputs[j];
+        if (!v)
+            continue;
+        struct opq_tensor *tt = opq_arena_alloc(t->fwd, sizeof(*tt));
+        if (!tt)
+            return bwd_nomem(e);
+        *tt = slot_of(e, v)->t;
+        const struct opq_tensor *src =
+            j == 0 && is_view_op(n) && n->inputs[0] ? fw[n->inputs[0]->index] : NULL;
+        if (src && src->nbytes == tt->nbytes && src->dtype == tt->dtype)
+            tt->data = src->data;
+        else
+            tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
+        if (!tt->data)
+            return bwd_nomem(e);
+        fw[v->index] = tt;
+        if (any_need && is_float(tt))
+            need[v->index] = true;
+    }
+    return OPQ_OK;
+}
+
 enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int last,
                                      const struct opq_named_tensor *provided, int n_provided,
                                      const char *const *wrt, int n_wrt) {
@@ -1140,43 +1189,30 @@ enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int las
         struct opq_node *n = g->nodes[i];
         if (!e->kern[i] || e->folded[i])
             continue;
-        bool any_need = false;
-        for (int j = 0; j < n->n_inputs; j++) {
-            const struct opq_value *v = n->inputs[j];
-            if (!v)
-                continue;
-            any_need = any_need || need[v->index];
-            if (fw[v->index])
-                continue;
-            struct slot *s = slot_of(e, v);
-            if (!s->valid)
-                return opq_set_error(e->ctx, OPQ_ERR_USAGE,
-                                     "node '%s' (%s): input '%s' has no data (provide it)",
-                                     node_name(n), n->op_type, v->name);
-            fw[v->index] = &s->t;
+        int ci = e->chain_at[i];
+        if (ci >= 0 && e->chains[ci].last <= last) {
+            // an element-wise chain: every value stored, computed tile by tile
+            const struct chain *c = &e->chains[ci];
+            for (int q = c->first; q <= c->last && st == OPQ_OK; q++)
+                if (e->kern[q] && !e->folded[q])
+                    st = tape_node_values(t, g->nodes[q], fw, need);
+            if (st != OPQ_OK)
+                return st;
+            struct chain_job j = {.e = e, .c = c, .fw = fw};
+            atomic_init(&j.failed, 0);
+            int64_t per = CHAIN_TILE / c->cols;
+            opq_parallel_for(e->pool, (c->rows + per - 1) / per, 1, chain_tiles, &j);
+            if (atomic_load(&j.failed) != 0) {
+                if (opq_ctx_status(e->ctx) == OPQ_OK)
+                    opq_set_error(e->ctx, OPQ_ERR_INTERNAL, "node '%s' (%s) failed",
+                                  node_name(n), n->op_type);
+                return opq_ctx_status(e->ctx);
+            }
+            i = c->last;
+            continue;
         }
-        for (int j = 0; j < n->n_outputs; j++) {
-            const struct opq_value *v = n->outputs[j];
-            if (!v)
-                continue;
-            struct opq_tensor *tt = opq_arena_alloc(t->fwd, sizeof(*tt));
-            if (!tt)
-                return bwd_nomem(e);
-            *tt = slot_of(e, v)->t;
-            // a view's output shares its input's bytes (recorded values never change)
-            const struct opq_tensor *src = j == 0 && is_view_op(n) && n->inputs[0]
-                                               ? fw[n->inputs[0]->index]
-                                               : NULL;
-            if (src && src->nbytes == tt->nbytes && src->dtype == tt->dtype)
-                tt->data = src->data;
-            else
-                tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
-            if (!tt->data)
-                return bwd_nomem(e);
-            fw[v->index] = tt;
-            if (any_need && is_float(tt))
-                need[v->index] = true;
-        }
+        if ((st = tape_node_values(t, n, fw, need)) != OPQ_OK)
+            return st;
         node_io(e, n, fw);
         st = e->kern[i]->forward(&k, n, e->ins, e->outs);
         opq_arena_rewind(e->scratch);

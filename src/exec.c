@@ -1239,11 +1239,52 @@ const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *t, cons
     return v ? t->fw[v->index] : NULL;
 }
 
+// Gradient buffers of one reverse sweep: a gradient dies at its producer's VJP, and its buffer
+// serves a later allocation of the same size, so a sweep touches the memory of its live
+// gradients, not of all of them.
+struct gpool {
+    struct gbuf {
+        float *p;
+        size_t n;
+    } *b;
+    int count, cap;
+};
+
+static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
+    for (int i = gp->count - 1; i >= 0; i--)
+        if (gp->b[i].n == n) {
+            float *p = gp->b[i].p;
+            gp->b[i] = gp->b[--gp->count];
+            return p;
+        }
+    return opq_arena_alloc_raw(t->grads, n);
+}
+
+static void grad_release(struct gpool *gp, float *p, size_t n) {
+    if (p && gp->count < gp->cap)
+        gp->b[gp->count++] = (struct gbuf){p, n};
+}
+
 static bool is_wrt(const struct opq_exec_tape *t, int vi) {
     for (int i = 0; i < t->n_wrt; i++)
         if (t->wrt[i] == vi)
             return true;
     return false;
+}
+
+// After node n's VJP its outputs' gradients are dead (unless asked for); `kept` is a buffer
+// handed over to an input, not released.
+static void release_outputs(const struct opq_exec_tape *t, struct gpool *gp,
+                            const struct opq_node *n, struct opq_tensor *const *fw, float **gr,
+                            const float *kept) {
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_value *v = n->outputs[j];
+        if (!v || !gr[v->index] || is_wrt(t, v->index))
+            continue;
+        if (gr[v->index] != kept)
+            grad_release(gp, gr[v->index], fw[v->index]->nbytes);
+        gr[v->index] = NULL;
+    }
 }
 
 enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
@@ -1280,6 +1321,10 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
     }
     // 4. reverse sweep
     struct opq_kctx k = kctx_of(e);
+    struct gpool gp = {.cap = 2 * e->n_slots + 16};
+    gp.b = opq_arena_alloc_raw(t->grads, sizeof(*gp.b) * (size_t)gp.cap);
+    if (!gp.b)
+        return bwd_nomem(e);
     int lo = stop > t->first ? stop : t->first;
     for (int i = t->last; i >= lo; i--) {
         struct opq_node *n = g->nodes[i];
@@ -1291,8 +1336,10 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         bool want_din = false;
         for (int j = 0; j < n->n_inputs; j++)
             want_din = want_din || (n->inputs[j] && t->need[n->inputs[j]->index]);
-        if (!has_dout || !want_din)
+        if (!has_dout || !want_din) {
+            release_outputs(t, &gp, n, fw, gr, NULL);
             continue;
+        }
         // an input whose gradient is the output's own (and has none yet) takes over its buffer:
         // the output's gradient is complete here and read by nobody after its producer, unless
         // it was asked for
@@ -1306,8 +1353,10 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             bool more = false;
             for (int j = 0; j < n->n_inputs; j++)
                 more = more || (n->inputs[j] && n->inputs[j] != ptv && t->need[n->inputs[j]->index]);
-            if (!more)
+            if (!more) {
+                release_outputs(t, &gp, n, fw, gr, gr[ptv->index]);
                 continue;
+            }
         }
         if (!e->kern[i]->backward)
             return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
@@ -1326,7 +1375,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
             if (t->need[v->index] && v != ptv) {
-                e->dins[j].data = opq_arena_alloc_raw(t->grads, e->dins[j].nbytes);
+                e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
                 if (!e->dins[j].data)
                     return bwd_nomem(e);
             }
@@ -1343,11 +1392,14 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             const struct opq_value *v = n->inputs[j];
             if (!v || !e->dins[j].data)
                 continue;
-            if (gr[v->index])
+            if (gr[v->index]) {
                 add_into(e, gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
-            else
+                grad_release(&gp, e->dins[j].data, e->dins[j].nbytes);
+            } else {
                 gr[v->index] = e->dins[j].data;
+            }
         }
+        release_outputs(t, &gp, n, fw, gr, ptv ? gr[ptv->index] : NULL);
     }
     // 5. results
     for (int i = 0; i < t->n_wrt; i++) {

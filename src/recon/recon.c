@@ -115,7 +115,8 @@ struct eng {
     void **fwd;     // per value: one batch of data (quantized activations)
     void **cur;     // per value: its data in the last unit_forward (borrowed: fwd or a tape)
     float **grd;    // per value: its gradient
-    bool *gw;       // per value: grd holds this step's gradient (else it is zero)
+    bool *gw;       // per value: this step's gradient is in gcur (else it is zero)
+    float **gcur;   // per value: this step's gradient (borrowed: grd or a tape's result)
     size_t *bbytes; // per value: bytes of one batch
     bool *isf;      // per value: float (gets a gradient buffer)
     struct unit *units;
@@ -648,7 +649,7 @@ static void site_forward(struct eng *e, struct site *s, const float *src, enum a
 
 // dy (in place) -> dx, and the LSQ step-size gradient into s->dscale.
 static void site_backward(struct eng *e, struct site *s) {
-    opq_actq_backward(opq_exec_pool(e->ex), &s->aq, s->x, e->grd[s->vi],
+    opq_actq_backward(opq_exec_pool(e->ex), &s->aq, s->x, e->gcur[s->vi],
                       e->o->qdrop ? s->keep : NULL, s->parts, s->dscale);
 }
 
@@ -748,7 +749,7 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
                 continue;
             if (e->site_of[vi])
                 site_backward(e, &U->sites[e->site_of[vi] - 1]);
-            seeds[n_seeds++] = named(e, vi, e->grd[vi]);
+            seeds[n_seeds++] = named(e, vi, e->gcur[vi]);
         }
         tm_add(e, TM_SITE_BWD, &t0);
         if (S->n_wrt == 0 || n_seeds == 0)
@@ -756,13 +757,18 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
         enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
         if (st != OPQ_OK)
             return st;
+        // a value's first gradient stays where the sweep left it (that tape is not swept
+        // again this step); weight gradients go to the optimizer's buffers
         for (int i = 0; i < S->n_wrt; i++) {
-            const float *gsrc = grads[i].data;
+            float *gsrc = grads[i].data;
             int w = S->wrt_vi[i];
-            float *dst = i < S->n_val ? e->grd[w] : U->wps[-1 - w].g;
-            size_t n = i < S->n_val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
-            bool *written = i < S->n_val ? &e->gw[w] : &U->wps[-1 - w].gw;
-            if (!*written)
+            bool val = i < S->n_val;
+            float *dst = val ? e->gcur[w] : U->wps[-1 - w].g;
+            size_t n = val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
+            bool *written = val ? &e->gw[w] : &U->wps[-1 - w].gw;
+            if (!*written && val)
+                e->gcur[w] = gsrc;
+            else if (!*written)
                 memcpy(dst, gsrc, sizeof(float) * n);
             else
                 for (size_t k = 0; k < n; k++)
@@ -1391,6 +1397,7 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
         unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
     }
     e->gw[U->out_vi] = true;
+    e->gcur[U->out_vi] = e->grd[U->out_vi];
     tm_add(e, TM_LOSS, &t0);
     return unit_backward(e, U);
 }
@@ -1755,9 +1762,10 @@ static enum opq_status eng_setup(struct eng *e) {
     e->cur = calloc(nv, sizeof(*e->cur));
     e->grd = calloc(nv, sizeof(*e->grd));
     e->gw = calloc(nv, sizeof(*e->gw));
+    e->gcur = calloc(nv, sizeof(*e->gcur));
     e->bbytes = calloc(nv, sizeof(*e->bbytes));
     e->isf = calloc(nv, sizeof(*e->isf));
-    if (!e->dyn || !e->site_of || !e->fwd || !e->cur || !e->grd || !e->gw || !e->bbytes ||
+    if (!e->dyn || !e->site_of || !e->fwd || !e->cur || !e->grd || !e->gw || !e->gcur || !e->bbytes ||
         !e->isf)
         return nomem(e->ctx);
     mark_dynamic(e);
@@ -1852,6 +1860,7 @@ static void eng_free(struct eng *e) {
     free(e->cur);
     free(e->grd);
     free(e->gw);
+    free(e->gcur);
     free(e->bbytes);
     free(e->isf);
     free(e->dyn);

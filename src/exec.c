@@ -8,8 +8,11 @@
  * Values that must survive (graph outputs, pinned values) are never freed.
  *
  * Backward: the range is recomputed forward with every value in its own buffer (a per-call
- * arena), then the kernels' VJPs run in reverse order; gradients of values used by several
- * nodes are summed here (kernels write, never accumulate). */
+ * arena; a view op's output shares its input's bytes, element-wise chains run fused as in
+ * plain runs), then the kernels' VJPs run in reverse order; gradients of values used by several
+ * nodes are summed here (kernels write, never accumulate). A gradient dies at its producer's
+ * VJP and its buffer serves later ones; an Add/Sub/view input whose gradient is its output's
+ * takes that buffer over instead of a copy. */
 #include "exec.h"
 
 #include <limits.h>

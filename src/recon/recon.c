@@ -165,7 +165,7 @@ static void tm_add(struct eng *e, enum tm_phase ph, double *t0) {
     *t0 = t;
 }
 
-// ---- buffers kept from unit to unit ----
+// ---- buffers kept from unit to unit -------------------------------------------------------------
 
 // A buffer of n bytes: a spare of exactly that size if there is one (zeroed if asked), else a
 // new one. NULL when out of memory.

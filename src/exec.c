@@ -8,8 +8,11 @@
  * Values that must survive (graph outputs, pinned values) are never freed.
  *
  * Backward: the range is recomputed forward with every value in its own buffer (a per-call
- * arena), then the kernels' VJPs run in reverse order; gradients of values used by several
- * nodes are summed here (kernels write, never accumulate). */
+ * arena; a view op's output shares its input's bytes, element-wise chains run fused as in
+ * plain runs), then the kernels' VJPs run in reverse order; gradients of values used by several
+ * nodes are summed here (kernels write, never accumulate). A gradient dies at its producer's
+ * VJP and its buffer serves later ones; an Add/Sub/view input whose gradient is its output's
+ * takes that buffer over instead of a copy. */
 #include "exec.h"
 
 #include <limits.h>
@@ -446,13 +449,15 @@ static enum opq_status plan_chains(struct opq_exec *e) {
 struct chain_job {
     struct opq_exec *e;
     const struct chain *c;
+    struct opq_tensor *const *fw; // a tape's values (every chain value stored), or NULL
     _Atomic int failed;
 };
 
 // A tile view of value v (rows r0.. of n rows): chain temporaries in `loc`, full-size values
 // at their rows, constants as a 1-D tensor broadcasting along the rows.
 static void chain_view(struct opq_exec *e, const struct chain *c, const struct opq_value *v,
-                       int64_t r0, int64_t n, float (*loc)[CHAIN_TILE], struct opq_tensor *t) {
+                       int64_t r0, int64_t n, float (*loc)[CHAIN_TILE],
+                       struct opq_tensor *const *fw, struct opq_tensor *t) {
     const struct slot *s = slot_of(e, v);
     t->dtype = OPQ_DTYPE_FLOAT;
     if (s->is_const) {
@@ -466,7 +471,10 @@ static void chain_view(struct opq_exec *e, const struct chain *c, const struct o
     t->shape[0] = n;
     t->shape[1] = c->cols;
     t->nbytes = (size_t)(n * c->cols) * sizeof(float);
-    t->data = s->loc >= 0 ? loc[s->loc] : (float *)s->t.data + r0 * c->cols;
+    if (fw)
+        t->data = (float *)fw[v->index]->data + r0 * c->cols;
+    else
+        t->data = s->loc >= 0 ? loc[s->loc] : (float *)s->t.data + r0 * c->cols;
 }
 
 static void chain_tiles(void *user, int64_t t0, int64_t t1) {
@@ -490,10 +498,10 @@ static void chain_tiles(void *user, int64_t t0, int64_t t1) {
             const struct opq_tensor *ins[2];
             struct opq_tensor out;
             for (int q = 0; q < nd->n_inputs; q++) {
-                chain_view(e, c, nd->inputs[q], r0, n, loc, &in[q]);
+                chain_view(e, c, nd->inputs[q], r0, n, loc, j->fw, &in[q]);
                 ins[q] = &in[q];
             }
-            chain_view(e, c, nd->outputs[0], r0, n, loc, &out);
+            chain_view(e, c, nd->outputs[0], r0, n, loc, j->fw, &out);
             if (e->kern[i]->forward(&k, nd, ins, &out) != OPQ_OK) {
                 atomic_store(&j->failed, 1);
                 return;
@@ -511,7 +519,7 @@ static bool chain_run(struct opq_exec *e, const struct chain *c) {
         if (y->loc >= 0 && e->cap_fn && (e->cap_all || y->capture))
             return false;
     }
-    struct chain_job j = {.e = e, .c = c};
+    struct chain_job j = {.e = e, .c = c, .fw = NULL};
     atomic_init(&j.failed, 0);
     int64_t per = CHAIN_TILE / c->cols;
     opq_parallel_for(e->pool, (c->rows + per - 1) / per, 1, chain_tiles, &j);
@@ -748,6 +756,10 @@ void opq_exec_get_stats(const struct opq_exec *e, struct opq_exec_stats *st) {
     st->value_bytes = e->value_bytes;
     st->n_buffers = e->n_bufs;
     st->n_folded = e->n_folded;
+}
+
+struct opq_threadpool *opq_exec_pool(const struct opq_exec *e) {
+    return e->pool;
 }
 
 int opq_exec_producer_index(const struct opq_exec *e, const char *name) {
@@ -995,9 +1007,63 @@ static enum opq_status bwd_nomem(struct opq_exec *e) {
     return opq_set_error(e->ctx, OPQ_ERR_NOMEM, "out of memory in backward");
 }
 
-static void add_into(float *dst, const float *src, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
+struct add_job {
+    float *dst;
+    const float *src;
+};
+
+static void add_range(void *user, int64_t i0, int64_t i1) {
+    const struct add_job *j = user;
+    for (int64_t i = i0; i < i1; i++)
+        j->dst[i] += j->src[i];
+}
+
+// dst += src over the pool (element-wise: the same bytes for any split).
+static void add_into(struct opq_exec *e, float *dst, const float *src, size_t n) {
+    struct add_job j = {dst, src};
+    opq_parallel_for(e->pool, (int64_t)n, 1 << 15, add_range, &j);
+}
+
+// Pure view ops: the output has the input's bytes.
+static bool is_view_op(const struct opq_node *n) {
+    switch (n->op) {
+    case OPQ_OP_RESHAPE:
+    case OPQ_OP_FLATTEN:
+    case OPQ_OP_SQUEEZE:
+    case OPQ_OP_UNSQUEEZE:
+    case OPQ_OP_IDENTITY:
+        return true;
+    default:
+        return false;
+    }
+}
+
+// The input of node n whose gradient is exactly the gradient of its output 0 (Add without
+// broadcast, Sub's minuend, view ops), or -1. The reverse sweep then hands the output's
+// gradient buffer over instead of copying it.
+static int passthrough_input(const struct opq_node *n, struct opq_tensor *const *fw) {
+    int cand[2] = {0, -1};
+    if (n->op == OPQ_OP_ADD)
+        cand[1] = 1;
+    else if (n->op != OPQ_OP_SUB && !is_view_op(n))
+        return -1;
+    if (n->n_outputs < 1 || !n->outputs[0] || !fw[n->outputs[0]->index])
+        return -1;
+    const struct opq_tensor *y = fw[n->outputs[0]->index];
+    for (int c = 0; c < 2; c++) {
+        int j = cand[c];
+        if (j < 0 || j >= n->n_inputs || !n->inputs[j])
+            continue;
+        const struct opq_tensor *x = fw[n->inputs[j]->index];
+        if (!x || !is_float(x) || !is_float(y) || x->nbytes != y->nbytes)
+            continue;
+        bool twice = false;
+        for (int q = 0; q < n->n_inputs; q++)
+            twice = twice || (q != j && n->inputs[q] == n->inputs[j]);
+        if (!twice)
+            return j;
+    }
+    return -1;
 }
 
 // A recorded forward (see exec.h): every value of nodes first..last kept in the tape's arena.
@@ -1035,6 +1101,50 @@ void opq_exec_tape_free(struct opq_exec_tape *t) {
     opq_arena_free(t->fwd);
     opq_arena_free(t->grads);
     opq_free(t->e->ctx, t);
+}
+
+// Node n of a record: its inputs bound (provided, recorded or executor values) and its outputs
+// given tape storage (a view shares its input's bytes: recorded values never change); `need`
+// follows the gradient path.
+static enum opq_status tape_node_values(struct opq_exec_tape *t, const struct opq_node *n,
+                                        struct opq_tensor **fw, bool *need) {
+    struct opq_exec *e = t->e;
+    bool any_need = false;
+    for (int j = 0; j < n->n_inputs; j++) {
+        const struct opq_value *v = n->inputs[j];
+        if (!v)
+            continue;
+        any_need = any_need || need[v->index];
+        if (fw[v->index])
+            continue;
+        struct slot *s = slot_of(e, v);
+        if (!s->valid)
+            return opq_set_error(e->ctx, OPQ_ERR_USAGE,
+                                 "node '%s' (%s): input '%s' has no data (provide it)",
+                                 node_name(n), n->op_type, v->name);
+        fw[v->index] = &s->t;
+    }
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_value *v = n->outputs[j];
+        if (!v)
+            continue;
+        struct opq_tensor *tt = opq_arena_alloc(t->fwd, sizeof(*tt));
+        if (!tt)
+            return bwd_nomem(e);
+        *tt = slot_of(e, v)->t;
+        const struct opq_tensor *src =
+            j == 0 && is_view_op(n) && n->inputs[0] ? fw[n->inputs[0]->index] : NULL;
+        if (src && src->nbytes == tt->nbytes && src->dtype == tt->dtype)
+            tt->data = src->data;
+        else
+            tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
+        if (!tt->data)
+            return bwd_nomem(e);
+        fw[v->index] = tt;
+        if (any_need && is_float(tt))
+            need[v->index] = true;
+    }
+    return OPQ_OK;
 }
 
 enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int last,
@@ -1082,36 +1192,30 @@ enum opq_status opq_exec_tape_record(struct opq_exec_tape *t, int first, int las
         struct opq_node *n = g->nodes[i];
         if (!e->kern[i] || e->folded[i])
             continue;
-        bool any_need = false;
-        for (int j = 0; j < n->n_inputs; j++) {
-            const struct opq_value *v = n->inputs[j];
-            if (!v)
-                continue;
-            any_need = any_need || need[v->index];
-            if (fw[v->index])
-                continue;
-            struct slot *s = slot_of(e, v);
-            if (!s->valid)
-                return opq_set_error(e->ctx, OPQ_ERR_USAGE,
-                                     "node '%s' (%s): input '%s' has no data (provide it)",
-                                     node_name(n), n->op_type, v->name);
-            fw[v->index] = &s->t;
+        int ci = e->chain_at[i];
+        if (ci >= 0 && e->chains[ci].last <= last) {
+            // an element-wise chain: every value stored, computed tile by tile
+            const struct chain *c = &e->chains[ci];
+            for (int q = c->first; q <= c->last && st == OPQ_OK; q++)
+                if (e->kern[q] && !e->folded[q])
+                    st = tape_node_values(t, g->nodes[q], fw, need);
+            if (st != OPQ_OK)
+                return st;
+            struct chain_job j = {.e = e, .c = c, .fw = fw};
+            atomic_init(&j.failed, 0);
+            int64_t per = CHAIN_TILE / c->cols;
+            opq_parallel_for(e->pool, (c->rows + per - 1) / per, 1, chain_tiles, &j);
+            if (atomic_load(&j.failed) != 0) {
+                if (opq_ctx_status(e->ctx) == OPQ_OK)
+                    opq_set_error(e->ctx, OPQ_ERR_INTERNAL, "node '%s' (%s) failed",
+                                  node_name(n), n->op_type);
+                return opq_ctx_status(e->ctx);
+            }
+            i = c->last;
+            continue;
         }
-        for (int j = 0; j < n->n_outputs; j++) {
-            const struct opq_value *v = n->outputs[j];
-            if (!v)
-                continue;
-            struct opq_tensor *tt = opq_arena_alloc(t->fwd, sizeof(*tt));
-            if (!tt)
-                return bwd_nomem(e);
-            *tt = slot_of(e, v)->t;
-            tt->data = opq_arena_alloc_raw(t->fwd, tt->nbytes);
-            if (!tt->data)
-                return bwd_nomem(e);
-            fw[v->index] = tt;
-            if (any_need && is_float(tt))
-                need[v->index] = true;
-        }
+        if ((st = tape_node_values(t, n, fw, need)) != OPQ_OK)
+            return st;
         node_io(e, n, fw);
         st = e->kern[i]->forward(&k, n, e->ins, e->outs);
         opq_arena_rewind(e->scratch);
@@ -1136,6 +1240,54 @@ const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *t, cons
         return NULL;
     const struct opq_value *v = opq_graph_value(t->e->g, name);
     return v ? t->fw[v->index] : NULL;
+}
+
+// Gradient buffers of one reverse sweep: a gradient dies at its producer's VJP, and its buffer
+// serves a later allocation of the same size, so a sweep touches the memory of its live
+// gradients, not of all of them.
+struct gpool {
+    struct gbuf {
+        float *p;
+        size_t n;
+    } *b;
+    int count, cap;
+};
+
+static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
+    for (int i = gp->count - 1; i >= 0; i--)
+        if (gp->b[i].n == n) {
+            float *p = gp->b[i].p;
+            gp->b[i] = gp->b[--gp->count];
+            return p;
+        }
+    return opq_arena_alloc_raw(t->grads, n);
+}
+
+static void grad_release(struct gpool *gp, float *p, size_t n) {
+    if (p && gp->count < gp->cap)
+        gp->b[gp->count++] = (struct gbuf){p, n};
+}
+
+static bool is_wrt(const struct opq_exec_tape *t, int vi) {
+    for (int i = 0; i < t->n_wrt; i++)
+        if (t->wrt[i] == vi)
+            return true;
+    return false;
+}
+
+// After node n's VJP its outputs' gradients are dead (unless asked for); `kept` is a buffer
+// handed over to an input, not released.
+static void release_outputs(const struct opq_exec_tape *t, struct gpool *gp,
+                            const struct opq_node *n, struct opq_tensor *const *fw, float **gr,
+                            const float *kept) {
+    for (int j = 0; j < n->n_outputs; j++) {
+        const struct opq_value *v = n->outputs[j];
+        if (!v || !gr[v->index] || is_wrt(t, v->index))
+            continue;
+        if (gr[v->index] != kept)
+            grad_release(gp, gr[v->index], fw[v->index]->nbytes);
+        gr[v->index] = NULL;
+    }
 }
 
 enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
@@ -1163,7 +1315,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             return opq_set_error(e->ctx, OPQ_ERR_USAGE, "seed '%s' must be float32", seeds[i].name);
         size_t nb = seeds[i].t.nbytes;
         if (gr[v->index]) {
-            add_into(gr[v->index], seeds[i].t.data, nb / sizeof(float));
+            add_into(e, gr[v->index], seeds[i].t.data, nb / sizeof(float));
         } else {
             gr[v->index] = opq_arena_memdup(t->grads, seeds[i].t.data, nb);
             if (!gr[v->index])
@@ -1172,6 +1324,10 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
     }
     // 4. reverse sweep
     struct opq_kctx k = kctx_of(e);
+    struct gpool gp = {.cap = 2 * e->n_slots + 16};
+    gp.b = opq_arena_alloc_raw(t->grads, sizeof(*gp.b) * (size_t)gp.cap);
+    if (!gp.b)
+        return bwd_nomem(e);
     int lo = stop > t->first ? stop : t->first;
     for (int i = t->last; i >= lo; i--) {
         struct opq_node *n = g->nodes[i];
@@ -1183,8 +1339,28 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         bool want_din = false;
         for (int j = 0; j < n->n_inputs; j++)
             want_din = want_din || (n->inputs[j] && t->need[n->inputs[j]->index]);
-        if (!has_dout || !want_din)
+        if (!has_dout || !want_din) {
+            release_outputs(t, &gp, n, fw, gr, NULL);
             continue;
+        }
+        // an input whose gradient is the output's own (and has none yet) takes over its buffer:
+        // the output's gradient is complete here and read by nobody after its producer, unless
+        // it was asked for
+        int pt = passthrough_input(n, fw);
+        const struct opq_value *ptv = pt >= 0 ? n->inputs[pt] : NULL;
+        if (ptv && (!t->need[ptv->index] || gr[ptv->index] || !gr[n->outputs[0]->index] ||
+                    is_wrt(t, n->outputs[0]->index)))
+            ptv = NULL;
+        if (ptv) {
+            gr[ptv->index] = gr[n->outputs[0]->index];
+            bool more = false;
+            for (int j = 0; j < n->n_inputs; j++)
+                more = more || (n->inputs[j] && n->inputs[j] != ptv && t->need[n->inputs[j]->index]);
+            if (!more) {
+                release_outputs(t, &gp, n, fw, gr, gr[ptv->index]);
+                continue;
+            }
+        }
         if (!e->kern[i]->backward)
             return opq_set_error(e->ctx, OPQ_ERR_UNSUPPORTED,
                                  "node '%s': %s has no backward (it is on the gradient path)",
@@ -1201,8 +1377,8 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
                 continue;
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
-            if (t->need[v->index]) {
-                e->dins[j].data = opq_arena_alloc_raw(t->grads, e->dins[j].nbytes);
+            if (t->need[v->index] && v != ptv) {
+                e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
                 if (!e->dins[j].data)
                     return bwd_nomem(e);
             }
@@ -1219,11 +1395,14 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             const struct opq_value *v = n->inputs[j];
             if (!v || !e->dins[j].data)
                 continue;
-            if (gr[v->index])
-                add_into(gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
-            else
+            if (gr[v->index]) {
+                add_into(e, gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
+                grad_release(&gp, e->dins[j].data, e->dins[j].nbytes);
+            } else {
                 gr[v->index] = e->dins[j].data;
+            }
         }
+        release_outputs(t, &gp, n, fw, gr, ptv ? gr[ptv->index] : NULL);
     }
     // 5. results
     for (int i = 0; i < t->n_wrt; i++) {

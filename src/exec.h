@@ -24,6 +24,7 @@
 #include "ir.h"
 
 struct opq_exec;
+struct opq_threadpool;
 
 // A tensor with a value name (inputs, seeds and results of the calls below).
 struct opq_named_tensor {
@@ -119,6 +120,10 @@ struct opq_exec_stats {
     int n_folded; // nodes evaluated at plan time
 };
 void opq_exec_get_stats(const struct opq_exec *exec, struct opq_exec_stats *st);
+
+// The executor's thread pool (borrowed; NULL with one thread), for callers that run their own
+// parallel loops between executor calls (never from inside a capture callback).
+struct opq_threadpool *opq_exec_pool(const struct opq_exec *exec);
 
 // Index of the node producing `name` (-1 for inputs, initializers, unknown names).
 int opq_exec_producer_index(const struct opq_exec *exec, const char *name);

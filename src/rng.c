@@ -19,6 +19,23 @@ uint32_t opq_rng_u32(struct opq_rng *r) {
     return (xsh >> rot) | (xsh << ((32u - rot) & 31u));
 }
 
+// The LCG step x -> a x + c composed with itself delta times is x -> A x + C; A and C are built
+// by binary powering of the step (all arithmetic mod 2^64).
+void opq_rng_advance(struct opq_rng *r, uint64_t delta) {
+    uint64_t a = 6364136223846793005ull, c = r->inc;
+    uint64_t A = 1, C = 0;
+    while (delta) {
+        if (delta & 1u) {
+            A *= a;
+            C = C * a + c;
+        }
+        c *= a + 1;
+        a *= a;
+        delta >>= 1u;
+    }
+    r->state = A * r->state + C;
+}
+
 float opq_rng_uniform(struct opq_rng *r) {
     return (float)(opq_rng_u32(r) >> 8) * (1.0f / 16777216.0f);
 }

@@ -16,6 +16,9 @@ uint32_t opq_rng_u32(struct opq_rng *r);
 float    opq_rng_uniform(struct opq_rng *r);
 // Uniform integer in [0, n) without modulo bias (n > 0).
 uint32_t opq_rng_below(struct opq_rng *r, uint32_t n);
+// Moves the generator `delta` draws ahead (as if opq_rng_u32 had been called delta times) in
+// O(log delta) steps: lets threads draw disjoint parts of one stream.
+void     opq_rng_advance(struct opq_rng *r, uint64_t delta);
 // Standard normal (Box-Muller; one value per call, deterministic).
 float    opq_rng_normal(struct opq_rng *r);
 

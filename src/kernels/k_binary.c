@@ -265,9 +265,11 @@ static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, c
     return OPQ_OK;
 }
 
-// Elementwise partials of the output w.r.t. input `which` times dY, on y's shape.
-static void partial(enum bop op, int which, const struct opq_tensor *a, const struct opq_tensor *b,
-                    const float *pb, const struct opq_tensor *y, const float *dy, float *t) {
+// Elementwise partials of the output w.r.t. input `which` times dY, on y's shape, rows r0..r1
+// (of the last dim).
+static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
+                         const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
+                         const float *dy, float *t, int64_t r0, int64_t r1) {
     int64_t sa[OPQ_MAX_DIMS] = {0};
     int64_t sb[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(a, y, sa);
@@ -275,11 +277,10 @@ static void partial(enum bop op, int which, const struct opq_tensor *a, const st
     int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
     int64_t ia = y->ndim ? sa[y->ndim - 1] : 0;
     int64_t ib = y->ndim ? sb[y->ndim - 1] : 0;
-    int64_t total = ku_numel(y);
     const float *A = a->data;
     const float *Y = y->data;
     // the operator is chosen per row so that the inner loops are branch-free (they vectorise)
-    for (int64_t row = 0; row < total / inner; row++) {
+    for (int64_t row = r0; row < r1; row++) {
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = pb + ku_row_offset(y, sb, row);
         int64_t o = row * inner;
@@ -322,6 +323,29 @@ static void partial(enum bop op, int which, const struct opq_tensor *a, const st
     }
 }
 
+struct partial_job {
+    enum bop op;
+    int which;
+    const struct opq_tensor *a, *b, *y;
+    const float *pb, *dy;
+    float *t;
+};
+
+static void partial_range(void *user, int64_t r0, int64_t r1) {
+    const struct partial_job *j = user;
+    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, r0, r1);
+}
+
+// All partials (every row, over the pool: rows are independent).
+static void partial(struct opq_kctx *k, enum bop op, int which, const struct opq_tensor *a,
+                    const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
+                    const float *dy, float *t) {
+    int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
+    int64_t rows = inner ? ku_numel(y) / inner : 0;
+    struct partial_job j = {op, which, a, b, y, pb, dy, t};
+    ku_parallel(k, rows, (1 << 14) / (inner ? inner : 1) + 1, partial_range, &j);
+}
+
 static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node *n,
                                        const struct opq_tensor *const *in,
                                        const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -332,8 +356,11 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
                              n->op_type, ku_name(n));
     int64_t total = ku_numel(y);
     const float *pb = exp_as_float(k, in[1]);
-    float *t = opq_arena_alloc_raw(k->scratch, (size_t)total * sizeof(float) + 1);
-    if (!t || !pb)
+    // the partials go straight to din when an input is not broadcast, else through t
+    bool bcast = (din[0].data && ku_numel(in[0]) != total) ||
+                 (din[1].data && ku_numel(in[1]) != total);
+    float *t = bcast ? opq_arena_alloc_raw(k->scratch, (size_t)total * sizeof(float) + 1) : NULL;
+    if ((bcast && !t) || !pb)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
                              ku_name(n));
     for (int w = 0; w < 2; w++) {
@@ -347,7 +374,11 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
             memcpy(din[w].data, dout[0].data, (size_t)total * sizeof(float)); // no broadcast
             continue;
         }
-        partial(op, w, in[0], in[1], pb, y, dout[0].data, t);
+        if (ku_numel(in[w]) == total) {
+            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data);
+            continue;
+        }
+        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t);
         enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data);
         if (st != OPQ_OK)
             return st;

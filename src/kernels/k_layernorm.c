@@ -164,6 +164,41 @@ static enum opq_status ln_forward(struct opq_kctx *k, const struct opq_node *n,
     return OPQ_OK;
 }
 
+struct lnb_job {
+    const float *x, *sc, *dy;
+    float *dx;
+    int64_t ss, cols;
+    float eps;
+};
+
+// dX of rows r0..r1 alone (no scale/bias gradient): the same per-row sums as ln_backward.
+static void lnb_rows(void *user, int64_t r0, int64_t r1) {
+    const struct lnb_job *j = user;
+    int64_t cols = j->cols;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = j->x + r * cols;
+        const float *gr = j->dy + r * cols;
+        double mu;
+        double ri;
+        ln_stats(xr, cols, j->eps, &mu, &ri);
+        double mg = 0.0;
+        double mgx = 0.0;
+        for (int64_t i = 0; i < cols; i++) {
+            double xh = ((double)xr[i] - mu) * ri;
+            double g = (double)gr[i] * (double)j->sc[i * j->ss];
+            mg += g;
+            mgx += g * xh;
+        }
+        mg /= (double)cols;
+        mgx /= (double)cols;
+        for (int64_t i = 0; i < cols; i++) {
+            double xh = ((double)xr[i] - mu) * ri;
+            double g = (double)gr[i] * (double)j->sc[i * j->ss];
+            j->dx[r * cols + i] = (float)(ri * (g - mg - xh * mgx));
+        }
+    }
+}
+
 static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
                                    const struct opq_tensor *const *in, const struct opq_tensor *out,
                                    const struct opq_tensor *dout, struct opq_tensor *din) {
@@ -181,6 +216,12 @@ static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
     const float *dy = dout[0].data;
     float *dx = din[0].data;
     bool has_b = n->n_inputs > 2 && in[2];
+    if (dy && dx && !din[1].data && !(has_b && din[2].data)) {
+        // only dX: rows are independent, over the pool
+        struct lnb_job j = {x, sc, dy, dx, ss, cols, p->eps};
+        ku_parallel(k, rows, 16384 / cols + 1, lnb_rows, &j);
+        return OPQ_OK;
+    }
     double *dsc = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
     double *db = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
     double *g = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));

@@ -649,6 +649,29 @@ static enum opq_status slice_forward(struct opq_kctx *k, const struct opq_node *
     return OPQ_OK;
 }
 
+struct slice_scatter {
+    float *dx;
+    const float *g;
+    int ndim;
+    const int64_t *oshape;
+    const int64_t *istr;
+    int64_t base, inner; // inner: the contiguous last dim (step 1)
+};
+
+// Rows r0..r1 of the slice (all dims but the last) copied to their place in dx.
+static void slice_scatter_rows(void *user, int64_t r0, int64_t r1) {
+    const struct slice_scatter *j = user;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t off = j->base;
+        int64_t rem = r;
+        for (int d = j->ndim - 2; d >= 0; d--) {
+            off += (rem % j->oshape[d]) * j->istr[d];
+            rem /= j->oshape[d];
+        }
+        memcpy(j->dx + off, j->g + r * j->inner, sizeof(float) * (size_t)j->inner);
+    }
+}
+
 static enum opq_status slice_backward(struct opq_kctx *k, const struct opq_node *n,
                                       const struct opq_tensor *const *in,
                                       const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -669,6 +692,14 @@ static enum opq_status slice_backward(struct opq_kctx *k, const struct opq_node 
     size_t total = opq_kl_numel(&out[0]);
     const float *g = dout[0].data;
     float *dx = din[0].data;
+    int r = out[0].ndim;
+    if (r >= 1 && istr[r - 1] == 1 && out[0].shape[r - 1] > 0) {
+        // unit step along the last dim: whole rows, over the pool (disjoint destinations)
+        struct slice_scatter j = {dx, g, r, out[0].shape, istr, base, out[0].shape[r - 1]};
+        int64_t rows = (int64_t)total / j.inner;
+        opq_parallel_for(k->pool, rows, 4096 / j.inner + 1, slice_scatter_rows, &j);
+        return OPQ_OK;
+    }
     int64_t off = base;
     for (size_t i = 0; i < total; i++) {
         dx[off] = g[i]; // slices never alias: assignment is the sum

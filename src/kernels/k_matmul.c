@@ -149,6 +149,30 @@ static enum opq_status matmul_forward(struct opq_kctx *k, const struct opq_node 
     return OPQ_OK;
 }
 
+struct mm_bwd_job {
+    const struct mm_geom *g;
+    const float *a, *b, *dy;
+    float *da, *db;
+};
+
+// Backward of batch entries i0..i1 when no operand is broadcast (disjoint dA/dB slices).
+static void mm_bwd_range(void *user, int64_t i0, int64_t i1) {
+    const struct mm_bwd_job *j = user;
+    const struct mm_geom *g = j->g;
+    int64_t mk = g->m * g->k, kn = g->k * g->n, mn = g->m * g->n;
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t oa;
+        int64_t ob;
+        mm_batch_offsets(g, i, &oa, &ob);
+        if (j->da)
+            opq_sgemm(false, true, g->m, g->k, g->n, 1.0f, j->dy + i * mn, g->n, j->b + ob * kn,
+                      g->n, 0.0f, j->da + oa * mk, g->k);
+        if (j->db)
+            opq_sgemm(true, false, g->k, g->n, g->m, 1.0f, j->a + oa * mk, g->k, j->dy + i * mn,
+                      g->n, 0.0f, j->db + ob * kn, g->n);
+    }
+}
+
 static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node *n,
                                        const struct opq_tensor *const *in,
                                        const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -163,15 +187,17 @@ static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node
     const float *dy = dout[0].data;
     float *da = din[0].data;
     float *db = din[1].data;
-    if (da)
-        memset(da, 0, din[0].nbytes);
-    if (db)
-        memset(db, 0, din[1].nbytes);
-    if (!dy)
+    if (!dy) {
+        if (da)
+            memset(da, 0, din[0].nbytes);
+        if (db)
+            memset(db, 0, din[1].nbytes);
         return OPQ_OK;
+    }
     int64_t mk = g.m * g.k;
     int64_t kn = g.k * g.n;
     int64_t mn = g.m * g.n;
+    // the two paths below write every element of dA and dB (beta 0)
     if (g.b_shared && !g.a_shared) {
         int64_t rows = g.batch * g.m;
         if (da)
@@ -182,7 +208,20 @@ static enum opq_status matmul_backward(struct opq_kctx *k, const struct opq_node
                          g.n);
         return OPQ_OK;
     }
+    // no batch broadcast (attention): every entry owns its slices of dA and dB, one whole
+    // entry per thread at a time
+    int64_t na = ku_numel(in[0]) / (mk > 0 ? mk : 1);
+    int64_t nbm = ku_numel(in[1]) / (kn > 0 ? kn : 1);
+    if (na == g.batch && nbm == g.batch) {
+        struct mm_bwd_job j = {&g, a, b, dy, da, db};
+        ku_parallel(k, g.batch, 1, mm_bwd_range, &j);
+        return OPQ_OK;
+    }
     // general: accumulate per batch entry in a fixed order (deterministic)
+    if (da)
+        memset(da, 0, din[0].nbytes);
+    if (db)
+        memset(db, 0, din[1].nbytes);
     for (int64_t i = 0; i < g.batch; i++) {
         int64_t oa;
         int64_t ob;

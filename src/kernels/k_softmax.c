@@ -133,6 +133,32 @@ static enum opq_status softmax_forward(struct opq_kctx *k, const struct opq_node
     return OPQ_OK;
 }
 
+struct smb_job {
+    const struct sm_geom *gm;
+    const float *y, *g;
+    float *d;
+};
+
+// dX = Y (dY - sum(dY Y)) on rows r0..r1 (independent rows: any split, same bytes).
+static void smb_rows(void *user, int64_t r0, int64_t r1) {
+    const struct smb_job *j = user;
+    int64_t s = j->gm->inner;
+    int64_t na = j->gm->n;
+    const float *y = j->y;
+    const float *g = j->g;
+    float *d = j->d;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t base = (r / s) * na * s + r % s;
+        double dot = 0.0;
+        for (int64_t a = 0; a < na; a++)
+            dot += (double)g[base + a * s] * (double)y[base + a * s];
+        for (int64_t a = 0; a < na; a++) {
+            int64_t i = base + a * s;
+            d[i] = y[i] * (float)((double)g[i] - dot);
+        }
+    }
+}
+
 static enum opq_status softmax_backward(struct opq_kctx *k, const struct opq_node *n,
                                         const struct opq_tensor *const *in,
                                         const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -147,20 +173,8 @@ static enum opq_status softmax_backward(struct opq_kctx *k, const struct opq_nod
     enum opq_status st = sm_geometry(k, n, in[0], &gm);
     if (st != OPQ_OK)
         return st;
-    const float *y = out[0].data;
-    const float *g = dout[0].data;
-    float *d = din[0].data;
-    int64_t s = gm.inner;
-    for (int64_t r = 0; r < gm.outer * gm.inner; r++) {
-        int64_t base = (r / s) * gm.n * s + r % s;
-        double dot = 0.0;
-        for (int64_t a = 0; a < gm.n; a++)
-            dot += (double)g[base + a * s] * (double)y[base + a * s];
-        for (int64_t a = 0; a < gm.n; a++) {
-            int64_t i = base + a * s;
-            d[i] = y[i] * (float)((double)g[i] - dot);
-        }
-    }
+    struct smb_job j = {&gm, out[0].data, dout[0].data, din[0].data};
+    ku_parallel(k, gm.outer * gm.inner, 4096 / (gm.n > 0 ? gm.n : 1) + 1, smb_rows, &j);
     return OPQ_OK;
 }
 

@@ -169,25 +169,21 @@ static float dgelu_tanh(float x) {
            0.5f * x * (1.0f - th * th) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
 }
 
-static enum opq_status unary_backward(struct opq_kctx *k, const struct opq_node *n,
-                                      const struct opq_tensor *const *in,
-                                      const struct opq_tensor *out, const struct opq_tensor *dout,
-                                      struct opq_tensor *din, enum uop op) {
-    if (!din[0].data)
-        return OPQ_OK;
-    if (in[0]->dtype != OPQ_DTYPE_FLOAT)
-        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': backward needs float",
-                             n->op_type, ku_name(n));
-    int64_t cnt = ku_numel(in[0]);
-    const float *x = in[0]->data;
-    const float *y = out[0].data;
-    const float *g = dout[0].data;
-    float *d = din[0].data;
-    if (!g) {
-        memset(d, 0, din[0].nbytes);
-        return OPQ_OK;
-    }
-    for (int64_t i = 0; i < cnt; i++) {
+struct ubwd_job {
+    enum uop op;
+    const float *x, *y, *g;
+    float *d;
+};
+
+// d = dY * f'(x) on elements i0..i1 (independent elements: any split gives the same bytes).
+static void ubwd_range(void *user, int64_t i0, int64_t i1) {
+    const struct ubwd_job *j = user;
+    const float *x = j->x;
+    const float *y = j->y;
+    const float *g = j->g;
+    float *d = j->d;
+    enum uop op = j->op;
+    for (int64_t i = i0; i < i1; i++) {
         float r = 0.0f;
         switch (op) {
         case UOP_SQRT:
@@ -226,6 +222,28 @@ static enum opq_status unary_backward(struct opq_kctx *k, const struct opq_node 
         }
         d[i] = r;
     }
+}
+
+static enum opq_status unary_backward(struct opq_kctx *k, const struct opq_node *n,
+                                      const struct opq_tensor *const *in,
+                                      const struct opq_tensor *out, const struct opq_tensor *dout,
+                                      struct opq_tensor *din, enum uop op) {
+    if (!din[0].data)
+        return OPQ_OK;
+    if (in[0]->dtype != OPQ_DTYPE_FLOAT)
+        return opq_set_error(k->ctx, OPQ_ERR_UNSUPPORTED, "%s node '%s': backward needs float",
+                             n->op_type, ku_name(n));
+    int64_t cnt = ku_numel(in[0]);
+    const float *x = in[0]->data;
+    const float *y = out[0].data;
+    const float *g = dout[0].data;
+    float *d = din[0].data;
+    if (!g) {
+        memset(d, 0, din[0].nbytes);
+        return OPQ_OK;
+    }
+    struct ubwd_job j = {op, x, y, g, d};
+    ku_parallel(k, cnt, 1 << 14, ubwd_range, &j);
     return OPQ_OK;
 }
 

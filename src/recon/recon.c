@@ -18,7 +18,9 @@
 #include "quant/placement.h"
 #include "quantize.h"
 #include "recognize.h"
+#include "recon/actq.h"
 #include "rng.h"
+#include "threadpool.h"
 
 void opq_recon_report_free(struct opq_recon_report *r) {
     if (!r)
@@ -27,6 +29,12 @@ void opq_recon_report_free(struct opq_recon_report *r) {
     r->units = NULL;
     r->n_units = 0;
 }
+
+// Training-step phases timed by the engine (logged per unit at debug level).
+enum tm_phase { TM_BATCH, TM_WEIGHTS, TM_RECORD, TM_SITE_FWD, TM_LOSS, TM_SWEEP, TM_SITE_BWD,
+                TM_UPDATE, TM_COUNT };
+static const char *const tm_names[TM_COUNT] = {"batch",   "weights", "record", "site-fwd",
+                                               "loss",    "sweep",   "site-bwd", "update"};
 
 // ---- state --------------------------------------------------------------------------------------
 
@@ -45,9 +53,11 @@ struct site {
     float *m, *v;   // [n_ch] Adam state
     float *gs;      // [n_ch] gradient of the current iteration
     double *dscale; // [n_ch] its accumulation
-    float *x;       // pre-quantization values of the batch
-    float *c;       // per-element step-size gradient terms (backward scratch)
-    uint8_t *keep;  // 1: element quantized in this iteration
+    const float *x; // pre-quantization values of the batch (borrowed: a tape value or the input)
+    uint8_t *keep;  // QDrop: 1 where the element is quantized in this iteration
+    float *lo, *hi; // [n_ch] code range relative to the zero point
+    double *parts;  // backward scratch (opq_actq_n_parts)
+    struct opq_actq aq;
 };
 
 // A weight with its rounding parameters: AdaRound (alpha per element) or FlexRound (fr.theta;
@@ -62,8 +72,10 @@ struct wparam {
     float *wq;              // quantized values handed to the executor
     float *base;            // floor(w0 / s)
     float *alpha, *m, *v2, *g, *dwda;
+    float *h, *dh; // AdaRound: h(alpha) and h'(alpha) of the last soft forward
     struct opq_flexround fr;
     double *gacc;
+    bool gw; // g holds this step's gradient (else it is zero)
 };
 
 struct sub {
@@ -74,7 +86,7 @@ struct sub {
     int n_outs;
     int *wts; // wparam indices read here
     int n_wts;
-    struct opq_exec_tape *tape; // training: the recorded forward of this iteration
+    struct opq_exec_tape *tape; // the recorded forward of this iteration (e->tapes[its index])
     int wrt_vi[128];            // its gradient targets: value index, or -1 - wparam index
     int n_wrt, n_val;           // targets, of which values (the rest are weights)
 };
@@ -100,8 +112,11 @@ struct eng {
     int B, N;
     bool *dyn;      // per value
     int *site_of;   // per value: site index + 1 in the current unit
-    void **fwd;     // per value: one batch of data
+    void **fwd;     // per value: one batch of data (quantized activations)
+    void **cur;     // per value: its data in the last unit_forward (borrowed: fwd or a tape)
     float **grd;    // per value: its gradient
+    bool *gw;       // per value: this step's gradient is in gcur (else it is zero)
+    float **gcur;   // per value: this step's gradient (borrowed: grd or a tape's result)
     size_t *bbytes; // per value: bytes of one batch
     bool *isf;      // per value: float (gets a gradient buffer)
     struct unit *units;
@@ -125,6 +140,19 @@ struct eng {
     double t_start;  // the budget's start
     double aph_cost; // 0 until measured
     int aph_n;       // samples of the latest per-unit APH
+    double tm[TM_COUNT]; // training time per phase (seconds, current unit)
+    // Tapes by sub-range position, shared by all units: block after block records the same
+    // sizes, so their arenas' chunks are reused, never mapped and faulted in again.
+    struct opq_exec_tape **tapes;
+    int max_subs;
+    // Large buffers a unit gave back (same sizes block after block), taken again by the next.
+    struct spare {
+        void *p;
+        size_t n;
+    } *spares;
+    int n_spares, cap_spares;
+    uint32_t *bat_j;         // [B] training batch: samples
+    struct opq_rng *bat_rng; // [B] and where their QDrop coins start
 };
 
 #define APH_TAPE_BYTES ((size_t)1 << 30)
@@ -146,6 +174,48 @@ static struct opq_named_tensor named(const struct eng *e, int vi, void *data) {
     struct opq_named_tensor nt = {.name = v->name, .t = *opq_exec_value(e->ex, v->name)};
     nt.t.data = data;
     return nt;
+}
+
+// Adds the time since *t0 to phase ph and restarts *t0.
+static void tm_add(struct eng *e, enum tm_phase ph, double *t0) {
+    double t = opq_now_s();
+    e->tm[ph] += t - *t0;
+    *t0 = t;
+}
+
+// ---- buffers kept from unit to unit -------------------------------------------------------------
+
+// A buffer of n bytes: a spare of exactly that size if there is one (zeroed if asked), else a
+// new one. NULL when out of memory.
+static void *spare_get(struct eng *e, size_t n, bool zero) {
+    for (int i = e->n_spares - 1; i >= 0; i--) {
+        if (e->spares[i].n != n)
+            continue;
+        void *p = e->spares[i].p;
+        e->spares[i] = e->spares[--e->n_spares];
+        if (zero)
+            memset(p, 0, n);
+        return p;
+    }
+    return zero ? calloc(1, n) : malloc(n);
+}
+
+// Gives p (n bytes, from spare_get or malloc; NULL is ignored) back for the next unit.
+static void spare_put(struct eng *e, void *p, size_t n) {
+    if (!p)
+        return;
+    if (e->n_spares == e->cap_spares) {
+        free(p);
+        return;
+    }
+    e->spares[e->n_spares++] = (struct spare){p, n};
+}
+
+// Frees the spares nobody took.
+static void spare_trim(struct eng *e) {
+    for (int i = 0; i < e->n_spares; i++)
+        free(e->spares[i].p);
+    e->n_spares = 0;
 }
 
 // ---- graph analysis -----------------------------------------------------------------------------
@@ -376,7 +446,6 @@ static void free_units(struct eng *e) {
             free(U->subs[r].ext);
             free(U->subs[r].outs);
             free(U->subs[r].wts);
-            opq_exec_tape_free(U->subs[r].tape);
         }
         free(U->subs);
         free(U->sites);
@@ -472,15 +541,17 @@ static enum opq_status unit_bufs(struct eng *e, struct unit *U, bool on) {
             int vi = !S ? (i ? U->out_vi : U->in_vi)
                         : (i < S->n_ext ? S->ext[i] : S->outs[i - S->n_ext]);
             if (!on) {
-                free(e->fwd[vi]);
-                free(e->grd[vi]);
+                spare_put(e, e->fwd[vi], e->bbytes[vi] + 1);
+                spare_put(e, e->grd[vi], e->bbytes[vi] + 1);
                 e->fwd[vi] = NULL;
                 e->grd[vi] = NULL;
                 continue;
             }
-            if (!e->fwd[vi] && !(e->fwd[vi] = calloc(1, e->bbytes[vi] + 1)))
+            // contents are written before they are read (zero_grads clears the gradients)
+            if (!e->fwd[vi] && !(e->fwd[vi] = spare_get(e, e->bbytes[vi] + 1, false)))
                 return nomem(e->ctx);
-            if (e->isf[vi] && !e->grd[vi] && !(e->grd[vi] = calloc(1, e->bbytes[vi] + 1)))
+            if (e->isf[vi] && !e->grd[vi] &&
+                !(e->grd[vi] = spare_get(e, e->bbytes[vi] + 1, false)))
                 return nomem(e->ctx);
         }
     }
@@ -488,6 +559,63 @@ static enum opq_status unit_bufs(struct eng *e, struct unit *U, bool on) {
 }
 
 // ---- unit forward / backward --------------------------------------------------------------------
+
+// AdaRound weights and, for W_SOFT, their derivative along alpha, elements i0..i1 of w.
+struct wjob {
+    struct wparam *w;
+    enum wmode wm;
+    const struct opq_recon_opts *o;
+    bool reg;
+    double beta, lr;
+    int t;
+};
+
+static void adaround_weights(void *user, int64_t i0, int64_t i1) {
+    const struct wjob *j = user;
+    struct wparam *w = j->w;
+    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
+        const struct opq_qparams *p = &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+        float z = (float)p->zero_point, dh = 0.0f, h;
+        if (j->wm == W_SOFT) {
+            h = opq_adaround_h(w->alpha[i], &dh);
+            w->h[i] = h;
+            w->dh[i] = dh;
+        } else {
+            h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
+        }
+        float q = w->base[i] + h + z;
+        bool clamped = q < (float)p->qmin || q > (float)p->qmax;
+        q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
+        w->wq[i] = (q - z) * p->scale;
+        if (j->wm == W_SOFT)
+            w->dwda[i] = clamped ? 0.0f : p->scale * dh;
+    }
+}
+
+// The AdaRound step of elements i0..i1: the gradient along alpha (with the rounding
+// regularizer after the warm-up), then Adam. h and dh are those of this step's soft forward
+// (alpha has not moved since).
+static void adaround_update(void *user, int64_t i0, int64_t i1) {
+    const struct wjob *j = user;
+    struct wparam *w = j->w;
+    double beta = j->beta;
+    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
+        float dh = w->dh[i];
+        float h = w->h[i];
+        double ga = (double)w->g[i] * (double)w->dwda[i];
+        if (j->reg && dh != 0.0f) {
+            double x = 2.0 * (double)h - 1.0, ax = fabs(x);
+            if (ax > 0.0)
+                ga += -(double)j->o->reg_weight * beta * pow(ax, beta - 1.0) *
+                      (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
+        }
+        w->g[i] = (float)ga;
+    }
+    opq_adam_step(w->alpha + i0, w->g + i0, w->m + i0, w->v2 + i0, (size_t)(i1 - i0),
+                  (float)j->lr, j->t);
+}
+
+#define WGRAIN 16384 // weight elements per work item (element-wise: any split, same bytes)
 
 static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
     for (int k = 0; k < U->n_wps; k++) {
@@ -501,27 +629,10 @@ static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
             w->v->t.data = w->wq;
             continue;
         }
-        for (size_t i = 0; i < w->n; i++) {
-            const struct opq_qparams *p =
-                &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
-            float z = (float)p->zero_point, dh = 0.0f, h;
-            if (wm == W_SOFT)
-                h = opq_adaround_h(w->alpha[i], &dh);
-            else
-                h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
-            float q = w->base[i] + h + z;
-            bool clamped = q < (float)p->qmin || q > (float)p->qmax;
-            q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
-            w->wq[i] = (q - z) * p->scale;
-            if (wm == W_SOFT)
-                w->dwda[i] = clamped ? 0.0f : p->scale * dh;
-        }
+        struct wjob j = {.w = w, .wm = wm};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)w->n, WGRAIN, adaround_weights, &j);
         w->v->t.data = w->wq;
     }
-}
-
-static size_t site_ch(const struct site *s, size_t i) {
-    return s->n_ch > 1 ? (i / s->inner) % (size_t)s->n_ch : 0;
 }
 
 // Bernoulli draws 8 bits at a time: true with probability thr / 256.
@@ -545,85 +656,30 @@ static uint32_t coin_threshold(float p) {
     return (uint32_t)lrintf(p * 256.0f);
 }
 
-// The channel segment of site s starting at element i0 (of n): its trained step size and code
-// range relative to the zero point; returns the segment's end.
-static size_t site_seg(const struct site *s, size_t i0, size_t n, float *sc, float *lo, float *hi) {
-    size_t c = site_ch(s, i0);
-    const struct opq_qparams *p = &s->qp[c];
-    float z = (float)p->zero_point;
-    *sc = s->scale[c];
-    *lo = (float)p->qmin - z;
-    *hi = (float)p->qmax - z;
-    return i0 + s->inner < n ? i0 + s->inner : n;
-}
-
-#define RND_MAGIC 12582912.0f // 1.5 * 2^23: (x + M) - M rounds half to even for |x| < 2^22
-
-// Forward fake quantization of site s in place (training: with quantizer dropping, keeping the
-// pre-quantization values for the backward). Clamping before rounding gives the same codes as
-// nearbyintf then clamping (the bounds are integers) and lets the loops vectorise.
-static void site_forward(struct eng *e, struct site *s, enum amode am) {
-    size_t n = e->bbytes[s->vi] / sizeof(float);
-    float *y = e->fwd[s->vi];
-    if (am == A_OFF)
-        return;
+// Fake quantization of site s from src into e->fwd[s->vi] (training: with quantizer dropping;
+// src, kept for the backward, must stay unchanged until then).
+static void site_forward(struct eng *e, struct site *s, const float *src, enum amode am) {
     bool train = am == A_SOFT;
     bool drop = train && e->o->qdrop;
     if (train)
-        memcpy(s->x, y, n * sizeof(float));
-    if (train && drop) {
-        struct coin cn = {0};
-        uint32_t thr = coin_threshold(e->o->drop_prob);
-        for (size_t i = 0; i < n; i++)
-            s->keep[i] = coin_flip(&e->rng, &cn, thr);
-    } else if (train) {
-        memset(s->keep, 1, n);
-    }
-    for (size_t i0 = 0; i0 < n; i0 += s->inner) {
-        float sc, lo, hi;
-        size_t end = site_seg(s, i0, n, &sc, &lo, &hi);
-        if (drop) {
-            const uint8_t *k = s->keep;
-            for (size_t i = i0; i < end; i++) {
-                float r = y[i] / sc;
-                r = r < lo ? lo : (r > hi ? hi : r);
-                float q = ((r + RND_MAGIC) - RND_MAGIC) * sc;
-                y[i] = k[i] ? q : y[i];
-            }
-        } else {
-            for (size_t i = i0; i < end; i++) {
-                float r = y[i] / sc;
-                r = r < lo ? lo : (r > hi ? hi : r);
-                y[i] = ((r + RND_MAGIC) - RND_MAGIC) * sc;
-            }
-        }
-    }
+        s->x = src;
+    opq_actq_forward(opq_exec_pool(e->ex), &s->aq, src, e->fwd[s->vi], drop ? s->keep : NULL,
+                     drop ? &e->rng : NULL, coin_threshold(e->o->drop_prob));
 }
 
-// dy (in place) -> dx, and the LSQ step-size gradient (per element into s->c, summed in double).
+// dy (in place) -> dx, and the LSQ step-size gradient into s->dscale.
 static void site_backward(struct eng *e, struct site *s) {
-    size_t n = e->bbytes[s->vi] / sizeof(float);
-    float *dy = e->grd[s->vi];
-    const uint8_t *keep = s->keep;
-    float *cb = s->c;
-    for (size_t i0 = 0; i0 < n; i0 += s->inner) {
-        float sc, lo, hi;
-        size_t end = site_seg(s, i0, n, &sc, &lo, &hi);
-        for (size_t i = i0; i < end; i++) {
-            float xs = s->x[i] / sc;
-            float xc = xs < lo - 1.0f ? lo - 1.0f : (xs > hi + 1.0f ? hi + 1.0f : xs);
-            float r = (xc + RND_MAGIC) - RND_MAGIC;
-            float g = dy[i];
-            bool below = r < lo, above = r > hi, k = keep[i] != 0;
-            float contrib = below ? g * lo : (above ? g * hi : g * (r - xs));
-            cb[i] = k ? contrib : 0.0f;
-            dy[i] = k && (below || above) ? 0.0f : g;
-        }
-        double ds = 0.0;
-        for (size_t i = i0; i < end; i++)
-            ds += (double)cb[i];
-        s->dscale[site_ch(s, i0)] += ds;
-    }
+    opq_actq_backward(opq_exec_pool(e->ex), &s->aq, s->x, e->gcur[s->vi],
+                      e->o->qdrop ? s->keep : NULL, s->parts, s->dscale);
+}
+
+// The data of value vi after this forward: its fake-quantized copy when it is a quantized site
+// (am != A_OFF), else src itself.
+static void *forward_value(struct eng *e, struct unit *U, int vi, void *src, enum amode am) {
+    if (!e->site_of[vi] || am == A_OFF)
+        return src;
+    site_forward(e, &U->sites[e->site_of[vi] - 1], src, am);
+    return e->fwd[vi];
 }
 
 // The gradient targets of sub-range S (values entering it that need a gradient, then its
@@ -650,15 +706,18 @@ static enum opq_status sub_wrt(struct eng *e, struct unit *U, struct sub *S, con
     return OPQ_OK;
 }
 
-// Forward of unit U on one batch xin (planned input bytes). Result in e->fwd[U->out_vi]. With
-// `record`, the tapes also know the gradient targets, for unit_backward.
+// Forward of unit U on one batch xin (planned input bytes). Result in e->cur[U->out_vi] (valid
+// until the next forward). With `record`, the tapes also know the gradient targets, for
+// unit_backward. Values crossing sub-ranges are read where they are (tapes, xin), never copied;
+// only quantized sites get a buffer of their own (e->fwd).
 static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm, enum amode am,
                                     const float *xin, bool record) {
     enum opq_status st = OPQ_OK;
+    double t0 = opq_now_s();
     set_weights(e, U, wm);
-    memcpy(e->fwd[U->in_vi], xin, e->bbytes[U->in_vi]);
-    if (e->site_of[U->in_vi])
-        site_forward(e, &U->sites[e->site_of[U->in_vi] - 1], am);
+    tm_add(e, TM_WEIGHTS, &t0);
+    e->cur[U->in_vi] = forward_value(e, U, U->in_vi, (void *)xin, am);
+    tm_add(e, TM_SITE_FWD, &t0);
     struct opq_named_tensor prov[64];
     const char *wrt[128];
     for (int r = 0; r < U->n_subs && st == OPQ_OK; r++) {
@@ -668,24 +727,25 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
                                  "reconstruction: too many inputs to nodes %d..%d", S->first,
                                  S->last);
         for (int i = 0; i < S->n_ext; i++)
-            prov[i] = named(e, S->ext[i], e->fwd[S->ext[i]]);
+            prov[i] = named(e, S->ext[i], e->cur[S->ext[i]]);
         // every sub-range runs on its tape (the executor keeps no values between sub-ranges,
         // so the engine pins nothing and executor memory stays that of one sub-range)
-        if (!S->tape && (st = opq_exec_tape_new(e->ex, &S->tape)) != OPQ_OK)
+        if (!e->tapes[r] && (st = opq_exec_tape_new(e->ex, &e->tapes[r])) != OPQ_OK)
             break;
+        S->tape = e->tapes[r];
         S->n_wrt = 0;
         if (record && (st = sub_wrt(e, U, S, wrt)) != OPQ_OK)
             break;
         st = opq_exec_tape_record(S->tape, S->first, S->last, prov, S->n_ext, wrt, S->n_wrt);
         if (st != OPQ_OK)
             break;
+        tm_add(e, TM_RECORD, &t0);
         for (int i = 0; i < S->n_outs; i++) {
             int vi = S->outs[i];
             const struct opq_tensor *t = opq_exec_tape_value(S->tape, e->g->values[vi]->name);
-            memcpy(e->fwd[vi], t->data, e->bbytes[vi]);
-            if (e->site_of[vi])
-                site_forward(e, &U->sites[e->site_of[vi] - 1], am);
+            e->cur[vi] = forward_value(e, U, vi, t->data, am);
         }
+        tm_add(e, TM_SITE_FWD, &t0);
     }
     return st;
 }
@@ -695,6 +755,7 @@ static enum opq_status unit_forward(struct eng *e, struct unit *U, enum wmode wm
 static enum opq_status unit_backward(struct eng *e, struct unit *U) {
     struct opq_named_tensor seeds[64];
     struct opq_tensor grads[128];
+    double t0 = opq_now_s();
     for (int r = U->n_subs - 1; r >= 0; r--) {
         struct sub *S = &U->subs[r];
         int n_seeds = 0;
@@ -704,28 +765,44 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
                                  S->last);
         for (int i = 0; i < S->n_outs; i++) {
             int vi = S->outs[i];
-            if (e->g->values[vi]->t.dtype != OPQ_DTYPE_FLOAT && !e->grd[vi])
+            if (!e->grd[vi] || !e->gw[vi]) // no gradient reached it: zero
                 continue;
             if (e->site_of[vi])
                 site_backward(e, &U->sites[e->site_of[vi] - 1]);
-            seeds[n_seeds++] = named(e, vi, e->grd[vi]);
+            seeds[n_seeds++] = named(e, vi, e->gcur[vi]);
         }
+        tm_add(e, TM_SITE_BWD, &t0);
         if (S->n_wrt == 0 || n_seeds == 0)
             continue;
         enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
         if (st != OPQ_OK)
             return st;
+        // a value's first gradient stays where the sweep left it (that tape is not swept
+        // again this step); weight gradients go to the optimizer's buffers
         for (int i = 0; i < S->n_wrt; i++) {
-            const float *gsrc = grads[i].data;
+            float *gsrc = grads[i].data;
             int w = S->wrt_vi[i];
-            float *dst = i < S->n_val ? e->grd[w] : U->wps[-1 - w].g;
-            size_t n = i < S->n_val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
-            for (size_t k = 0; k < n; k++)
-                dst[k] += gsrc[k];
+            bool val = i < S->n_val;
+            float *dst = val ? e->gcur[w] : U->wps[-1 - w].g;
+            size_t n = val ? e->bbytes[w] / sizeof(float) : U->wps[-1 - w].n;
+            bool *written = val ? &e->gw[w] : &U->wps[-1 - w].gw;
+            if (!*written && val)
+                e->gcur[w] = gsrc;
+            else if (!*written)
+                memcpy(dst, gsrc, sizeof(float) * n);
+            else
+                for (size_t k = 0; k < n; k++)
+                    dst[k] += gsrc[k];
+            *written = true;
         }
+        tm_add(e, TM_SWEEP, &t0);
     }
-    if (e->site_of[U->in_vi])
+    if (e->site_of[U->in_vi] && e->gw[U->in_vi])
         site_backward(e, &U->sites[e->site_of[U->in_vi] - 1]);
+    for (int k = 0; k < U->n_wps; k++)
+        if (!U->wps[k].gw)
+            memset(U->wps[k].g, 0, sizeof(float) * U->wps[k].n);
+    tm_add(e, TM_SITE_BWD, &t0);
     return OPQ_OK;
 }
 
@@ -947,10 +1024,10 @@ struct unit_data {
     float *xin, *ybat, *hbat; // one batch
 };
 
-// Loss on one batch (Yq in e->fwd[out]); with dY != NULL also its gradient times `scale`.
+// Loss on one batch (Yq in e->cur[out]); with dY != NULL also its gradient times `scale`.
 static double unit_loss(struct eng *e, struct unit *U, struct unit_data *d, const float *Y,
                         const float *hw, float *dY, double scale) {
-    const float *Yq = e->fwd[U->out_vi];
+    const float *Yq = e->cur[U->out_vi];
     size_t n = (size_t)e->B * d->per_out;
     double L = 0.0;
     if (d->head) {
@@ -1000,7 +1077,7 @@ static enum opq_status unit_eval(struct eng *e, struct unit *U, struct unit_data
         enum opq_status st = unit_forward(e, U, wm, am, Xin + (size_t)b0 * d->per_in, false);
         if (st != OPQ_OK)
             return st;
-        const float *Yq = e->fwd[U->out_vi];
+        const float *Yq = e->cur[U->out_vi];
         const float *Y = d->Y + (size_t)b0 * d->per_out;
         for (size_t i = 0; i < nb_out; i++) {
             double df = (double)Yq[i] - (double)Y[i];
@@ -1038,7 +1115,7 @@ static enum opq_status fisher_weights(struct eng *e, struct unit *U, struct unit
         if ((st = unit_forward(e, U, W_FLOAT, A_OFF, d->Xq + (size_t)b0 * d->per_in, false)) !=
             OPQ_OK)
             break;
-        struct opq_named_tensor prov = named(e, U->out_vi, e->fwd[U->out_vi]);
+        struct opq_named_tensor prov = named(e, U->out_vi, e->cur[U->out_vi]);
         if ((st = opq_exec_run_range(e->ex, U->last + 1, g->n_nodes - 1, &prov, 1)) != OPQ_OK)
             break;
         const float *z = opq_exec_value(e->ex, lname)->data;
@@ -1183,14 +1260,18 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
                 return st;
             continue;
         }
-        w->wq = malloc(sizeof(float) * w->n);
-        w->base = malloc(sizeof(float) * w->n);
-        w->alpha = malloc(sizeof(float) * w->n);
-        w->m = calloc(w->n, sizeof(float));
-        w->v2 = calloc(w->n, sizeof(float));
-        w->g = calloc(w->n, sizeof(float));
-        w->dwda = calloc(w->n, sizeof(float));
-        if (!w->wq || !w->base || !w->alpha || !w->m || !w->v2 || !w->g || !w->dwda)
+        size_t nb = sizeof(float) * w->n;
+        w->wq = spare_get(e, nb, false);
+        w->base = spare_get(e, nb, false);
+        w->alpha = spare_get(e, nb, false);
+        w->m = spare_get(e, nb, true);
+        w->v2 = spare_get(e, nb, true);
+        w->g = spare_get(e, nb, true);
+        w->dwda = spare_get(e, nb, true);
+        w->h = spare_get(e, nb, false);
+        w->dh = spare_get(e, nb, false);
+        if (!w->wq || !w->base || !w->alpha || !w->m || !w->v2 || !w->g || !w->dwda || !w->h ||
+            !w->dh)
             return nomem(e->ctx);
         for (size_t i = 0; i < w->n; i++) {
             const struct opq_qparams *p =
@@ -1204,18 +1285,23 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
         struct site *s = &U->sites[k];
         size_t n = e->bbytes[s->vi] / sizeof(float);
         size_t nc = (size_t)s->n_ch;
-        s->x = malloc(sizeof(float) * n);
-        s->c = malloc(sizeof(float) * n);
-        s->keep = malloc(n);
+        s->x = NULL;
+        s->keep = spare_get(e, n + 1, false);
         s->scale = malloc(sizeof(float) * nc);
+        s->lo = malloc(sizeof(float) * nc);
+        s->hi = malloc(sizeof(float) * nc);
         s->m = calloc(nc, sizeof(float));
         s->v = calloc(nc, sizeof(float));
         s->gs = calloc(nc, sizeof(float));
         s->dscale = calloc(nc, sizeof(double));
-        if (!s->x || !s->c || !s->keep || !s->scale || !s->m || !s->v || !s->gs || !s->dscale)
+        if (!s->keep || !s->scale || !s->lo || !s->hi || !s->m || !s->v || !s->gs || !s->dscale)
             return nomem(e->ctx);
-        for (size_t c = 0; c < nc; c++)
+        for (size_t c = 0; c < nc; c++) {
+            float z = (float)s->qp[c].zero_point;
             s->scale[c] = s->qp[c].scale;
+            s->lo[c] = (float)s->qp[c].qmin - z;
+            s->hi[c] = (float)s->qp[c].qmax - z;
+        }
         s->inner = n;
         if (s->n_ch > 1) {
             const struct opq_tensor *t = opq_exec_value(e->ex, e->g->values[s->vi]->name);
@@ -1229,6 +1315,11 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
             for (int d = axis + 1; d < t->ndim; d++)
                 s->inner *= (size_t)t->shape[d];
         }
+        s->aq = (struct opq_actq){.n = n, .inner = s->inner, .n_ch = s->n_ch, .scale = s->scale,
+                                  .lo = s->lo, .hi = s->hi};
+        s->parts = malloc(sizeof(double) * opq_actq_n_parts(&s->aq));
+        if (!s->parts)
+            return nomem(e->ctx);
         e->site_of[s->vi] = k + 1;
     }
     return OPQ_OK;
@@ -1236,69 +1327,96 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
 
 static void free_unit_params(struct eng *e, struct unit *U) {
     for (int r = 0; r < U->n_subs; r++) {
-        opq_exec_tape_free(U->subs[r].tape);
         U->subs[r].tape = NULL;
     }
     for (int k = 0; k < U->n_wps; k++) {
         struct wparam *w = &U->wps[k];
         if (w->w0)
             w->v->t.data = w->w0;
-        free(w->wq);
-        free(w->base);
-        free(w->alpha);
-        free(w->m);
-        free(w->v2);
-        free(w->g);
-        free(w->dwda);
+        if (e->o->rounding == OPQ_RECON_ADAROUND) { // the arrays of alloc_unit_params
+            size_t nb = sizeof(float) * w->n;
+            spare_put(e, w->wq, nb);
+            spare_put(e, w->base, nb);
+            spare_put(e, w->alpha, nb);
+            spare_put(e, w->m, nb);
+            spare_put(e, w->v2, nb);
+            spare_put(e, w->g, nb);
+            spare_put(e, w->dwda, nb);
+            spare_put(e, w->h, nb);
+            spare_put(e, w->dh, nb);
+        } else {
+            free(w->wq);
+            free(w->base);
+            free(w->alpha);
+            free(w->m);
+            free(w->v2);
+            free(w->g);
+            free(w->dwda);
+        }
         free(w->fr.theta);
         free(w->gacc);
         w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = w->fr.theta = NULL;
+        w->h = w->dh = NULL;
         w->gacc = NULL;
     }
     for (int k = 0; k < U->n_sites; k++) {
         struct site *s = &U->sites[k];
-        free(s->x);
-        free(s->c);
-        free(s->keep);
+        s->x = NULL;
+        if (s->keep)
+            spare_put(e, s->keep, e->bbytes[s->vi] / sizeof(float) + 1);
+        free(s->lo);
+        free(s->hi);
+        free(s->parts);
         free(s->scale);
         free(s->m);
         free(s->v);
         free(s->gs);
         free(s->dscale);
-        s->x = s->c = s->scale = s->m = s->v = s->gs = NULL;
+        s->scale = s->m = s->v = s->gs = s->lo = s->hi = NULL;
         s->keep = NULL;
+        s->parts = NULL;
         s->dscale = NULL;
         e->site_of[s->vi] = 0;
     }
 }
 
+// Gradients start at zero: flagged unwritten (the first contribution is copied, not added).
 static void zero_grads(struct eng *e, struct unit *U) {
     for (int r = 0; r < U->n_subs; r++) {
         struct sub *S = &U->subs[r];
         for (int i = 0; i < S->n_ext; i++)
-            if (e->grd[S->ext[i]])
-                memset(e->grd[S->ext[i]], 0, e->bbytes[S->ext[i]]);
+            e->gw[S->ext[i]] = false;
         for (int i = 0; i < S->n_outs; i++)
-            if (e->grd[S->outs[i]])
-                memset(e->grd[S->outs[i]], 0, e->bbytes[S->outs[i]]);
+            e->gw[S->outs[i]] = false;
     }
     for (int k = 0; k < U->n_wps; k++)
-        memset(U->wps[k].g, 0, sizeof(float) * U->wps[k].n);
+        U->wps[k].gw = false;
     for (int k = 0; k < U->n_sites; k++)
         memset(U->sites[k].dscale, 0, sizeof(double) * (size_t)U->sites[k].n_ch);
 }
 
-// One training step's forward + backward on a random batch; returns the loss through *L.
-static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
-                                  double *L) {
-    for (int b = 0; b < e->B; b++) {
-        uint32_t j = opq_rng_below(&e->rng, (uint32_t)e->N);
+struct batch_job {
+    struct eng *e;
+    struct unit_data *d;
+    uint32_t *j;         // [B] sample of each batch row
+    struct opq_rng *rng; // [B] QDrop: the stream at that row's first coin
+};
+
+// Batch rows b0..b1: the input (QDrop: each element the quantized or the float input, by a
+// fair coin), the targets and the per-sample loss weights.
+static void batch_range(void *user, int64_t b0, int64_t b1) {
+    struct batch_job *bj = user;
+    struct eng *e = bj->e;
+    struct unit_data *d = bj->d;
+    for (int64_t b = b0; b < b1; b++) {
+        uint32_t j = bj->j[b];
         const float *xq = d->Xq + (size_t)j * d->per_in, *xf = d->X + (size_t)j * d->per_in;
         float *dst = d->xin + (size_t)b * d->per_in;
         if (e->o->qdrop) {
             struct coin cn = {0};
+            struct opq_rng r = bj->rng[b];
             for (size_t k = 0; k < d->per_in; k++)
-                dst[k] = coin_flip(&e->rng, &cn, 128) ? xq[k] : xf[k];
+                dst[k] = coin_flip(&r, &cn, 128) ? xq[k] : xf[k];
         } else {
             memcpy(dst, xq, sizeof(float) * d->per_in);
         }
@@ -1308,16 +1426,40 @@ static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_dat
             memcpy(d->hbat + (size_t)b * d->per_out, d->hw + (size_t)j * d->per_out,
                    sizeof(float) * d->per_out);
     }
+}
+
+// One training step's forward + backward on a random batch; returns the loss through *L.
+static enum opq_status train_pass(struct eng *e, struct unit *U, struct unit_data *d, double L0,
+                                  double *L) {
+    double t0 = opq_now_s();
+    // draw the samples (and where each one's mixing coins start in the stream), then assemble
+    // the batch over the pool
+    struct batch_job bj = {.e = e, .d = d, .j = e->bat_j, .rng = e->bat_rng};
+    for (int b = 0; b < e->B; b++) {
+        bj.j[b] = opq_rng_below(&e->rng, (uint32_t)e->N);
+        if (e->o->qdrop) {
+            bj.rng[b] = e->rng;
+            opq_rng_advance(&e->rng, (d->per_in + 3) / 4);
+        }
+    }
+    opq_parallel_for(opq_exec_pool(e->ex), e->B, 1, batch_range, &bj);
+    tm_add(e, TM_BATCH, &t0);
     enum opq_status st = unit_forward(e, U, W_SOFT, A_SOFT, d->xin, true);
     if (st != OPQ_OK)
         return st;
+    t0 = opq_now_s();
     zero_grads(e, U);
     const float *hw = d->hw_per_sample ? d->hbat : d->hw;
-    *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
-    double L0v = L0 > 0.0 ? L0 : *L;
-    if (!(L0v > 0.0))
-        L0v = 1.0;
-    unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    if (L0 > 0.0) { // the gradient's scale is known: one pass
+        *L = unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0);
+    } else {
+        *L = unit_loss(e, U, d, d->ybat, hw, NULL, 0.0);
+        double L0v = *L > 0.0 ? *L : 1.0;
+        unit_loss(e, U, d, d->ybat, hw, e->grd[U->out_vi], 2.0 / L0v);
+    }
+    e->gw[U->out_vi] = true;
+    e->gcur[U->out_vi] = e->grd[U->out_vi];
+    tm_add(e, TM_LOSS, &t0);
     return unit_backward(e, U);
 }
 
@@ -1343,20 +1485,13 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
         opq_adam_step(w->fr.theta, w->dwda, w->m, w->v2, np, (float)lr_flex, it + 1);
     }
     for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_ADAROUND; k++) {
-        struct wparam *w = &U->wps[k];
-        for (size_t i = 0; i < w->n; i++) {
-            float dh;
-            float h = opq_adaround_h(w->alpha[i], &dh);
-            double ga = (double)w->g[i] * (double)w->dwda[i];
-            if (reg && dh != 0.0f) {
-                double x = 2.0 * (double)h - 1.0, ax = fabs(x);
-                if (ax > 0.0)
-                    ga += -(double)o->reg_weight * beta * pow(ax, beta - 1.0) *
-                          (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
-            }
-            w->g[i] = (float)ga;
-        }
-        opq_adam_step(w->alpha, w->g, w->m, w->v2, w->n, o->lr_round, it + 1);
+        struct wjob j = {.w = &U->wps[k],
+                         .o = o,
+                         .reg = reg,
+                         .beta = beta,
+                         .lr = (double)o->lr_round,
+                         .t = it + 1};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)U->wps[k].n, WGRAIN, adaround_update, &j);
     }
     double lr =
         0.5 * (double)o->lr_act * (1.0 + cos(3.14159265358979323846 * (double)it / (double)iters));
@@ -1725,15 +1860,37 @@ static enum opq_status eng_setup(struct eng *e) {
     e->dyn = calloc(nv, sizeof(*e->dyn));
     e->site_of = calloc(nv, sizeof(*e->site_of));
     e->fwd = calloc(nv, sizeof(*e->fwd));
+    e->cur = calloc(nv, sizeof(*e->cur));
     e->grd = calloc(nv, sizeof(*e->grd));
+    e->gw = calloc(nv, sizeof(*e->gw));
+    e->gcur = calloc(nv, sizeof(*e->gcur));
     e->bbytes = calloc(nv, sizeof(*e->bbytes));
     e->isf = calloc(nv, sizeof(*e->isf));
-    if (!e->dyn || !e->site_of || !e->fwd || !e->grd || !e->bbytes || !e->isf)
+    if (!e->dyn || !e->site_of || !e->fwd || !e->cur || !e->grd || !e->gw || !e->gcur || !e->bbytes ||
+        !e->isf)
         return nomem(e->ctx);
     mark_dynamic(e);
     enum opq_status st = find_units(e);
     if (st != OPQ_OK)
         return st;
+    e->max_subs = 1;
+    e->cap_spares = 4;
+    for (int u = 0; u < e->n_units; u++) {
+        const struct unit *U = &e->units[u];
+        e->max_subs = U->n_subs > e->max_subs ? U->n_subs : e->max_subs;
+        int nb = U->n_sites + 9 * U->n_wps + 4;
+        for (int r = 0; r < U->n_subs; r++)
+            nb += 2 * (U->subs[r].n_ext + U->subs[r].n_outs);
+        e->cap_spares = nb > e->cap_spares ? nb : e->cap_spares;
+    }
+    e->tapes = calloc((size_t)e->max_subs, sizeof(*e->tapes));
+    e->bat_j = calloc((size_t)e->B, sizeof(*e->bat_j));
+    e->bat_rng = calloc((size_t)e->B, sizeof(*e->bat_rng));
+    if (!e->bat_j || !e->bat_rng)
+        return nomem(e->ctx);
+    e->spares = calloc((size_t)e->cap_spares, sizeof(*e->spares));
+    if (!e->tapes || !e->spares)
+        return nomem(e->ctx);
     const struct opq_tensor *s = opq_calib_sample_shape(rc->src, 0);
     struct opq_named_tensor shape = {.name = opq_calib_input_name(rc->src, 0), .t = *s};
     shape.t.ndim = s->ndim + 1;
@@ -1801,7 +1958,10 @@ static void eng_free(struct eng *e) {
             free(e->grd[i]);
         }
     free(e->fwd);
+    free(e->cur);
     free(e->grd);
+    free(e->gw);
+    free(e->gcur);
     free(e->bbytes);
     free(e->isf);
     free(e->dyn);
@@ -1812,6 +1972,13 @@ static void eng_free(struct eng *e) {
     free(e->aph);
     free_units(e);
     aph_exec_free(e);
+    for (int r = 0; e->tapes && r < e->max_subs; r++)
+        opq_exec_tape_free(e->tapes[r]);
+    free(e->tapes);
+    free(e->bat_j);
+    free(e->bat_rng);
+    spare_trim(e);
+    free(e->spares);
     opq_exec_free(e->ex);
 }
 
@@ -1889,8 +2056,10 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
     int iters;
     if ((st = budget_iters(e, U, d, t_start, ui, &iters)) != OPQ_OK)
         return st;
+    spare_trim(e); // what this unit did not take back from the previous one
     opq_rng_seed(&e->rng, e->o->seed, 1000u + (uint64_t)ui);
     const char *phase = phase_names[ui % (int)ARRAY_SIZE(phase_names)];
+    memset(e->tm, 0, sizeof(e->tm));
     double L0 = 0.0, L = 0.0, Lsum = 0.0, t_train = opq_now_s();
     int step = iters / 100 > 0 ? iters / 100 : 1;
     for (int it = 0; it < iters; it++) {
@@ -1899,7 +2068,9 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
         if (it == 0)
             L0 = L > 0.0 ? L : 1.0;
         Lsum += L;
+        double t1 = opq_now_s();
         train_update(e, U, it, iters);
+        tm_add(e, TM_UPDATE, &t1);
         if ((it + 1) % step == 0 || it + 1 == iters)
             opq_progress(e->ctx, phase, it + 1, iters);
         if ((it + 1) % (iters / 10 > 0 ? iters / 10 : 1) == 0) {
@@ -1910,6 +2081,12 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
     }
     ur->iters = iters;
     ur->iter_ms = 1e3 * (opq_now_s() - t_train) / iters;
+    char buf[512];
+    int len = 0;
+    for (int p = 0; p < TM_COUNT && len < (int)sizeof(buf); p++)
+        len += snprintf(buf + len, sizeof(buf) - (size_t)len, " %s %.1f", tm_names[p],
+                        1e3 * e->tm[p] / iters);
+    opq_log(e->ctx, OPQ_LOG_DEBUG, "%s: ms per iteration:%s", U->name, buf);
     ur->flip_frac = harden(e, U);
     ur->seconds = opq_now_s() - t0;
     return OPQ_OK;

@@ -237,6 +237,101 @@ static void test_backward(void **state) {
     opq_ctx_free(ctx);
 }
 
+// x [2,8] -> MatMul w1 -> h1 [2,16] -> two Reshapes (views) -> an element-wise GELU chain
+// (Div, Erf, Add, Mul, Mul) -> + h1 (residual) -> Sub c -> two Slices summed -> MatMul w3 -> y:
+// the tape's fused chains, shared view bytes, handed-over Add/Sub/view gradients, reused
+// gradient buffers and Slice scatter all on one path.
+static struct opq_model *paths(struct opq_ctx *ctx) {
+    struct opq_model *m = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, 8));
+    float w1[128], w3[32], c2[16], c3[16];
+    fill(w1, 128, 11);
+    fill(w3, 32, 12);
+    fill(c3, 16, 13);
+    for (int i = 0; i < 16; i++)
+        c2[i] = 1.0f + 0.05f * (float)i;
+    float one = 1.0f, half = 0.5f;
+    gb_init_f32(m, "w1", GB_SHAPE(8, 16), w1);
+    gb_init_f32(m, "w3", GB_SHAPE(8, 4), w3);
+    gb_init_f32(m, "c2", GB_SHAPE(16), c2);
+    gb_init_f32(m, "c3", GB_SHAPE(16), c3);
+    gb_init_f32(m, "one", GB_SHAPE(1), &one);
+    gb_init_f32(m, "half", GB_SHAPE(1), &half);
+    gb_init_i64(m, "s3", GB_SHAPE(3), (const int64_t[]){2, 4, 4});
+    gb_init_i64(m, "s2", GB_SHAPE(2), (const int64_t[]){2, 16});
+    gb_init_i64(m, "b0", GB_SHAPE(1), (const int64_t[]){0});
+    gb_init_i64(m, "b8", GB_SHAPE(1), (const int64_t[]){8});
+    gb_init_i64(m, "b16", GB_SHAPE(1), (const int64_t[]){16});
+    gb_init_i64(m, "ax1", GB_SHAPE(1), (const int64_t[]){1});
+    gb_node(m, "MatMul", "x,w1", "h1");
+    gb_node(m, "Reshape", "h1,s3", "r1");
+    gb_node(m, "Reshape", "r1,s2", "r2");
+    gb_node(m, "Div", "r2,c2", "d");
+    gb_node(m, "Erf", "d", "e");
+    gb_node(m, "Add", "e,one", "a");
+    gb_node(m, "Mul", "a,r2", "mm");
+    gb_node(m, "Mul", "mm,half", "gl");
+    gb_node(m, "Add", "gl,h1", "res");
+    gb_node(m, "Sub", "res,c3", "sb");
+    gb_node(m, "Slice", "sb,b0,b8,ax1", "sl1");
+    gb_node(m, "Slice", "sb,b8,b16,ax1", "sl2");
+    gb_node(m, "Add", "sl1,sl2", "t");
+    gb_node(m, "MatMul", "t,w3", "y");
+    gb_output(m, "y");
+    return m;
+}
+
+static void test_backward_paths(void **state) {
+    (void)state;
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = paths(ctx);
+    float x[16];
+    fill(x, 16, 14);
+    struct opq_named_tensor in = input_x(x, 2);
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    int n = m->graph->n_nodes;
+    float w[8];
+    fill(w, 8, 15);
+    struct opq_named_tensor seed = {.name = "y", .t = *opq_exec_value(ex, "y")};
+    seed.t.data = w;
+    const char *wrt[] = {"x", "w1", "r2"};
+    struct opq_tensor g[3];
+    assert_int_equal(opq_exec_backward(ex, 0, n - 1, &in, 1, &seed, 1, wrt, 3, g), OPQ_OK);
+    float dx[16], dw1[128];
+    memcpy(dx, g[0].data, sizeof(dx));
+    memcpy(dw1, g[1].data, sizeof(dw1));
+    opq_graph_value(m->graph, "w1")->kind |= OPQ_VK_PARAM;
+    float *w1 = opq_graph_value(m->graph, "w1")->t.data;
+    for (int i = 0; i < 16; i++) {
+        float x0 = x[i];
+        x[i] = x0 + 1e-2f;
+        double p = loss(ex, &in, w);
+        x[i] = x0 - 1e-2f;
+        double q = loss(ex, &in, w);
+        x[i] = x0;
+        assert_true(fabs((p - q) / 2e-2 - (double)dx[i]) < 2e-3);
+    }
+    for (int i = 0; i < 128; i += 7) {
+        float v0 = w1[i];
+        w1[i] = v0 + 1e-2f;
+        double p = loss(ex, &in, w);
+        w1[i] = v0 - 1e-2f;
+        double q = loss(ex, &in, w);
+        w1[i] = v0;
+        assert_true(fabs((p - q) / 2e-2 - (double)dw1[i]) < 2e-3);
+    }
+    // an intermediate asked for keeps its own gradient: the chain's part of dL/dh1
+    const float *dr2 = g[2].data;
+    double s = 0.0;
+    for (int i = 0; i < 32; i++)
+        s += fabs((double)dr2[i]);
+    assert_true(s > 0.0);
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 static void test_dynamic_reshape(void **state) {
     (void)state;
     // y = Reshape(x, Concat(Gather(Shape(x), 0), [-1])): the shape is only known per batch
@@ -404,7 +499,7 @@ int main(void) {
         cmocka_unit_test(test_run_and_reuse), cmocka_unit_test(test_range_and_capture),
         cmocka_unit_test(test_backward),      cmocka_unit_test(test_dynamic_reshape),
         cmocka_unit_test(test_unsupported),   cmocka_unit_test(test_threads_same_result),
-        cmocka_unit_test(test_oom_sweep),
+        cmocka_unit_test(test_oom_sweep),     cmocka_unit_test(test_backward_paths),
     };
     return cmocka_run_group_tests_name("exec", tests, NULL, NULL);
 }

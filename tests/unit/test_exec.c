@@ -188,6 +188,21 @@ static double loss(struct opq_exec *ex, struct opq_named_tensor *in, const float
     return l;
 }
 
+// Central differences of loss() along p[0], p[step], ... (changed in place and restored, as
+// reconstruction changes weights between runs) against the gradient g.
+static void fd_check(struct opq_exec *ex, struct opq_named_tensor *in, const float *w, float *p,
+                     int n, int step, const float *g) {
+    for (int i = 0; i < n; i += step) {
+        float v0 = p[i];
+        p[i] = v0 + 1e-2f;
+        double a = loss(ex, in, w);
+        p[i] = v0 - 1e-2f;
+        double b = loss(ex, in, w);
+        p[i] = v0;
+        assert_true(fabs((a - b) / 2e-2 - (double)g[i]) < 2e-3);
+    }
+}
+
 static void test_backward(void **state) {
     (void)state;
     struct opq_ctx *ctx = opq_ctx_new();
@@ -211,25 +226,9 @@ static void test_backward(void **state) {
     // reconstruction marks what it trains: their data may change between runs
     opq_graph_value(m->graph, "w2")->kind |= OPQ_VK_PARAM;
     float *w2 = opq_graph_value(m->graph, "w2")->t.data;
-    for (int i = 0; i < 16; i++) {
-        float x0 = x[i];
-        x[i] = x0 + 1e-2f;
-        double p = loss(ex, &in, w);
-        x[i] = x0 - 1e-2f;
-        double q = loss(ex, &in, w);
-        x[i] = x0;
-        assert_true(fabs((p - q) / 2e-2 - (double)dx[i]) < 2e-3);
-    }
+    fd_check(ex, &in, w, x, 16, 1, dx);
     // weights are changed in place between runs (as reconstruction does)
-    for (int i = 0; i < 256; i += 37) {
-        float v0 = w2[i];
-        w2[i] = v0 + 1e-2f;
-        double p = loss(ex, &in, w);
-        w2[i] = v0 - 1e-2f;
-        double q = loss(ex, &in, w);
-        w2[i] = v0;
-        assert_true(fabs((p - q) / 2e-2 - (double)dw2[i]) < 2e-3);
-    }
+    fd_check(ex, &in, w, w2, 256, 37, dw2);
     // gradients survive the forward runs made since
     assert_memory_equal(g[0].data, dx, sizeof(dx));
     opq_exec_free(ex);
@@ -303,24 +302,8 @@ static void test_backward_paths(void **state) {
     memcpy(dw1, g[1].data, sizeof(dw1));
     opq_graph_value(m->graph, "w1")->kind |= OPQ_VK_PARAM;
     float *w1 = opq_graph_value(m->graph, "w1")->t.data;
-    for (int i = 0; i < 16; i++) {
-        float x0 = x[i];
-        x[i] = x0 + 1e-2f;
-        double p = loss(ex, &in, w);
-        x[i] = x0 - 1e-2f;
-        double q = loss(ex, &in, w);
-        x[i] = x0;
-        assert_true(fabs((p - q) / 2e-2 - (double)dx[i]) < 2e-3);
-    }
-    for (int i = 0; i < 128; i += 7) {
-        float v0 = w1[i];
-        w1[i] = v0 + 1e-2f;
-        double p = loss(ex, &in, w);
-        w1[i] = v0 - 1e-2f;
-        double q = loss(ex, &in, w);
-        w1[i] = v0;
-        assert_true(fabs((p - q) / 2e-2 - (double)dw1[i]) < 2e-3);
-    }
+    fd_check(ex, &in, w, x, 16, 1, dx);
+    fd_check(ex, &in, w, w1, 128, 7, dw1);
     // an intermediate asked for keeps its own gradient: the chain's part of dL/dh1
     const float *dr2 = g[2].data;
     double s = 0.0;

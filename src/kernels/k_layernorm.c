@@ -164,6 +164,36 @@ static enum opq_status ln_forward(struct opq_kctx *k, const struct opq_node *n,
     return OPQ_OK;
 }
 
+// One row of the VJP: dX into dxr (NULL: not wanted) and, with dsc/db, the row's part of the
+// scale and bias gradients (double sums over rows).
+static void ln_row_backward(const float *xr, const float *gr, const float *sc, int64_t ss,
+                            int64_t cols, float eps, double *dsc, double *db, float *dxr) {
+    double mu;
+    double ri;
+    ln_stats(xr, cols, eps, &mu, &ri);
+    double mg = 0.0;
+    double mgx = 0.0;
+    for (int64_t i = 0; i < cols; i++) {
+        double xh = ((double)xr[i] - mu) * ri;
+        double g = (double)gr[i] * (double)sc[i * ss];
+        mg += g;
+        mgx += g * xh;
+        if (dsc) {
+            dsc[i] += (double)gr[i] * xh;
+            db[i] += (double)gr[i];
+        }
+    }
+    if (!dxr)
+        return;
+    mg /= (double)cols;
+    mgx /= (double)cols;
+    for (int64_t i = 0; i < cols; i++) {
+        double xh = ((double)xr[i] - mu) * ri;
+        double g = (double)gr[i] * (double)sc[i * ss];
+        dxr[i] = (float)(ri * (g - mg - xh * mgx));
+    }
+}
+
 struct lnb_job {
     const float *x, *sc, *dy;
     float *dx;
@@ -171,32 +201,12 @@ struct lnb_job {
     float eps;
 };
 
-// dX of rows r0..r1 alone (no scale/bias gradient): the same per-row sums as ln_backward.
+// dX of rows r0..r1 alone (no scale/bias gradient).
 static void lnb_rows(void *user, int64_t r0, int64_t r1) {
     const struct lnb_job *j = user;
-    int64_t cols = j->cols;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *xr = j->x + r * cols;
-        const float *gr = j->dy + r * cols;
-        double mu;
-        double ri;
-        ln_stats(xr, cols, j->eps, &mu, &ri);
-        double mg = 0.0;
-        double mgx = 0.0;
-        for (int64_t i = 0; i < cols; i++) {
-            double xh = ((double)xr[i] - mu) * ri;
-            double g = (double)gr[i] * (double)j->sc[i * j->ss];
-            mg += g;
-            mgx += g * xh;
-        }
-        mg /= (double)cols;
-        mgx /= (double)cols;
-        for (int64_t i = 0; i < cols; i++) {
-            double xh = ((double)xr[i] - mu) * ri;
-            double g = (double)gr[i] * (double)j->sc[i * j->ss];
-            j->dx[r * cols + i] = (float)(ri * (g - mg - xh * mgx));
-        }
-    }
+    for (int64_t r = r0; r < r1; r++)
+        ln_row_backward(j->x + r * j->cols, j->dy + r * j->cols, j->sc, j->ss, j->cols, j->eps,
+                        NULL, NULL, j->dx + r * j->cols);
 }
 
 static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
@@ -224,37 +234,14 @@ static enum opq_status ln_backward(struct opq_kctx *k, const struct opq_node *n,
     }
     double *dsc = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
     double *db = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
-    double *g = opq_arena_alloc(k->scratch, (size_t)cols * sizeof(double));
-    if (!dsc || !db || !g)
+    if (!dsc || !db)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM,
                              "LayerNormalization node '%s': out of "
                              "memory",
                              ku_name(n));
-    for (int64_t r = 0; dy && r < rows; r++) {
-        const float *xr = x + r * cols;
-        const float *gr = dy + r * cols;
-        double mu;
-        double ri;
-        ln_stats(xr, cols, p->eps, &mu, &ri);
-        double mg = 0.0;
-        double mgx = 0.0;
-        for (int64_t i = 0; i < cols; i++) {
-            double xh = ((double)xr[i] - mu) * ri;
-            g[i] = (double)gr[i] * (double)sc[i * ss];
-            mg += g[i];
-            mgx += g[i] * xh;
-            dsc[i] += (double)gr[i] * xh;
-            db[i] += (double)gr[i];
-        }
-        mg /= (double)cols;
-        mgx /= (double)cols;
-        if (dx) {
-            for (int64_t i = 0; i < cols; i++) {
-                double xh = ((double)xr[i] - mu) * ri;
-                dx[r * cols + i] = (float)(ri * (g[i] - mg - xh * mgx));
-            }
-        }
-    }
+    for (int64_t r = 0; dy && r < rows; r++)
+        ln_row_backward(x + r * cols, dy + r * cols, sc, ss, cols, p->eps, dsc, db,
+                        dx ? dx + r * cols : NULL);
     if (dx && !dy)
         memset(dx, 0, din[0].nbytes);
     for (int j = 1; j <= 2; j++) {

@@ -551,12 +551,15 @@ struct ws_job {
     double      *err;     // [WS_K][n_ch]
 };
 
-static OPQ_INLINE float ws_d(float x, float s, float is, float z, float ql, float qh) {
-    float r = x * is;
+// The code of r = x / scale on the grid [ql, qh] with zero point z, in float.
+static OPQ_INLINE float grid_code(float r, float z, float ql, float qh) {
     r       = fabsf(r) < 4194304.0f ? (r + 12582912.0f) - 12582912.0f : r;
     float q = r + z;
-    q       = q < ql ? ql : (q > qh ? qh : q);
-    return x - (q - z) * s;
+    return q < ql ? ql : (q > qh ? qh : q);
+}
+
+static OPQ_INLINE float ws_d(float x, float s, float is, float z, float ql, float qh) {
+    return x - (grid_code(x * is, z, ql, qh) - z) * s;
 }
 
 // inner == 1 ([outer][n_ch], e.g. MatMul [K, N] per column): blocks of WS_CB channels, one row of
@@ -714,12 +717,6 @@ struct qc_job {
     double      *sig, *err; // [n_ch] sums per channel
 };
 
-static OPQ_INLINE float qc_code(float x, float s, float z, float ql, float qh) {
-    float r = x / s;
-    r       = fabsf(r) < 4194304.0f ? (r + 12582912.0f) - 12582912.0f : r;
-    float q = r + z;
-    return q < ql ? ql : (q > qh ? qh : q);
-}
 
 // Rows [b, e) of the [outer][n_ch] view (inner == 1): every channel's sums run over the rows in
 // order.
@@ -728,7 +725,7 @@ OPQ_HOT static void qc_cols(const struct qc_job *j, size_t b, size_t e) {
         const float *x = j->x + o * j->n_ch;
         int32_t *q     = j->q ? j->q + o * j->n_ch : NULL;
         for (size_t c = 0; c < j->n_ch; c++) {
-            float k = qc_code(x[c], j->s[c], j->z[c], j->ql, j->qh);
+            float k = grid_code(x[c] / j->s[c], j->z[c], j->ql, j->qh);
             float d = x[c] - (k - j->z[c]) * j->s[c];
             j->sig[c] += (double)(x[c] * x[c]);
             j->err[c] += (double)(d * d);
@@ -750,7 +747,7 @@ OPQ_HOT static void qc_rows(const struct qc_job *j) {
             size_t t = 0;
             for (; t + 8 <= j->inner; t += 8)
                 for (int l = 0; l < 8; l++) {
-                    float k = qc_code(x[t + l], s, z, j->ql, j->qh);
+                    float k = grid_code(x[t + l] / s, z, j->ql, j->qh);
                     float d = x[t + l] - (k - z) * s;
                     as[l] += (double)(x[t + l] * x[t + l]);
                     ae[l] += (double)(d * d);
@@ -758,7 +755,7 @@ OPQ_HOT static void qc_rows(const struct qc_job *j) {
                         q[t + l] = (int32_t)k;
                 }
             for (; t < j->inner; t++) {
-                float k = qc_code(x[t], s, z, j->ql, j->qh);
+                float k = grid_code(x[t] / s, z, j->ql, j->qh);
                 float d = x[t] - (k - z) * s;
                 as[0] += (double)(x[t] * x[t]);
                 ae[0] += (double)(d * d);

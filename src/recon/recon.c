@@ -164,6 +164,17 @@ static enum opq_status nomem(struct opq_ctx *ctx) {
     return opq_set_error(ctx, OPQ_ERR_NOMEM, "reconstruction: out of memory");
 }
 
+// The model input's shape for an executor plan at batch b (no data).
+static struct opq_named_tensor input_shape(const struct eng *e, int b) {
+    const struct opq_tensor *s = opq_calib_sample_shape(e->rc->src, 0);
+    struct opq_named_tensor shape = {.name = opq_calib_input_name(e->rc->src, 0), .t = *s};
+    shape.t.ndim     = s->ndim + 1;
+    shape.t.shape[0] = b;
+    memcpy(&shape.t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
+    shape.t.data = NULL;
+    return shape;
+}
+
 static int node_pos(const struct opq_node *n) {
     return n ? n->index : -1;
 }
@@ -1692,12 +1703,7 @@ static enum opq_status aph_exec_setup(struct eng *e) {
         e->aph_b  = e->B;
         return OPQ_OK;
     }
-    const struct opq_tensor *s = opq_calib_sample_shape(e->rc->src, 0);
-    struct opq_named_tensor shape = {.name = opq_calib_input_name(e->rc->src, 0), .t = *s};
-    shape.t.ndim     = s->ndim + 1;
-    shape.t.shape[0] = b;
-    memcpy(&shape.t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-    shape.t.data = NULL;
+    struct opq_named_tensor shape = input_shape(e, b);
     struct opq_exec_opts eo = {.batch = b};
     enum opq_status st = opq_exec_plan(e->ctx, e->rc->model, &shape, 1, &eo, &e->aph_ex);
     if (st != OPQ_OK)
@@ -1891,12 +1897,7 @@ static enum opq_status eng_setup(struct eng *e) {
     e->spares = calloc((size_t)e->cap_spares, sizeof(*e->spares));
     if (!e->tapes || !e->spares)
         return nomem(e->ctx);
-    const struct opq_tensor *s = opq_calib_sample_shape(rc->src, 0);
-    struct opq_named_tensor shape = {.name = opq_calib_input_name(rc->src, 0), .t = *s};
-    shape.t.ndim = s->ndim + 1;
-    shape.t.shape[0] = e->B;
-    memcpy(&shape.t.shape[1], s->shape, sizeof(int64_t) * (size_t)s->ndim);
-    shape.t.data = NULL;
+    struct opq_named_tensor shape = input_shape(e, e->B);
     // only the unit outputs are pinned (a unit's plain forward then computes all of it: the
     // reference of the iteration cost); sub-ranges run on tapes, which keep their own values
     const char **pin = calloc((size_t)e->n_units, sizeof(*pin));
@@ -1995,7 +1996,7 @@ static void free_unit_data(struct unit_data *d) {
 // Iterations for this unit under the time budget: the remaining time shared by the remaining
 // units, measured with two untimed-state passes.
 static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_data *d,
-                                    double t_start, int ui, int *iters) {
+                                    int ui, int *iters) {
     *iters = e->o->iters;
     if (e->o->time_budget <= 0.0)
         return OPQ_OK;
@@ -2006,7 +2007,6 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
             return st;
     }
     double per_iter = (opq_now_s() - t0) / 2.0 * 1.1; // + the optimizer step
-    (void)t_start;
     double left = budget_left(e);
     // room for the later units' own APH (per-unit path), at the current sample count
     double reserve = e->aph_cost * (double)e->aph_n * aph_depth(e, ui + 1);
@@ -2040,7 +2040,7 @@ static const char *const phase_names[] = {
     "reconstruct unit 60", "reconstruct unit 61", "reconstruct unit 62", "reconstruct unit 63",
 };
 
-static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, double t_start,
+static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d,
                                   struct opq_recon_unit_report *ur) {
     struct unit *U = &e->units[ui];
     enum opq_status st;
@@ -2054,7 +2054,7 @@ static enum opq_status recon_unit(struct eng *e, int ui, struct unit_data *d, do
                         &ur->werr_before)) != OPQ_OK)
         return st;
     int iters;
-    if ((st = budget_iters(e, U, d, t_start, ui, &iters)) != OPQ_OK)
+    if ((st = budget_iters(e, U, d, ui, &iters)) != OPQ_OK)
         return st;
     spare_trim(e); // what this unit did not take back from the previous one
     opq_rng_seed(&e->rng, e->o->seed, 1000u + (uint64_t)ui);
@@ -2098,8 +2098,7 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
     struct unit_data d = {0};
     struct opq_recon_report rep = {0};
     enum opq_status st = OPQ_OK;
-    double t_start = opq_now_s();
-    e.t_start = t_start;
+    e.t_start = opq_now_s();
     if (o->batch < 1 || o->iters < 1)
         return opq_set_error(rc->ctx, OPQ_ERR_USAGE,
                              "reconstruction: batch and iterations must "
@@ -2210,7 +2209,7 @@ enum opq_status opq_recon_run(struct opq_refine_ctx *rc, const struct opq_recon_
                 U->sites[k].scale[c] = U->sites[k].qp[c].scale;
         if (st == OPQ_OK && !found) {
             free_unit_params(&e, U);
-            st = recon_unit(&e, ui, &d, t_start, ur);
+            st = recon_unit(&e, ui, &d, ur);
         }
         snprintf(ur->name, sizeof(ur->name), "%s", U->name);
         ur->first = U->first;

@@ -350,6 +350,9 @@ case_defer_softmax() {
         "$PY" -c 'import numpy as np, sys; a = np.load("o1/logits.npy"); b = np.load("o2/logits.npy"); sys.exit(0 if np.abs(a - b).max() <= 1e-5 * np.abs(a).max() else 1)' \
             || fail "$f: logits changed beyond 1e-5 relative"
     done
+    run 1 "$m" e.onnx --calib random --defer-softmax maybe
+    expect_one_error_line "--defer-softmax"
+    [ ! -e e.onnx ] || fail "an output was written after an error"
 }
 
 # --opset N: upgrades an opset-13 fixture (its ReduceMeans get an axes input), refuses a target

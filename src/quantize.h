@@ -59,8 +59,8 @@ struct opq_quant_opts {
     // first act_search_samples calibration samples. -1 (default): activations below 8 bits,
     // whatever the method (block reconstruction's LSQ step sizes start from the searched ranges:
     // FlexRound W4A4 +0.3 / +0.4 pt on vit_tiny / tv_vit; ERQ's ridge updates see them: ERQ W4A4
-    // tv_vit 85.59 against 85.07), not at 8 bits (no gain on the fixtures, a forward per
-    // candidate); 0: none (the calibrator's ranges), 1: every activation.
+    // tv_vit 85.56 against 84.96 with --act-search tensor), not at 8 bits (no gain on the
+    // fixtures, a forward per candidate); 0: none (the calibrator's ranges), 1: every activation.
     int                   act_search;
     int                   act_search_samples;
     double                percentile;     // for OPQ_CALIB_PERCENTILE

@@ -19,7 +19,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC optimize("O3", "no-trapping-math")
 #if !defined(__SANITIZE_ADDRESS__)
-#define KU_HOT __attribute__((target_clones("avx2", "default")))
+#define KU_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
 #ifndef KU_HOT

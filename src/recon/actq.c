@@ -10,7 +10,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #pragma GCC optimize("O3", "no-trapping-math")
 #if !defined(__SANITIZE_ADDRESS__)
-#define ACTQ_HOT __attribute__((target_clones("avx2", "default")))
+#define ACTQ_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 #endif
 #ifndef ACTQ_HOT

@@ -107,6 +107,8 @@ static struct chunk *chunk_new(struct opq_arena *a, size_t size) {
     void *raw = opq_malloc(a->ctx, bytes);
     if (!raw)
         return NULL;
+    if (size > ARENA_CHUNK)
+        opq_prefault(raw, bytes); // a dedicated chunk: one big block, written soon
     struct chunk *c = raw;
     c->next         = NULL;
     c->size         = size;

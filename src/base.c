@@ -1,12 +1,15 @@
 /* base.c: contexts, status strings, the sticky error buffer, logging and allocation tracking. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE // madvise, MADV_POPULATE_WRITE (Linux)
 #include "base.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <unistd.h>
 #include <time.h>
 
 // Each allocation carries a small header with its size so that peak memory can be tracked
@@ -218,6 +221,25 @@ void opq_free(struct opq_ctx *ctx, void *p) {
     struct alloc_hdr *h = (struct alloc_hdr *)p - 1;
     ctx->cur_bytes -= h->size;
     ctx->alloc.free(ctx->alloc.user, h);
+}
+
+#define PREFAULT_MIN ((size_t)1 << 18) // smaller blocks are not worth a system call
+
+void opq_prefault(void *p, size_t n) {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+    if (!p || n < PREFAULT_MIN)
+        return;
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0)
+        return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+    uintptr_t e = ((uintptr_t)p + n) & ~((uintptr_t)pg - 1);
+    if (e > a)
+        (void)madvise((void *)a, e - a, MADV_POPULATE_WRITE);
+#else
+    (void)p;
+    (void)n;
+#endif
 }
 
 bool opq_mul_size(size_t a, size_t b, size_t *out) {

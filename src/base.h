@@ -61,6 +61,13 @@ void *opq_calloc(struct opq_ctx *ctx, size_t n, size_t size);
 void *opq_realloc(struct opq_ctx *ctx, void *p, size_t n);
 void  opq_free(struct opq_ctx *ctx, void *p);
 
+// Maps the pages of a large block that is about to be written in full, in one system call
+// (Linux MADV_POPULATE_WRITE; elsewhere, or when it fails, nothing happens and the pages fault
+// one by one on first touch as usual). A speed hint only: contents and results are unchanged. On
+// virtual machines a page fault is an exit to the hypervisor, and the executor's buffers, packed
+// GEMM operands and the model's tensor bytes are hundreds of MB of freshly allocated memory.
+void opq_prefault(void *p, size_t n);
+
 // Monotonic clock in seconds, and the process's peak resident memory so far in KiB (0 if
 // unknown): the time and memory figures of reports and progress displays.
 double opq_now_s(void);

@@ -13,6 +13,7 @@
  * "<path>.tmp.XXXXXX" that is renamed into place at the end. Serialization is a pure function of
  * the IR, so save(load(save(x))) == save(x) byte for byte. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE // MAP_POPULATE (Linux)
 
 #include <errno.h>
 #include <fcntl.h>
@@ -161,7 +162,11 @@ static enum opq_status map_file(struct opq_ctx *ctx, const char *path, struct ma
     if (sb.st_size == 0)
         goto out_close; // empty: the caller reports it as a parse error
     mf->len = (size_t)sb.st_size;
-    void *map = mmap(NULL, mf->len, PROT_READ, MAP_PRIVATE, fd, 0);
+    int flags = MAP_PRIVATE;
+#ifdef MAP_POPULATE
+    flags |= MAP_POPULATE; // map every page now: the whole file is read once anyway
+#endif
+    void *map = mmap(NULL, mf->len, PROT_READ, flags, fd, 0);
     if (map == MAP_FAILED) {
         st = opq_set_error(ctx, OPQ_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
         goto out_close;

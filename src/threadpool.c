@@ -137,6 +137,7 @@ void *opq_threadpool_workspace(struct opq_threadpool *pool, size_t bytes) {
         pool->ws = opq_malloc(pool->ctx, bytes);
         if (!pool->ws)
             return NULL;
+        opq_prefault(pool->ws, bytes);
         pool->ws_bytes = bytes;
     }
     return pool->ws;

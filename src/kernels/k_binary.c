@@ -55,13 +55,37 @@ static inline float fop(enum bop op, float a, float b) {
     return 0.0f;
 }
 
-// One strided loop per op so the compiler vectorises the common contiguous cases.
+// One loop per op and operand layout: both contiguous, or one of them a scalar (stride 0, read
+// once), so the compiler vectorises each (a loop with run-time strides only gets a vector
+// version for strides of 1, and the scalar operands of x/sqrt2, x+1, x*0.5 ran element by
+// element); other strides take the general loop. Every element gets the same operation either
+// way.
 #define BIN_LOOP(T, EXPR)                                                                          \
     do {                                                                                           \
-        for (int64_t i = 0; i < cnt; i++) {                                                        \
-            T a = pa[i * sa];                                                                      \
-            T b = pb[i * sb];                                                                      \
-            py[i] = (EXPR);                                                                        \
+        if (sa == 1 && sb == 1) {                                                                  \
+            for (int64_t i = 0; i < cnt; i++) {                                                    \
+                T a = pa[i];                                                                       \
+                T b = pb[i];                                                                       \
+                py[i] = (EXPR);                                                                    \
+            }                                                                                      \
+        } else if (sa == 1 && sb == 0) {                                                           \
+            const T b = pb[0];                                                                     \
+            for (int64_t i = 0; i < cnt; i++) {                                                    \
+                T a = pa[i];                                                                       \
+                py[i] = (EXPR);                                                                    \
+            }                                                                                      \
+        } else if (sa == 0 && sb == 1) {                                                           \
+            const T a = pa[0];                                                                     \
+            for (int64_t i = 0; i < cnt; i++) {                                                    \
+                T b = pb[i];                                                                       \
+                py[i] = (EXPR);                                                                    \
+            }                                                                                      \
+        } else {                                                                                   \
+            for (int64_t i = 0; i < cnt; i++) {                                                    \
+                T a = pa[i * sa];                                                                  \
+                T b = pb[i * sb];                                                                  \
+                py[i] = (EXPR);                                                                    \
+            }                                                                                      \
         }                                                                                          \
     } while (0)
 

@@ -211,6 +211,8 @@ enum opq_status opq_qdq_quantize_weight(struct opq_graph *g, struct opq_value *w
     int32_t *codes = malloc(n * sizeof(int32_t) + 1);
     if (!codes)
         return opq_set_error(g->ctx, OPQ_ERR_NOMEM, "'%s': out of memory", w->name);
+    opq_prefault(codes, n * sizeof(int32_t));
+    opq_prefault(qw->t.data, qw->t.nbytes);
     enum opq_status qs = opq_quantize_channels(x, n, s->n_ch > 1 ? (size_t)s->n_ch : 1,
                                                s->n_ch > 1 ? inner : n, s->p, codes, NULL, NULL);
     if (qs == OPQ_OK && qdt == OPQ_DTYPE_INT8)

@@ -5,7 +5,9 @@
  * choice may be pinned to AVX2 ones, e.g. OPENBLAS_CORETYPE=Haswell, or mis-detected on AMD Zen
  * 4): BLIS-style blocking (KC x NC panels of op(B), MC x KC blocks of op(A), both packed) around
  * a 12 x 32 register-blocked micro-kernel (24 zmm accumulators), masked stores at the N edge
- * and zero-padded A rows at the M edge. Each C element is summed in the same order whatever
+ * and zero-padded A rows at the M edge. A row-major (untransposed) A is not packed: the kernel
+ * broadcasts straight from its rows, and only a last partial sliver of rows is packed (packing
+ * A cost ~6% of a ViT forward). Each C element is summed in the same order whatever
  * M/N range a thread computes, so results do not depend on the thread count. With a thread
  * pool, both operands are packed once (in parallel, into the pool's workspace) and the threads
  * share C tiles (sgemm_avx512_mt), instead of each repacking all of op(B) for its rows. */
@@ -74,9 +76,13 @@ T512 static void pack_b(bool tb, const float *b, int64_t ldb, int64_t p0, int64_
     }
 }
 
-// acc = pa(MR x kc) * pb(kc x NR); C[rows, cols] = alpha*acc + beta*C
-T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, int64_t ldc,
-                        int64_t rows, int64_t cols, float alpha, float beta) {
+// acc = A(MR x kc) * pb(kc x NR); C[rows, cols] = alpha*acc + beta*C. Element (r, k) of A is
+// pa[k*sk + r*sr]: a packed sliver (sk = MR, sr = 1) or MR whole rows of a row-major A read in
+// place (sk = 1, sr = lda), as MLAS does: only op(B) needs packing then. Both give every C
+// element the same sums in the same order.
+T512 static inline __attribute__((always_inline)) void
+kernel_core(int64_t kc, const float *pa, int64_t sk, int64_t sr, const float *pb, float *c,
+            int64_t ldc, int64_t rows, int64_t cols, float alpha, float beta) {
     __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
     __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
     __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
@@ -92,10 +98,10 @@ T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, 
     for (int64_t k = 0; k < kc; k++) {
         __m512 b0 = _mm512_loadu_ps(pb + k * NR);
         __m512 b1 = _mm512_loadu_ps(pb + k * NR + 16);
-        const float *ak = pa + k * MR;
+        const float *ak = pa + k * sk;
         __m512 a;
 #define ROW(r, x0, x1)                                                                             \
-    a = _mm512_set1_ps(ak[r]);                                                                     \
+    a = _mm512_set1_ps(ak[(r) * sr]);                                                              \
     x0 = _mm512_fmadd_ps(a, b0, x0);                                                               \
     x1 = _mm512_fmadd_ps(a, b1, x1);
         ROW(0, c00, c01)
@@ -125,6 +131,17 @@ T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, 
     }
 }
 
+T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, int64_t ldc,
+                        int64_t rows, int64_t cols, float alpha, float beta) {
+    kernel_core(kc, pa, MR, 1, pb, c, ldc, rows, cols, alpha, beta);
+}
+
+// MR full rows of row-major A at a (leading dimension lda), unpacked
+T512 static void kernel_direct(int64_t kc, const float *a, int64_t lda, const float *pb, float *c,
+                               int64_t ldc, int64_t cols, float alpha, float beta) {
+    kernel_core(kc, a, 1, lda, pb, c, ldc, MR, cols, alpha, beta);
+}
+
 T512 static void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                               const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
                               float *c, int64_t ldc, float *work) {
@@ -138,11 +155,21 @@ T512 static void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k,
             pack_b(tb, b, ldb, p0, kc, j0, nc, pb);
             for (int64_t i0 = 0; i0 < m; i0 += MC) {
                 int64_t mc = m - i0 < MC ? m - i0 : MC;
-                pack_a(ta, a, lda, i0, mc, p0, kc, pa);
+                // row-major A: full slivers are read in place, only a partial one is packed
+                int64_t full = ta ? 0 : mc / MR * MR;
+                if (full < mc)
+                    pack_a(ta, a, lda, i0 + full, mc - full, p0, kc, pa + full * kc);
                 for (int64_t j = 0; j < nc; j += NR)
-                    for (int64_t i = 0; i < mc; i += MR)
-                        kernel(kc, pa + i * kc, pb + j * kc, c + (i0 + i) * ldc + j0 + j, ldc,
-                               mc - i < MR ? mc - i : MR, nc - j < NR ? nc - j : NR, alpha, be);
+                    for (int64_t i = 0; i < mc; i += MR) {
+                        float *ct = c + (i0 + i) * ldc + j0 + j;
+                        int64_t cols = nc - j < NR ? nc - j : NR;
+                        if (i < full)
+                            kernel_direct(kc, a + (i0 + i) * lda + p0, lda, pb + j * kc, ct, ldc,
+                                          cols, alpha, be);
+                        else
+                            kernel(kc, pa + i * kc, pb + j * kc, ct, ldc,
+                                   mc - i < MR ? mc - i : MR, cols, alpha, be);
+                    }
             }
         }
     }
@@ -175,6 +202,8 @@ T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
         if (s < g->sa) {
             int64_t i0 = s * MR;
             int64_t rows = g->m - i0 < MR ? g->m - i0 : MR;
+            if (!g->ta && rows == MR)
+                continue; // read in place by kernel_direct
             float *dst = g->pa + s * g->k * MR;
             for (int64_t p = 0; p < g->k; p++) {
                 for (int64_t r = 0; r < rows; r++)
@@ -220,9 +249,15 @@ T512 static void mt_tiles(void *user, int64_t t0, int64_t t1) {
             for (int64_t j = j0; j < j1; j += NR) {
                 const float *pb = g->pb + (j / NR) * g->k * NR + p0 * NR;
                 for (int64_t i = i0; i < i1; i += MR) {
+                    int64_t cols = j1 - j < NR ? j1 - j : NR;
+                    if (!g->ta && i + MR <= g->m) {
+                        kernel_direct(kc, g->a + i * g->lda + p0, g->lda, pb,
+                                      g->c + i * g->ldc + j, g->ldc, cols, g->alpha, be);
+                        continue;
+                    }
                     const float *pa = g->pa + (i / MR) * g->k * MR + p0 * MR;
                     kernel(kc, pa, pb, g->c + i * g->ldc + j, g->ldc, i1 - i < MR ? i1 - i : MR,
-                           j1 - j < NR ? j1 - j : NR, g->alpha, be);
+                           cols, g->alpha, be);
                 }
             }
         }

@@ -233,6 +233,35 @@ OPQ_HOT static void obs_bin(const float *x, size_t n, float inv, uint32_t *h0, u
     }
 }
 
+// obs_minmax and obs_bin in one pass over x, block by block (the block is re-read from L1), for
+// calls where the histogram's range is already known: the caller keeps the counts only if every
+// finite sample turned out to lie inside the range, which is then the range the two-pass path
+// would have binned at, so the counts are the same.
+OPQ_HOT static void obs_minmax_bin(const float *x, size_t n, float inv, uint32_t *h0,
+                                   uint32_t *h1, struct obs_part *out) {
+    struct obs_part acc = {INFINITY, -INFINITY, 0};
+    for (size_t i = 0; i < n; i += OBS_IDX) {
+        size_t m = n - i < OBS_IDX ? n - i : OBS_IDX;
+        struct obs_part p;
+        obs_minmax(x + i, m, &p);
+        acc.mn = p.mn < acc.mn ? p.mn : acc.mn;
+        acc.mx = p.mx > acc.mx ? p.mx : acc.mx;
+        acc.bad += p.bad;
+        obs_bin(x + i, m, inv, h0, h1);
+    }
+    *out = acc;
+}
+
+static void obs_fused_parts(void *user, int64_t b, int64_t e) {
+    struct obs_job *j = user;
+    for (int64_t p = b; p < e; p++) {
+        size_t s = part_begin(j, p), t = part_begin(j, p + 1);
+        uint32_t *h = j->counts + (size_t)p * 2 * (NB + 1);
+        memset(h, 0, sizeof(uint32_t) * 2 * (NB + 1));
+        obs_minmax_bin(j->x + s, t - s, j->inv, h, h + NB + 1, &j->p[p]);
+    }
+}
+
 static void obs_minmax_parts(void *user, int64_t b, int64_t e) {
     struct obs_job *j = user;
     for (int64_t p = b; p < e; p++) {
@@ -265,10 +294,20 @@ static void observer_add_slab(struct opq_observer *o, const float *x, size_t n,
             j.counts = ws;
         }
     }
-    if (j.parts > 1)
+    // Range known: one pass, kept unless the range has to grow (then the two passes below).
+    bool counted = false;
+    if (o->range > 0.0) {
+        j.inv = (float)((double)NB / (2.0 * o->range));
+        if (j.parts > 1)
+            opq_parallel_for(pool, j.parts, 1, obs_fused_parts, &j);
+        else
+            obs_fused_parts(&j, 0, 1);
+        counted = true;
+    } else if (j.parts > 1) {
         opq_parallel_for(pool, j.parts, 1, obs_minmax_parts, &j);
-    else
+    } else {
         obs_minmax_parts(&j, 0, 1);
+    }
     // Min/max and growth once per call.
     double mn = o->min, mx = o->max;
     uint64_t bad = 0;
@@ -285,13 +324,15 @@ static void observer_add_slab(struct opq_observer *o, const float *x, size_t n,
     o->min = mn;
     o->max = mx;
     double amax = fmax(fabs(mn), fabs(mx));
-    if (amax > 0.0 && amax >= o->range)
+    if (amax > 0.0 && amax >= o->range) {
         observer_grow(o, amax, false);
+        counted = false; // binned at the old range: count again at the new one
+    }
     // With R == 0 every finite sample is 0 and lands in bin NB/2 (inv = 0).
     j.inv = o->range > 0.0 ? (float)((double)NB / (2.0 * o->range)) : 0.0f;
-    if (j.parts > 1)
+    if (!counted && j.parts > 1)
         opq_parallel_for(pool, j.parts, 1, obs_bin_parts, &j);
-    else
+    else if (!counted)
         obs_bin_parts(&j, 0, 1);
     for (int p = 0; p < j.parts; p++) {
         const uint32_t *h = j.counts + (size_t)p * 2 * (NB + 1);

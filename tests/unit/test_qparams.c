@@ -7,8 +7,10 @@
 #include <stdlib.h>
 #include <cmocka.h>
 
+#include "opq.h"
 #include "quant/qparams.h"
 #include "rng.h"
+#include "threadpool.h"
 
 static void test_grid(void **state) {
     (void)state;
@@ -91,6 +93,41 @@ static void test_observer_exact_merge(void **state) {
     free(b);
     free(c);
     free(d);
+}
+
+// Calls on a pool (several parts per call, one pass while the range holds, two when it grows)
+// give the histogram of one serial observer fed the same samples in the same calls.
+static void test_observer_pool_same_as_serial(void **state) {
+    (void)state;
+    enum { N = 100000 };
+    float *x = malloc(sizeof(float) * 3 * N);
+    assert_non_null(x);
+    struct opq_rng r;
+    opq_rng_seed(&r, 7, 1);
+    for (int i = 0; i < 3 * N; i++)
+        x[i] = (i < N ? 1.0f : i < 2 * N ? 0.5f : 40.0f) * opq_rng_normal(&r);
+    x[N + 17] = NAN; // a non-finite sample inside the range-holding call
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_threadpool *pool = opq_threadpool_new(ctx, 2);
+    assert_non_null(pool);
+    struct opq_observer *a = malloc(sizeof(*a)), *b = malloc(sizeof(*b));
+    opq_observer_init(a);
+    opq_observer_init(b);
+    for (int c = 0; c < 3; c++) {
+        opq_observer_add_mt(a, x + (size_t)c * N, N, pool);
+        opq_observer_add(b, x + (size_t)c * N, N);
+    }
+    assert_true(a->range == b->range);
+    assert_true(a->count == b->count && a->count == 3 * N - 1);
+    assert_true(a->n_nonfinite == 1 && b->n_nonfinite == 1);
+    assert_true(a->min == b->min && a->max == b->max);
+    for (int i = 0; i < OPQ_OBS_BINS; i++)
+        assert_true(a->hist[i] == b->hist[i]);
+    free(a);
+    free(b);
+    free(x);
+    opq_threadpool_free(pool);
+    opq_ctx_free(ctx);
 }
 
 static void test_observer_zeros_and_nonfinite(void **state) {
@@ -223,6 +260,7 @@ int main(void) {
         cmocka_unit_test(test_round_half_even),
         cmocka_unit_test(test_observer_exact_merge),
         cmocka_unit_test(test_observer_zeros_and_nonfinite),
+        cmocka_unit_test(test_observer_pool_same_as_serial),
         cmocka_unit_test(test_calibrators),
         cmocka_unit_test(test_weight_per_channel),
         cmocka_unit_test(test_calibrator_names),

@@ -157,6 +157,7 @@ struct obs_job {
     float            inv;
     struct obs_part *p;      // [parts]
     uint32_t        *counts; // [parts][2][NB + 1]; bin NB takes the non-finite samples
+    bool             fused;  // obs_bin_parts also takes each part's min/max (obs_minmax_bin)
 };
 
 static size_t part_begin(const struct obs_job *j, int64_t p) {
@@ -252,16 +253,6 @@ OPQ_HOT static void obs_minmax_bin(const float *x, size_t n, float inv, uint32_t
     *out = acc;
 }
 
-static void obs_fused_parts(void *user, int64_t b, int64_t e) {
-    struct obs_job *j = user;
-    for (int64_t p = b; p < e; p++) {
-        size_t s = part_begin(j, p), t = part_begin(j, p + 1);
-        uint32_t *h = j->counts + (size_t)p * 2 * (NB + 1);
-        memset(h, 0, sizeof(uint32_t) * 2 * (NB + 1));
-        obs_minmax_bin(j->x + s, t - s, j->inv, h, h + NB + 1, &j->p[p]);
-    }
-}
-
 static void obs_minmax_parts(void *user, int64_t b, int64_t e) {
     struct obs_job *j = user;
     for (int64_t p = b; p < e; p++) {
@@ -270,13 +261,17 @@ static void obs_minmax_parts(void *user, int64_t b, int64_t e) {
     }
 }
 
+// Counts of each part (with j->fused, min/max in the same pass).
 static void obs_bin_parts(void *user, int64_t b, int64_t e) {
     struct obs_job *j = user;
     for (int64_t p = b; p < e; p++) {
         size_t s = part_begin(j, p), t = part_begin(j, p + 1);
         uint32_t *h = j->counts + (size_t)p * 2 * (NB + 1);
         memset(h, 0, sizeof(uint32_t) * 2 * (NB + 1));
-        obs_bin(j->x + s, t - s, j->inv, h, h + NB + 1);
+        if (j->fused)
+            obs_minmax_bin(j->x + s, t - s, j->inv, h, h + NB + 1, &j->p[p]);
+        else
+            obs_bin(j->x + s, t - s, j->inv, h, h + NB + 1);
     }
 }
 
@@ -297,11 +292,13 @@ static void observer_add_slab(struct opq_observer *o, const float *x, size_t n,
     // Range known: one pass, kept unless the range has to grow (then the two passes below).
     bool counted = false;
     if (o->range > 0.0) {
-        j.inv = (float)((double)NB / (2.0 * o->range));
+        j.inv   = (float)((double)NB / (2.0 * o->range));
+        j.fused = true;
         if (j.parts > 1)
-            opq_parallel_for(pool, j.parts, 1, obs_fused_parts, &j);
+            opq_parallel_for(pool, j.parts, 1, obs_bin_parts, &j);
         else
-            obs_fused_parts(&j, 0, 1);
+            obs_bin_parts(&j, 0, 1);
+        j.fused = false;
         counted = true;
     } else if (j.parts > 1) {
         opq_parallel_for(pool, j.parts, 1, obs_minmax_parts, &j);

@@ -81,8 +81,8 @@ T512 static void pack_b(bool tb, const float *b, int64_t ldb, int64_t p0, int64_
 // place (sk = 1, sr = lda), as MLAS does: only op(B) needs packing then. Both give every C
 // element the same sums in the same order.
 T512 static inline __attribute__((always_inline)) void
-kernel_core(int64_t kc, const float *pa, int64_t sk, int64_t sr, const float *pb, float *c,
-            int64_t ldc, int64_t rows, int64_t cols, float alpha, float beta) {
+kernel_core(int64_t kc, const float *pa, int64_t sk, int64_t sr, const float *pb, int64_t sbk,
+            float *c, int64_t ldc, int64_t rows, int64_t cols, float alpha, float beta) {
     __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
     __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
     __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
@@ -96,8 +96,8 @@ kernel_core(int64_t kc, const float *pa, int64_t sk, int64_t sr, const float *pb
     __m512 ca0 = _mm512_setzero_ps(), ca1 = _mm512_setzero_ps();
     __m512 cb0 = _mm512_setzero_ps(), cb1 = _mm512_setzero_ps();
     for (int64_t k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_loadu_ps(pb + k * NR);
-        __m512 b1 = _mm512_loadu_ps(pb + k * NR + 16);
+        __m512 b0 = _mm512_loadu_ps(pb + k * sbk);
+        __m512 b1 = _mm512_loadu_ps(pb + k * sbk + 16);
         const float *ak = pa + k * sk;
         __m512 a;
 #define ROW(r, x0, x1)                                                                             \
@@ -133,13 +133,20 @@ kernel_core(int64_t kc, const float *pa, int64_t sk, int64_t sr, const float *pb
 
 T512 static void kernel(int64_t kc, const float *pa, const float *pb, float *c, int64_t ldc,
                         int64_t rows, int64_t cols, float alpha, float beta) {
-    kernel_core(kc, pa, MR, 1, pb, c, ldc, rows, cols, alpha, beta);
+    kernel_core(kc, pa, MR, 1, pb, NR, c, ldc, rows, cols, alpha, beta);
 }
 
 // MR full rows of row-major A at a (leading dimension lda), unpacked
 T512 static void kernel_direct(int64_t kc, const float *a, int64_t lda, const float *pb, float *c,
                                int64_t ldc, int64_t cols, float alpha, float beta) {
-    kernel_core(kc, a, 1, lda, pb, c, ldc, MR, cols, alpha, beta);
+    kernel_core(kc, a, 1, lda, pb, NR, c, ldc, MR, cols, alpha, beta);
+}
+
+// A^T read in place (a: row p holds depth p of MR consecutive rows of op(A)), B read in place
+// (b: row p holds NR consecutive columns), both with full slivers: nothing packed
+T512 static void kernel_tn_direct(int64_t kc, const float *a, int64_t lda, const float *b,
+                                  int64_t ldb, float *c, int64_t ldc, float alpha, float beta) {
+    kernel_core(kc, a, lda, 1, b, ldb, c, ldc, MR, NR, alpha, beta);
 }
 
 T512 static void sgemm_avx512(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
@@ -194,6 +201,7 @@ struct mt_gemm {
     float *pa, *pb;
     int64_t sa, sb;     // slivers of A and of B
     int64_t tm, tn;     // tiles of C
+    bool tn_direct;     // op(A) = A^T and B in whole slivers: neither is packed
 };
 
 T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
@@ -202,8 +210,8 @@ T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
         if (s < g->sa) {
             int64_t i0 = s * MR;
             int64_t rows = g->m - i0 < MR ? g->m - i0 : MR;
-            if (!g->ta && rows == MR)
-                continue; // read in place by kernel_direct
+            if ((!g->ta && rows == MR) || g->tn_direct)
+                continue; // read in place (kernel_direct, kernel_tn_direct)
             float *dst = g->pa + s * g->k * MR;
             for (int64_t p = 0; p < g->k; p++) {
                 for (int64_t r = 0; r < rows; r++)
@@ -217,6 +225,8 @@ T512 static void mt_pack(void *user, int64_t s0, int64_t s1) {
             int64_t j0 = t * NR;
             int64_t cols = g->n - j0 < NR ? g->n - j0 : NR;
             float *dst = g->pb + t * g->k * NR;
+            if (g->tn_direct)
+                continue; // read in place by kernel_tn_direct
             if (!g->tb && cols == NR) {
                 for (int64_t p = 0; p < g->k; p++) {
                     const float *src = g->b + p * g->ldb + j0;
@@ -255,6 +265,12 @@ T512 static void mt_tiles(void *user, int64_t t0, int64_t t1) {
                                       g->c + i * g->ldc + j, g->ldc, cols, g->alpha, be);
                         continue;
                     }
+                    if (g->tn_direct) {
+                        kernel_tn_direct(kc, g->a + p0 * g->lda + i, g->lda,
+                                         g->b + p0 * g->ldb + j, g->ldb, g->c + i * g->ldc + j,
+                                         g->ldc, g->alpha, be);
+                        continue;
+                    }
                     const float *pa = g->pa + (i / MR) * g->k * MR + p0 * MR;
                     kernel(kc, pa, pb, g->c + i * g->ldc + j, g->ldc, i1 - i < MR ? i1 - i : MR,
                            cols, g->alpha, be);
@@ -270,7 +286,7 @@ static bool sgemm_avx512_mt(struct opq_threadpool *pool, bool ta, bool tb, int64
                             int64_t ldb, float beta, float *c, int64_t ldc) {
     struct mt_gemm g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c, NULL, NULL,
                         (m + MR - 1) / MR, (n + NR - 1) / NR, (m + MT_M - 1) / MT_M,
-                        (n + NC - 1) / NC};
+                        (n + NC - 1) / NC, ta && !tb && m % MR == 0 && n % NR == 0};
     size_t fa = (size_t)g.sa * MR * (size_t)k;
     size_t fb = (size_t)g.sb * NR * (size_t)k;
     float *ws = opq_threadpool_workspace(pool, (fa + fb) * sizeof(float) + 64);

@@ -51,7 +51,8 @@ static void test_gemm_mt_matches_single(void **state) {
     for (int nt = 2; nt <= 3; nt++) {
         struct opq_threadpool *pool = opq_threadpool_new(ctx, nt);
         assert_non_null(pool);
-        const int64_t shapes[][3] = {{197, 161, 300}, {301, 64, 197}, {37, 700, 600}, {130, 33, 7}};
+        const int64_t shapes[][3] = {{197, 161, 300}, {301, 64, 197}, {37, 700, 600}, {130, 33, 7},
+                                     {96, 128, 600}}; // whole slivers: A^T, B read in place
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
             for (int t = 0; t < 4; t++)
                 check_case(pool, t & 1, (t >> 1) & 1, shapes[s][0], shapes[s][1], shapes[s][2],

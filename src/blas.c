@@ -7,7 +7,8 @@
  * a 12 x 32 register-blocked micro-kernel (24 zmm accumulators), masked stores at the N edge
  * and zero-padded A rows at the M edge. A row-major (untransposed) A is not packed: the kernel
  * broadcasts straight from its rows, and only a last partial sliver of rows is packed (packing
- * A cost ~6% of a ViT forward). Each C element is summed in the same order whatever
+ * A cost ~6% of a ViT forward). With op(A) = A^T and both dimensions whole slivers (weight
+ * gradients X^T dY), neither operand is packed: rows of A and of B are read in place. Each C element is summed in the same order whatever
  * M/N range a thread computes, so results do not depend on the thread count. With a thread
  * pool, both operands are packed once (in parallel, into the pool's workspace) and the threads
  * share C tiles (sgemm_avx512_mt), instead of each repacking all of op(B) for its rows. */

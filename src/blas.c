@@ -202,6 +202,7 @@ struct mt_gemm {
     float *pa, *pb;
     int64_t sa, sb;     // slivers of A and of B
     int64_t tm, tn;     // tiles of C
+    int64_t wn;         // columns of a C tile (a multiple of NR)
     bool tn_direct;     // op(A) = A^T and B in whole slivers: neither is packed
 };
 
@@ -251,9 +252,9 @@ T512 static void mt_tiles(void *user, int64_t t0, int64_t t1) {
     const struct mt_gemm *g = user;
     for (int64_t t = t0; t < t1; t++) {
         int64_t i0 = (t / g->tn) * MT_M;
-        int64_t j0 = (t % g->tn) * NC;
+        int64_t j0 = (t % g->tn) * g->wn;
         int64_t i1 = i0 + MT_M < g->m ? i0 + MT_M : g->m;
-        int64_t j1 = j0 + NC < g->n ? j0 + NC : g->n;
+        int64_t j1 = j0 + g->wn < g->n ? j0 + g->wn : g->n;
         for (int64_t p0 = 0; p0 < g->k; p0 += KC) {
             int64_t kc = g->k - p0 < KC ? g->k - p0 : KC;
             float be = p0 == 0 ? g->beta : 1.0f;
@@ -287,7 +288,17 @@ static bool sgemm_avx512_mt(struct opq_threadpool *pool, bool ta, bool tb, int64
                             int64_t ldb, float beta, float *c, int64_t ldc) {
     struct mt_gemm g = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, a, b, c, NULL, NULL,
                         (m + MR - 1) / MR, (n + NR - 1) / NR, (m + MT_M - 1) / MT_M,
-                        (n + NC - 1) / NC, ta && !tb && m % MR == 0 && n % NR == 0};
+                        (n + NC - 1) / NC, NC, ta && !tb && m % MR == 0 && n % NR == 0};
+    // Few row tiles (a short, deep product such as a weight gradient): narrower column tiles of
+    // equal width, so that the threads get equal shares (12 tiles of 96 x 512 on 2 threads left
+    // one idle for a sixth of the time). Which thread computes a tile never changes its sums.
+    int64_t want = 8 * (int64_t)opq_threadpool_size(pool);
+    if (g.tm * g.tn < want) {
+        int64_t tn = (want + g.tm - 1) / g.tm;
+        int64_t wn = ((g.sb + tn - 1) / tn) * NR;
+        g.wn = wn < NC ? wn : NC;
+        g.tn = (n + g.wn - 1) / g.wn;
+    }
     size_t fa = (size_t)g.sa * MR * (size_t)k;
     size_t fb = (size_t)g.sb * NR * (size_t)k;
     float *ws = opq_threadpool_workspace(pool, (fa + fb) * sizeof(float) + 64);

@@ -183,6 +183,41 @@ static enum opq_status red_forward(struct opq_kctx *k, const struct opq_node *n,
     return OPQ_OK;
 }
 
+struct rbwd_job {
+    enum rop op;
+    const float *x, *y, *dy;
+    float *dx;
+    int64_t inner;
+    float scale;
+};
+
+// Trailing axes reduced: output element o owns the run x[o*inner .. (o+1)*inner), rows o0..o1
+// (disjoint destinations: any split gives the same bytes as the general loop).
+KU_HOT static void rbwd_rows(void *user, int64_t o0, int64_t o1) {
+    const struct rbwd_job *j = user;
+    int64_t inner = j->inner;
+    for (int64_t o = o0; o < o1; o++) {
+        const float *xr = j->x + o * inner;
+        float *dr = j->dx + o * inner;
+        float g = j->dy[o];
+        if (j->op == ROP_MAX) {
+            // the first element equal to the maximum takes dY
+            float m = j->y[o];
+            int64_t q = 0;
+            while (q < inner && !(xr[q] == m))
+                q++;
+            for (int64_t i = 0; i < inner; i++)
+                dr[i] = 0.0f;
+            if (q < inner)
+                dr[q] = g;
+        } else {
+            float v = g * j->scale;
+            for (int64_t i = 0; i < inner; i++)
+                dr[i] = v;
+        }
+    }
+}
+
 static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n,
                                     const struct opq_tensor *const *in,
                                     const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -211,6 +246,19 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     float scale = op == ROP_MEAN && ny ? (float)((double)ny / (double)nx) : 1.0f;
     int64_t os[OPQ_MAX_DIMS] = {0};
     out_strides(x, mask, os);
+    // reduced axes all trailing (softmax-style rows): one contiguous run per output element
+    int t = x->ndim;
+    int64_t inner = 1;
+    while (t > 0 && mask[t - 1])
+        inner *= x->shape[--t];
+    bool trailing = true;
+    for (int d = 0; d < t; d++)
+        trailing = trailing && !mask[d];
+    if (trailing && ny > 0 && inner > 0 && nx == ny * inner) {
+        struct rbwd_job j = {op, x->data, out[0].data, dy, dx, inner, scale};
+        ku_parallel(k, ny, (1 << 14) / inner + 1, rbwd_rows, &j);
+        return OPQ_OK;
+    }
     int64_t idx[OPQ_MAX_DIMS] = {0};
     int64_t o = 0;
     bool *taken = NULL; // ReduceMax: the output's maximum already found

@@ -1066,6 +1066,14 @@ static int passthrough_input(const struct opq_node *n, struct opq_tensor *const 
     return -1;
 }
 
+// Is input j of n also another of its inputs?
+static bool twice_input(const struct opq_node *n, int j) {
+    for (int q = 0; q < n->n_inputs; q++)
+        if (q != j && n->inputs[q] == n->inputs[j])
+            return true;
+    return false;
+}
+
 // A recorded forward (see exec.h): every value of nodes first..last kept in the tape's arena.
 struct opq_exec_tape {
     struct opq_exec *e;
@@ -1370,6 +1378,9 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             e->douts[j] = e->outs[j];
             e->douts[j].data = n->outputs[j] ? gr[n->outputs[j]->index] : NULL;
         }
+        // an input that already has a gradient (from its later users) gets it to add into
+        // when the kernel can (backward_adds), once per node: no buffer, no second pass
+        k.din_add = 0;
         for (int j = 0; j < n->n_inputs; j++) {
             const struct opq_value *v = n->inputs[j];
             memset(&e->dins[j], 0, sizeof(e->dins[j]));
@@ -1377,11 +1388,16 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
                 continue;
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
-            if (t->need[v->index] && v != ptv) {
-                e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
-                if (!e->dins[j].data)
-                    return bwd_nomem(e);
+            if (!t->need[v->index] || v == ptv)
+                continue;
+            if (gr[v->index] && e->kern[i]->backward_adds && j < 32 && !twice_input(n, j)) {
+                e->dins[j].data = gr[v->index];
+                k.din_add |= 1u << j;
+                continue;
             }
+            e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
+            if (!e->dins[j].data)
+                return bwd_nomem(e);
         }
         st = e->kern[i]->backward(&k, n, e->ins, e->outs, e->douts, e->dins);
         opq_arena_rewind(e->scratch);
@@ -1393,7 +1409,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         }
         for (int j = 0; j < n->n_inputs; j++) {
             const struct opq_value *v = n->inputs[j];
-            if (!v || !e->dins[j].data)
+            if (!v || !e->dins[j].data || (k.din_add & (1u << j)))
                 continue;
             if (gr[v->index]) {
                 add_into(e, gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));

@@ -236,16 +236,13 @@ static enum opq_status binary_forward(struct opq_kctx *k, const struct opq_node 
     return OPQ_OK;
 }
 
-// d (shape of `in`) = sum over broadcast dims of g (shape of y). Double accumulation.
+// d (shape of `in`) = sum over broadcast dims of g (shape of y), or d += that sum (add).
+// Double accumulation. Only for inputs that are broadcast (fewer elements than y).
 static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, const float *g,
                                  const struct opq_tensor *y, const struct opq_tensor *in,
-                                 float *d) {
+                                 float *d, bool add) {
     int64_t total = ku_numel(y);
     int64_t nin = ku_numel(in);
-    if (nin == total) {
-        memcpy(d, g, (size_t)total * sizeof(float));
-        return OPQ_OK;
-    }
     double *acc = opq_arena_alloc(k->scratch, (size_t)nin * sizeof(double) + 1);
     if (!acc)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
@@ -261,7 +258,7 @@ static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, c
             pa[i * si] += (double)pg[i];
     }
     for (int64_t i = 0; i < nin; i++)
-        d[i] = (float)acc[i];
+        d[i] = add ? d[i] + (float)acc[i] : (float)acc[i];
     return OPQ_OK;
 }
 
@@ -310,10 +307,18 @@ KU_HOT static void partial_row(enum bop op, int which, const float *ra, int64_t 
     }
 }
 
-// The partials on y's shape, rows r0..r1 (of the last dim).
+#define PIECE 1024 // partials computed at once on the stack (to add or sum them)
+
+// t + r for cnt elements (the executor's gradient sum, element by element).
+KU_HOT static void add_row(float *t, const float *r, int64_t cnt) {
+    for (int64_t i = 0; i < cnt; i++)
+        t[i] = t[i] + r[i];
+}
+
+// The partials on y's shape, rows r0..r1 (of the last dim), into t or added to it.
 static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
                          const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                         const float *dy, float *t, int64_t r0, int64_t r1) {
+                         const float *dy, float *t, bool add, int64_t r0, int64_t r1) {
     int64_t sa[OPQ_MAX_DIMS] = {0};
     int64_t sb[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(a, y, sa);
@@ -323,10 +328,21 @@ static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
     int64_t ib = y->ndim ? sb[y->ndim - 1] : 0;
     const float *A = a->data;
     const float *Y = y->data;
+    float r[PIECE];
     for (int64_t row = r0; row < r1; row++) {
         int64_t o = row * inner;
-        partial_row(op, which, A + ku_row_offset(y, sa, row), ia, pb + ku_row_offset(y, sb, row),
-                    ib, Y + o, dy + o, t + o, inner);
+        const float *ra = A + ku_row_offset(y, sa, row);
+        const float *rb = pb + ku_row_offset(y, sb, row);
+        if (!add) {
+            partial_row(op, which, ra, ia, rb, ib, Y + o, dy + o, t + o, inner);
+            continue;
+        }
+        for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
+            int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
+            partial_row(op, which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0, dy + o + c0, r,
+                        cnt);
+            add_row(t + o + c0, r, cnt);
+        }
     }
 }
 
@@ -336,20 +352,21 @@ struct partial_job {
     const struct opq_tensor *a, *b, *y;
     const float *pb, *dy;
     float *t;
+    bool add;
 };
 
 static void partial_range(void *user, int64_t r0, int64_t r1) {
     const struct partial_job *j = user;
-    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, r0, r1);
+    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, j->add, r0, r1);
 }
 
-// All partials (every row, over the pool: rows are independent).
+// All partials (every row, over the pool: rows are independent), into t or added to it.
 static void partial(struct opq_kctx *k, enum bop op, int which, const struct opq_tensor *a,
                     const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                    const float *dy, float *t) {
+                    const float *dy, float *t, bool add) {
     int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
     int64_t rows = inner ? ku_numel(y) / inner : 0;
-    struct partial_job j = {op, which, a, b, y, pb, dy, t};
+    struct partial_job j = {op, which, a, b, y, pb, dy, t, add};
     ku_parallel(k, rows, (1 << 14) / (inner ? inner : 1) + 1, partial_range, &j);
 }
 
@@ -372,9 +389,8 @@ struct rowsum_job {
     const struct opq_tensor *a, *b, *y;
     const float *pb, *dy;
     float *d;
+    bool add;
 };
-
-#define ROWSUM_PIECE 1024 // partials computed at once (on the stack)
 
 static void rowsum_range(void *user, int64_t r0, int64_t r1) {
     const struct rowsum_job *j = user;
@@ -388,20 +404,20 @@ static void rowsum_range(void *user, int64_t r0, int64_t r1) {
     int64_t ib = sb[y->ndim - 1];
     const float *A = j->a->data;
     const float *Y = y->data;
-    float r[ROWSUM_PIECE];
+    float r[PIECE];
     for (int64_t row = r0; row < r1; row++) {
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = j->pb + ku_row_offset(y, sb, row);
         int64_t o = row * inner;
         double acc = 0.0;
-        for (int64_t c0 = 0; c0 < inner; c0 += ROWSUM_PIECE) {
-            int64_t cnt = inner - c0 < ROWSUM_PIECE ? inner - c0 : ROWSUM_PIECE;
+        for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
+            int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
             partial_row(j->op, j->which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0,
                         j->dy + o + c0, r, cnt);
             for (int64_t i = 0; i < cnt; i++)
                 acc += (double)r[i];
         }
-        j->d[row] = (float)acc;
+        j->d[row] = j->add ? j->d[row] + (float)acc : (float)acc;
     }
 }
 
@@ -426,26 +442,28 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
     for (int w = 0; w < 2; w++) {
         if (!din[w].data)
             continue;
+        bool add = (k->din_add >> w) & 1u; // din[w] holds the other users' gradient
         if (!dout[0].data || (w == 1 && in[1]->dtype != OPQ_DTYPE_FLOAT)) {
-            memset(din[w].data, 0, din[w].nbytes);
+            if (!add)
+                memset(din[w].data, 0, din[w].nbytes);
             continue;
         }
-        if ((op == BOP_ADD || (op == BOP_SUB && w == 0)) && ku_numel(in[w]) == total) {
+        if (!add && (op == BOP_ADD || (op == BOP_SUB && w == 0)) && ku_numel(in[w]) == total) {
             memcpy(din[w].data, dout[0].data, (size_t)total * sizeof(float)); // no broadcast
             continue;
         }
         if (ku_numel(in[w]) == total) {
-            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data);
+            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data, add);
             continue;
         }
         if (row_broadcast(in[w], y)) {
-            struct rowsum_job j = {op, w, in[0], in[1], y, pb, dout[0].data, din[w].data};
+            struct rowsum_job j = {op, w, in[0], in[1], y, pb, dout[0].data, din[w].data, add};
             int64_t inner = y->shape[y->ndim - 1];
             ku_parallel(k, total / inner, (1 << 14) / inner + 1, rowsum_range, &j);
             continue;
         }
-        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t);
-        enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data);
+        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t, false);
+        enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data, add);
         if (st != OPQ_OK)
             return st;
     }
@@ -468,6 +486,7 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
         .infer = binary_infer,                                                                     \
         .forward = prefix##_forward,                                                               \
         .backward = prefix##_backward,                                                             \
+        .backward_adds = true,                                                                     \
     };
 
 BINARY_KERNEL(add, BOP_ADD)

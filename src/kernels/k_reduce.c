@@ -189,6 +189,7 @@ struct rbwd_job {
     float *dx;
     int64_t inner;
     float scale;
+    bool add; // add into dx (the other users' gradient): the maximum's element only
 };
 
 // Trailing axes reduced: output element o owns the run x[o*inner .. (o+1)*inner), rows o0..o1
@@ -206,14 +207,18 @@ KU_HOT static void rbwd_rows(void *user, int64_t o0, int64_t o1) {
             int64_t q = 0;
             while (q < inner && !(xr[q] == m))
                 q++;
-            for (int64_t i = 0; i < inner; i++)
+            for (int64_t i = 0; i < inner && !j->add; i++)
                 dr[i] = 0.0f;
             if (q < inner)
-                dr[q] = g;
+                dr[q] = j->add ? dr[q] + g : g;
         } else {
             float v = g * j->scale;
-            for (int64_t i = 0; i < inner; i++)
-                dr[i] = v;
+            if (j->add)
+                for (int64_t i = 0; i < inner; i++)
+                    dr[i] = dr[i] + v;
+            else
+                for (int64_t i = 0; i < inner; i++)
+                    dr[i] = v;
         }
     }
 }
@@ -235,12 +240,15 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     const float *dy = dout[0].data;
     int64_t nx = ku_numel(x);
     int64_t ny = ku_numel(&out[0]);
+    bool add = k->din_add & 1u; // dx holds the other users' gradient: add to it
     if (!dy) {
-        memset(dx, 0, din[0].nbytes);
+        if (!add)
+            memset(dx, 0, din[0].nbytes);
         return OPQ_OK;
     }
     if (noop) {
-        memcpy(dx, dy, din[0].nbytes);
+        for (int64_t i = 0; i < nx; i++)
+            dx[i] = add ? dx[i] + dy[i] : dy[i];
         return OPQ_OK;
     }
     float scale = op == ROP_MEAN && ny ? (float)((double)ny / (double)nx) : 1.0f;
@@ -255,7 +263,7 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     for (int d = 0; d < t; d++)
         trailing = trailing && !mask[d];
     if (trailing && ny > 0 && inner > 0 && nx == ny * inner) {
-        struct rbwd_job j = {op, x->data, out[0].data, dy, dx, inner, scale};
+        struct rbwd_job j = {op, x->data, out[0].data, dy, dx, inner, scale, add};
         ku_parallel(k, ny, (1 << 14) / inner + 1, rbwd_rows, &j);
         return OPQ_OK;
     }
@@ -271,10 +279,11 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
         if (taken) {
             const float *xf = x->data;
             bool hit = !taken[o] && xf[i] == ((const float *)out[0].data)[o];
-            dx[i] = hit ? dy[o] : 0.0f;
+            float v = hit ? dy[o] : 0.0f;
+            dx[i] = add ? dx[i] + v : v;
             taken[o] = taken[o] || hit;
         } else {
-            dx[i] = dy[o] * scale;
+            dx[i] = add ? dx[i] + dy[o] * scale : dy[o] * scale;
         }
         for (int d = x->ndim - 1; d >= 0; d--) {
             idx[d]++;
@@ -313,16 +322,19 @@ const struct opq_kernel opq_kernel_reducemean = {
     .infer = red_infer,
     .forward = reducemean_forward,
     .backward = reducemean_backward,
+    .backward_adds = true,
 };
 const struct opq_kernel opq_kernel_reducesum = {
     .parse = red_parse,
     .infer = red_infer,
     .forward = reducesum_forward,
     .backward = reducesum_backward,
+    .backward_adds = true,
 };
 const struct opq_kernel opq_kernel_reducemax = {
     .parse = red_parse,
     .infer = red_infer,
     .forward = reducemax_forward,
     .backward = reducemax_backward,
+    .backward_adds = true,
 };

@@ -1259,6 +1259,8 @@ struct gpool {
         size_t n;
     } *b;
     int count, cap;
+    const struct opq_named_tensor *seeds; // in-place sweep: the caller's buffers (never pooled)
+    int n_seeds;
 };
 
 static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
@@ -1272,6 +1274,9 @@ static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
 }
 
 static void grad_release(struct gpool *gp, float *p, size_t n) {
+    for (int i = 0; i < gp->n_seeds; i++)
+        if (gp->seeds[i].t.data == p)
+            return;
     if (p && gp->count < gp->cap)
         gp->b[gp->count++] = (struct gbuf){p, n};
 }
@@ -1298,9 +1303,9 @@ static void release_outputs(const struct opq_exec_tape *t, struct gpool *gp,
     }
 }
 
-enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
-                                       const struct opq_named_tensor *seeds, int n_seeds,
-                                       struct opq_tensor *grads) {
+static enum opq_status tape_backward(struct opq_exec_tape *t, int stop,
+                                     const struct opq_named_tensor *seeds, int n_seeds,
+                                     struct opq_tensor *grads, bool in_place) {
     struct opq_exec *e = t->e;
     struct opq_graph *g = e->g;
     enum opq_status st = OPQ_OK;
@@ -1324,6 +1329,8 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         size_t nb = seeds[i].t.nbytes;
         if (gr[v->index]) {
             add_into(e, gr[v->index], seeds[i].t.data, nb / sizeof(float));
+        } else if (in_place) {
+            gr[v->index] = seeds[i].t.data;
         } else {
             gr[v->index] = opq_arena_memdup(t->grads, seeds[i].t.data, nb);
             if (!gr[v->index])
@@ -1332,7 +1339,9 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
     }
     // 4. reverse sweep
     struct opq_kctx k = kctx_of(e);
-    struct gpool gp = {.cap = 2 * e->n_slots + 16};
+    struct gpool gp = {.cap = 2 * e->n_slots + 16,
+                       .seeds = in_place ? seeds : NULL,
+                       .n_seeds = in_place ? n_seeds : 0};
     gp.b = opq_arena_alloc_raw(t->grads, sizeof(*gp.b) * (size_t)gp.cap);
     if (!gp.b)
         return bwd_nomem(e);
@@ -1433,6 +1442,18 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         grads[i].data = gr[v->index];
     }
     return OPQ_OK;
+}
+
+enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
+                                       const struct opq_named_tensor *seeds, int n_seeds,
+                                       struct opq_tensor *grads) {
+    return tape_backward(t, stop, seeds, n_seeds, grads, false);
+}
+
+enum opq_status opq_exec_tape_backward_in_place(struct opq_exec_tape *t, int stop,
+                                                const struct opq_named_tensor *seeds, int n_seeds,
+                                                struct opq_tensor *grads) {
+    return tape_backward(t, stop, seeds, n_seeds, grads, true);
 }
 
 enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,

@@ -785,7 +785,10 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
         tm_add(e, TM_SITE_BWD, &t0);
         if (S->n_wrt == 0 || n_seeds == 0)
             continue;
-        enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
+        // the seeds' buffers are dead after this sweep (their values' gradients are complete):
+        // the sweep starts in them instead of copying them
+        enum opq_status st =
+            opq_exec_tape_backward_in_place(S->tape, S->first, seeds, n_seeds, grads);
         if (st != OPQ_OK)
             return st;
         // a value's first gradient stays where the sweep left it (that tape is not swept

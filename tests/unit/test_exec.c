@@ -365,6 +365,19 @@ static void test_backward_adds(void **state) {
     float dx[16], dv[32];
     memcpy(dx, g[0].data, sizeof(dx));
     memcpy(dv, g[1].data, sizeof(dv));
+    // the in-place sweep (seed buffer reused, destroyed) gives the same bytes
+    struct opq_exec_tape *tape = NULL;
+    assert_int_equal(opq_exec_tape_new(ex, &tape), OPQ_OK);
+    assert_int_equal(opq_exec_tape_record(tape, 0, m->graph->n_nodes - 1, &in, 1, wrt, 2), OPQ_OK);
+    float wcopy[8];
+    memcpy(wcopy, w, sizeof(wcopy));
+    struct opq_named_tensor seed2 = seed;
+    seed2.t.data = wcopy;
+    struct opq_tensor g2[2];
+    assert_int_equal(opq_exec_tape_backward_in_place(tape, 0, &seed2, 1, g2), OPQ_OK);
+    assert_memory_equal(g2[0].data, dx, sizeof(dx));
+    assert_memory_equal(g2[1].data, dv, sizeof(dv));
+    opq_exec_tape_free(tape);
     opq_graph_value(m->graph, "v")->kind |= OPQ_VK_PARAM;
     float *v = opq_graph_value(m->graph, "v")->t.data;
     fd_check(ex, &in, w, x, 16, 1, dx);

@@ -1066,6 +1066,14 @@ static int passthrough_input(const struct opq_node *n, struct opq_tensor *const 
     return -1;
 }
 
+// Is input j of n also another of its inputs?
+static bool twice_input(const struct opq_node *n, int j) {
+    for (int q = 0; q < n->n_inputs; q++)
+        if (q != j && n->inputs[q] == n->inputs[j])
+            return true;
+    return false;
+}
+
 // A recorded forward (see exec.h): every value of nodes first..last kept in the tape's arena.
 struct opq_exec_tape {
     struct opq_exec *e;
@@ -1251,6 +1259,8 @@ struct gpool {
         size_t n;
     } *b;
     int count, cap;
+    const struct opq_named_tensor *seeds; // in-place sweep: the caller's buffers (never pooled)
+    int n_seeds;
 };
 
 static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
@@ -1264,6 +1274,9 @@ static float *grad_alloc(struct opq_exec_tape *t, struct gpool *gp, size_t n) {
 }
 
 static void grad_release(struct gpool *gp, float *p, size_t n) {
+    for (int i = 0; i < gp->n_seeds; i++)
+        if (gp->seeds[i].t.data == p)
+            return;
     if (p && gp->count < gp->cap)
         gp->b[gp->count++] = (struct gbuf){p, n};
 }
@@ -1290,9 +1303,9 @@ static void release_outputs(const struct opq_exec_tape *t, struct gpool *gp,
     }
 }
 
-enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
-                                       const struct opq_named_tensor *seeds, int n_seeds,
-                                       struct opq_tensor *grads) {
+static enum opq_status tape_backward(struct opq_exec_tape *t, int stop,
+                                     const struct opq_named_tensor *seeds, int n_seeds,
+                                     struct opq_tensor *grads, bool in_place) {
     struct opq_exec *e = t->e;
     struct opq_graph *g = e->g;
     enum opq_status st = OPQ_OK;
@@ -1316,6 +1329,8 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         size_t nb = seeds[i].t.nbytes;
         if (gr[v->index]) {
             add_into(e, gr[v->index], seeds[i].t.data, nb / sizeof(float));
+        } else if (in_place) {
+            gr[v->index] = seeds[i].t.data;
         } else {
             gr[v->index] = opq_arena_memdup(t->grads, seeds[i].t.data, nb);
             if (!gr[v->index])
@@ -1324,7 +1339,9 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
     }
     // 4. reverse sweep
     struct opq_kctx k = kctx_of(e);
-    struct gpool gp = {.cap = 2 * e->n_slots + 16};
+    struct gpool gp = {.cap = 2 * e->n_slots + 16,
+                       .seeds = in_place ? seeds : NULL,
+                       .n_seeds = in_place ? n_seeds : 0};
     gp.b = opq_arena_alloc_raw(t->grads, sizeof(*gp.b) * (size_t)gp.cap);
     if (!gp.b)
         return bwd_nomem(e);
@@ -1370,6 +1387,9 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
             e->douts[j] = e->outs[j];
             e->douts[j].data = n->outputs[j] ? gr[n->outputs[j]->index] : NULL;
         }
+        // an input that already has a gradient (from its later users) gets it to add into
+        // when the kernel can (backward_adds), once per node: no buffer, no second pass
+        k.din_add = 0;
         for (int j = 0; j < n->n_inputs; j++) {
             const struct opq_value *v = n->inputs[j];
             memset(&e->dins[j], 0, sizeof(e->dins[j]));
@@ -1377,11 +1397,16 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
                 continue;
             e->dins[j] = *fw[v->index];
             e->dins[j].data = NULL;
-            if (t->need[v->index] && v != ptv) {
-                e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
-                if (!e->dins[j].data)
-                    return bwd_nomem(e);
+            if (!t->need[v->index] || v == ptv)
+                continue;
+            if (gr[v->index] && e->kern[i]->backward_adds && j < 32 && !twice_input(n, j)) {
+                e->dins[j].data = gr[v->index];
+                k.din_add |= 1u << j;
+                continue;
             }
+            e->dins[j].data = grad_alloc(t, &gp, e->dins[j].nbytes);
+            if (!e->dins[j].data)
+                return bwd_nomem(e);
         }
         st = e->kern[i]->backward(&k, n, e->ins, e->outs, e->douts, e->dins);
         opq_arena_rewind(e->scratch);
@@ -1393,7 +1418,7 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         }
         for (int j = 0; j < n->n_inputs; j++) {
             const struct opq_value *v = n->inputs[j];
-            if (!v || !e->dins[j].data)
+            if (!v || !e->dins[j].data || (k.din_add & (1u << j)))
                 continue;
             if (gr[v->index]) {
                 add_into(e, gr[v->index], e->dins[j].data, e->dins[j].nbytes / sizeof(float));
@@ -1417,6 +1442,18 @@ enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
         grads[i].data = gr[v->index];
     }
     return OPQ_OK;
+}
+
+enum opq_status opq_exec_tape_backward(struct opq_exec_tape *t, int stop,
+                                       const struct opq_named_tensor *seeds, int n_seeds,
+                                       struct opq_tensor *grads) {
+    return tape_backward(t, stop, seeds, n_seeds, grads, false);
+}
+
+enum opq_status opq_exec_tape_backward_in_place(struct opq_exec_tape *t, int stop,
+                                                const struct opq_named_tensor *seeds, int n_seeds,
+                                                struct opq_tensor *grads) {
+    return tape_backward(t, stop, seeds, n_seeds, grads, true);
 }
 
 enum opq_status opq_exec_backward(struct opq_exec *e, int first, int last,

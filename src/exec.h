@@ -110,6 +110,12 @@ const struct opq_tensor *opq_exec_tape_value(const struct opq_exec_tape *tape, c
 enum opq_status opq_exec_tape_backward(struct opq_exec_tape *tape, int stop,
                                        const struct opq_named_tensor *seeds, int n_seeds,
                                        struct opq_tensor *grads);
+// The same sweep starting in the seeds' own buffers (no copy): their contents are destroyed
+// (they may end up holding any gradient of the sweep, including a grads[i] result), so the
+// caller must not need them afterwards, nor free them while grads are in use.
+enum opq_status opq_exec_tape_backward_in_place(struct opq_exec_tape *tape, int stop,
+                                                const struct opq_named_tensor *seeds, int n_seeds,
+                                                struct opq_tensor *grads);
 
 // Planning statistics: bytes of all activation buffers (what a run holds) vs the sum of every
 // planned activation value (what a no-reuse executor would hold).

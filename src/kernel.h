@@ -15,7 +15,11 @@
  *              the loss w.r.t. each output; NULL data = zero), it WRITES (not accumulates)
  *              din[i] for every input whose din[i].data != NULL (the executor sums over multiple
  *              users). Weights are ordinary inputs, so weight gradients come out the same way.
- *              NULL = not differentiable.
+ *              NULL = not differentiable. A kernel with `backward_adds` set may instead be
+ *              told (bit i of k->din_add) that din[i] already holds the gradient from the other
+ *              users: it then ADDS its contribution, element by element as din[i] + c (the
+ *              bytes the executor's own sum would give), and touches only the elements it
+ *              contributes to (a slice, a row maximum).
  * All float compute is float32; reductions accumulate in double or pairwise. Kernels never see
  * protobuf types and never print; errors go through opq_set_error(k->ctx, ...) naming the node. */
 #ifndef OPQ_KERNEL_H
@@ -34,6 +38,7 @@ struct opq_kctx {
     int               n_threads; // >= 1
     int64_t           opset;     // default-domain opset of the model
     struct opq_threadpool *pool; // n_threads workers for opq_parallel_for (NULL: run inline)
+    uint32_t          din_add;   // backward: bit i set = add into din[i] (see backward_adds)
 };
 
 struct opq_kernel {
@@ -46,6 +51,7 @@ struct opq_kernel {
     enum opq_status (*backward)(struct opq_kctx *k, const struct opq_node *n,
                                 const struct opq_tensor *const *in, const struct opq_tensor *out,
                                 const struct opq_tensor *dout, struct opq_tensor *din);
+    bool backward_adds; // backward honours k->din_add (else the executor sums gradients)
 };
 
 // One extern per ops.def line (ORDER: ops.def); opq_kernel_for() indexes the table in kernels.c.

@@ -260,16 +260,13 @@ static enum opq_status binary_forward(struct opq_kctx *k, const struct opq_node 
     return OPQ_OK;
 }
 
-// d (shape of `in`) = sum over broadcast dims of g (shape of y). Double accumulation.
+// d (shape of `in`) = sum over broadcast dims of g (shape of y), or d += that sum (add).
+// Double accumulation. Only for inputs that are broadcast (fewer elements than y).
 static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, const float *g,
                                  const struct opq_tensor *y, const struct opq_tensor *in,
-                                 float *d) {
+                                 float *d, bool add) {
     int64_t total = ku_numel(y);
     int64_t nin = ku_numel(in);
-    if (nin == total) {
-        memcpy(d, g, (size_t)total * sizeof(float));
-        return OPQ_OK;
-    }
     double *acc = opq_arena_alloc(k->scratch, (size_t)nin * sizeof(double) + 1);
     if (!acc)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
@@ -285,15 +282,67 @@ static enum opq_status reduce_to(struct opq_kctx *k, const struct opq_node *n, c
             pa[i * si] += (double)pg[i];
     }
     for (int64_t i = 0; i < nin; i++)
-        d[i] = (float)acc[i];
+        d[i] = add ? d[i] + (float)acc[i] : (float)acc[i];
     return OPQ_OK;
 }
 
-// Elementwise partials of the output w.r.t. input `which` times dY, on y's shape, rows r0..r1
-// (of the last dim).
+// Elementwise partials of the output w.r.t. input `which` times dY along one row of y:
+// r[i] for i < cnt, with A/B read at strides ia/ib from ra/rb and y's values at yr.
+KU_HOT static void partial_row(enum bop op, int which, const float *ra, int64_t ia,
+                               const float *rb, int64_t ib, const float *yr, const float *g,
+                               float *r, int64_t cnt) {
+    // the operator is chosen per row so that the inner loops are branch-free (they vectorise)
+    switch (op) {
+    case BOP_ADD:
+        memcpy(r, g, sizeof(float) * (size_t)cnt);
+        break;
+    case BOP_SUB:
+        if (which)
+            for (int64_t i = 0; i < cnt; i++)
+                r[i] = -g[i];
+        else
+            memcpy(r, g, sizeof(float) * (size_t)cnt);
+        break;
+    case BOP_MUL:
+        if (which)
+            for (int64_t i = 0; i < cnt; i++)
+                r[i] = g[i] * ra[i * ia];
+        else
+            for (int64_t i = 0; i < cnt; i++)
+                r[i] = g[i] * rb[i * ib];
+        break;
+    case BOP_DIV:
+        if (which)
+            for (int64_t i = 0; i < cnt; i++)
+                r[i] = -g[i] * ra[i * ia] / (rb[i * ib] * rb[i * ib]);
+        else
+            for (int64_t i = 0; i < cnt; i++)
+                r[i] = g[i] / rb[i * ib];
+        break;
+    case BOP_POW:
+        for (int64_t i = 0; i < cnt; i++) {
+            float av = ra[i * ia], bv = rb[i * ib];
+            if (which)
+                r[i] = av > 0.0f ? g[i] * yr[i] * logf(av) : 0.0f;
+            else
+                r[i] = bv == 0.0f ? 0.0f : g[i] * bv * powf(av, bv - 1.0f);
+        }
+        break;
+    }
+}
+
+#define PIECE 1024 // partials computed at once on the stack (to add or sum them)
+
+// t + r for cnt elements (the executor's gradient sum, element by element).
+KU_HOT static void add_row(float *t, const float *r, int64_t cnt) {
+    for (int64_t i = 0; i < cnt; i++)
+        t[i] = t[i] + r[i];
+}
+
+// The partials on y's shape, rows r0..r1 (of the last dim), into t or added to it.
 static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
                          const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                         const float *dy, float *t, int64_t r0, int64_t r1) {
+                         const float *dy, float *t, bool add, int64_t r0, int64_t r1) {
     int64_t sa[OPQ_MAX_DIMS] = {0};
     int64_t sb[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(a, y, sa);
@@ -303,46 +352,20 @@ static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
     int64_t ib = y->ndim ? sb[y->ndim - 1] : 0;
     const float *A = a->data;
     const float *Y = y->data;
-    // the operator is chosen per row so that the inner loops are branch-free (they vectorise)
+    float r[PIECE];
     for (int64_t row = r0; row < r1; row++) {
+        int64_t o = row * inner;
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = pb + ku_row_offset(y, sb, row);
-        int64_t o = row * inner;
-        const float *g = dy + o;
-        float *r = t + o;
-        switch (op) {
-        case BOP_ADD:
-            memcpy(r, g, sizeof(float) * (size_t)inner);
-            break;
-        case BOP_SUB:
-            for (int64_t i = 0; i < inner; i++)
-                r[i] = which ? -g[i] : g[i];
-            break;
-        case BOP_MUL:
-            if (which)
-                for (int64_t i = 0; i < inner; i++)
-                    r[i] = g[i] * ra[i * ia];
-            else
-                for (int64_t i = 0; i < inner; i++)
-                    r[i] = g[i] * rb[i * ib];
-            break;
-        case BOP_DIV:
-            if (which)
-                for (int64_t i = 0; i < inner; i++)
-                    r[i] = -g[i] * ra[i * ia] / (rb[i * ib] * rb[i * ib]);
-            else
-                for (int64_t i = 0; i < inner; i++)
-                    r[i] = g[i] / rb[i * ib];
-            break;
-        case BOP_POW:
-            for (int64_t i = 0; i < inner; i++) {
-                float av = ra[i * ia], bv = rb[i * ib];
-                if (which)
-                    r[i] = av > 0.0f ? g[i] * Y[o + i] * logf(av) : 0.0f;
-                else
-                    r[i] = bv == 0.0f ? 0.0f : g[i] * bv * powf(av, bv - 1.0f);
-            }
-            break;
+        if (!add) {
+            partial_row(op, which, ra, ia, rb, ib, Y + o, dy + o, t + o, inner);
+            continue;
+        }
+        for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
+            int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
+            partial_row(op, which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0, dy + o + c0, r,
+                        cnt);
+            add_row(t + o + c0, r, cnt);
         }
     }
 }
@@ -353,21 +376,73 @@ struct partial_job {
     const struct opq_tensor *a, *b, *y;
     const float *pb, *dy;
     float *t;
+    bool add;
 };
 
 static void partial_range(void *user, int64_t r0, int64_t r1) {
     const struct partial_job *j = user;
-    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, r0, r1);
+    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, j->add, r0, r1);
 }
 
-// All partials (every row, over the pool: rows are independent).
+// All partials (every row, over the pool: rows are independent), into t or added to it.
 static void partial(struct opq_kctx *k, enum bop op, int which, const struct opq_tensor *a,
                     const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                    const float *dy, float *t) {
+                    const float *dy, float *t, bool add) {
     int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
     int64_t rows = inner ? ku_numel(y) / inner : 0;
-    struct partial_job j = {op, which, a, b, y, pb, dy, t};
+    struct partial_job j = {op, which, a, b, y, pb, dy, t, add};
     ku_parallel(k, rows, (1 << 14) / (inner ? inner : 1) + 1, partial_range, &j);
+}
+
+// Input `which` broadcast along y's last dim only (its shape is y's with the last dim 1): each
+// of its elements is the sum of one row of partials, summed in double in index order as
+// reduce_to does (the same bytes), rows over the pool, without a full-size temporary.
+static bool row_broadcast(const struct opq_tensor *in, const struct opq_tensor *y) {
+    int r = y->ndim;
+    if (r < 1 || in->ndim != r || in->shape[r - 1] != 1 || y->shape[r - 1] <= 1)
+        return false;
+    for (int d = 0; d < r - 1; d++)
+        if (in->shape[d] != y->shape[d])
+            return false;
+    return true;
+}
+
+struct rowsum_job {
+    enum bop op;
+    int which;
+    const struct opq_tensor *a, *b, *y;
+    const float *pb, *dy;
+    float *d;
+    bool add;
+};
+
+static void rowsum_range(void *user, int64_t r0, int64_t r1) {
+    const struct rowsum_job *j = user;
+    const struct opq_tensor *y = j->y;
+    int64_t sa[OPQ_MAX_DIMS] = {0};
+    int64_t sb[OPQ_MAX_DIMS] = {0};
+    ku_bcast_strides(j->a, y, sa);
+    ku_bcast_strides(j->b, y, sb);
+    int64_t inner = y->shape[y->ndim - 1];
+    int64_t ia = sa[y->ndim - 1];
+    int64_t ib = sb[y->ndim - 1];
+    const float *A = j->a->data;
+    const float *Y = y->data;
+    float r[PIECE];
+    for (int64_t row = r0; row < r1; row++) {
+        const float *ra = A + ku_row_offset(y, sa, row);
+        const float *rb = j->pb + ku_row_offset(y, sb, row);
+        int64_t o = row * inner;
+        double acc = 0.0;
+        for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
+            int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
+            partial_row(j->op, j->which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0,
+                        j->dy + o + c0, r, cnt);
+            for (int64_t i = 0; i < cnt; i++)
+                acc += (double)r[i];
+        }
+        j->d[row] = j->add ? j->d[row] + (float)acc : (float)acc;
+    }
 }
 
 static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node *n,
@@ -380,9 +455,10 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
                              n->op_type, ku_name(n));
     int64_t total = ku_numel(y);
     const float *pb = exp_as_float(k, in[1]);
-    // the partials go straight to din when an input is not broadcast, else through t
-    bool bcast = (din[0].data && ku_numel(in[0]) != total) ||
-                 (din[1].data && ku_numel(in[1]) != total);
+    // the partials go straight to din when an input is not broadcast, are summed row by row when
+    // it is broadcast along the last dim only (row_broadcast), else go through t
+    bool bcast = (din[0].data && ku_numel(in[0]) != total && !row_broadcast(in[0], y)) ||
+                 (din[1].data && ku_numel(in[1]) != total && !row_broadcast(in[1], y));
     float *t = bcast ? opq_arena_alloc_raw(k->scratch, (size_t)total * sizeof(float) + 1) : NULL;
     if ((bcast && !t) || !pb)
         return opq_set_error(k->ctx, OPQ_ERR_NOMEM, "%s node '%s': out of memory", n->op_type,
@@ -390,20 +466,28 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
     for (int w = 0; w < 2; w++) {
         if (!din[w].data)
             continue;
+        bool add = (k->din_add >> w) & 1u; // din[w] holds the other users' gradient
         if (!dout[0].data || (w == 1 && in[1]->dtype != OPQ_DTYPE_FLOAT)) {
-            memset(din[w].data, 0, din[w].nbytes);
+            if (!add)
+                memset(din[w].data, 0, din[w].nbytes);
             continue;
         }
-        if ((op == BOP_ADD || (op == BOP_SUB && w == 0)) && ku_numel(in[w]) == total) {
+        if (!add && (op == BOP_ADD || (op == BOP_SUB && w == 0)) && ku_numel(in[w]) == total) {
             memcpy(din[w].data, dout[0].data, (size_t)total * sizeof(float)); // no broadcast
             continue;
         }
         if (ku_numel(in[w]) == total) {
-            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data);
+            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data, add);
             continue;
         }
-        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t);
-        enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data);
+        if (row_broadcast(in[w], y)) {
+            struct rowsum_job j = {op, w, in[0], in[1], y, pb, dout[0].data, din[w].data, add};
+            int64_t inner = y->shape[y->ndim - 1];
+            ku_parallel(k, total / inner, (1 << 14) / inner + 1, rowsum_range, &j);
+            continue;
+        }
+        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t, false);
+        enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data, add);
         if (st != OPQ_OK)
             return st;
     }
@@ -426,6 +510,7 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
         .infer = binary_infer,                                                                     \
         .forward = prefix##_forward,                                                               \
         .backward = prefix##_backward,                                                             \
+        .backward_adds = true,                                                                     \
     };
 
 BINARY_KERNEL(add, BOP_ADD)

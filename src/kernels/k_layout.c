@@ -656,6 +656,7 @@ struct slice_scatter {
     const int64_t *oshape;
     const int64_t *istr;
     int64_t base, inner; // inner: the contiguous last dim (step 1)
+    bool add;            // add into dx (it holds the other users' gradient)
 };
 
 // Rows r0..r1 of the slice (all dims but the last) copied to their place in dx.
@@ -668,7 +669,13 @@ static void slice_scatter_rows(void *user, int64_t r0, int64_t r1) {
             off += (rem % j->oshape[d]) * j->istr[d];
             rem /= j->oshape[d];
         }
-        memcpy(j->dx + off, j->g + r * j->inner, sizeof(float) * (size_t)j->inner);
+        float *d = j->dx + off;
+        const float *g = j->g + r * j->inner;
+        if (j->add)
+            for (int64_t i = 0; i < j->inner; i++)
+                d[i] = d[i] + g[i];
+        else
+            memcpy(d, g, sizeof(float) * (size_t)j->inner);
     }
 }
 
@@ -680,9 +687,12 @@ static enum opq_status slice_backward(struct opq_kctx *k, const struct opq_node 
     int64_t istr[OPQ_MAX_DIMS];
     int64_t base = 0;
     int64_t idx[OPQ_MAX_DIMS] = {0};
+    // adding into the other users' gradient (k->din_add) touches the slice only
+    bool add = k->din_add & 1u;
     if (!din[0].data)
         return OPQ_OK;
-    memset(din[0].data, 0, din[0].nbytes);
+    if (!add)
+        memset(din[0].data, 0, din[0].nbytes);
     if (!dout[0].data)
         return OPQ_OK;
     enum opq_status st = slice_plan(k, n, in, &p);
@@ -695,14 +705,14 @@ static enum opq_status slice_backward(struct opq_kctx *k, const struct opq_node 
     int r = out[0].ndim;
     if (r >= 1 && istr[r - 1] == 1 && out[0].shape[r - 1] > 0) {
         // unit step along the last dim: whole rows, over the pool (disjoint destinations)
-        struct slice_scatter j = {dx, g, r, out[0].shape, istr, base, out[0].shape[r - 1]};
+        struct slice_scatter j = {dx, g, r, out[0].shape, istr, base, out[0].shape[r - 1], add};
         int64_t rows = (int64_t)total / j.inner;
         opq_parallel_for(k->pool, rows, 4096 / j.inner + 1, slice_scatter_rows, &j);
         return OPQ_OK;
     }
     int64_t off = base;
     for (size_t i = 0; i < total; i++) {
-        dx[off] = g[i]; // slices never alias: assignment is the sum
+        dx[off] = add ? dx[off] + g[i] : g[i]; // slices never alias: assignment is the sum
         for (int d = out[0].ndim - 1; d >= 0; d--) {
             idx[d]++;
             off += istr[d];
@@ -716,9 +726,10 @@ static enum opq_status slice_backward(struct opq_kctx *k, const struct opq_node 
 }
 
 const struct opq_kernel opq_kernel_slice = {
-    .infer    = slice_infer,
-    .forward  = slice_forward,
-    .backward = slice_backward,
+    .infer         = slice_infer,
+    .forward       = slice_forward,
+    .backward      = slice_backward,
+    .backward_adds = true,
 };
 
 // ---- Gather -------------------------------------------------------------------------------------

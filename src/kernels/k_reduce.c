@@ -183,6 +183,46 @@ static enum opq_status red_forward(struct opq_kctx *k, const struct opq_node *n,
     return OPQ_OK;
 }
 
+struct rbwd_job {
+    enum rop op;
+    const float *x, *y, *dy;
+    float *dx;
+    int64_t inner;
+    float scale;
+    bool add; // add into dx (the other users' gradient): the maximum's element only
+};
+
+// Trailing axes reduced: output element o owns the run x[o*inner .. (o+1)*inner), rows o0..o1
+// (disjoint destinations: any split gives the same bytes as the general loop).
+KU_HOT static void rbwd_rows(void *user, int64_t o0, int64_t o1) {
+    const struct rbwd_job *j = user;
+    int64_t inner = j->inner;
+    for (int64_t o = o0; o < o1; o++) {
+        const float *xr = j->x + o * inner;
+        float *dr = j->dx + o * inner;
+        float g = j->dy[o];
+        if (j->op == ROP_MAX) {
+            // the first element equal to the maximum takes dY
+            float m = j->y[o];
+            int64_t q = 0;
+            while (q < inner && !(xr[q] == m))
+                q++;
+            for (int64_t i = 0; i < inner && !j->add; i++)
+                dr[i] = 0.0f;
+            if (q < inner)
+                dr[q] = j->add ? dr[q] + g : g;
+        } else {
+            float v = g * j->scale;
+            if (j->add)
+                for (int64_t i = 0; i < inner; i++)
+                    dr[i] = dr[i] + v;
+            else
+                for (int64_t i = 0; i < inner; i++)
+                    dr[i] = v;
+        }
+    }
+}
+
 static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n,
                                     const struct opq_tensor *const *in,
                                     const struct opq_tensor *out, const struct opq_tensor *dout,
@@ -200,17 +240,33 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
     const float *dy = dout[0].data;
     int64_t nx = ku_numel(x);
     int64_t ny = ku_numel(&out[0]);
+    bool add = k->din_add & 1u; // dx holds the other users' gradient: add to it
     if (!dy) {
-        memset(dx, 0, din[0].nbytes);
+        if (!add)
+            memset(dx, 0, din[0].nbytes);
         return OPQ_OK;
     }
     if (noop) {
-        memcpy(dx, dy, din[0].nbytes);
+        for (int64_t i = 0; i < nx; i++)
+            dx[i] = add ? dx[i] + dy[i] : dy[i];
         return OPQ_OK;
     }
     float scale = op == ROP_MEAN && ny ? (float)((double)ny / (double)nx) : 1.0f;
     int64_t os[OPQ_MAX_DIMS] = {0};
     out_strides(x, mask, os);
+    // reduced axes all trailing (softmax-style rows): one contiguous run per output element
+    int t = x->ndim;
+    int64_t inner = 1;
+    while (t > 0 && mask[t - 1])
+        inner *= x->shape[--t];
+    bool trailing = true;
+    for (int d = 0; d < t; d++)
+        trailing = trailing && !mask[d];
+    if (trailing && ny > 0 && inner > 0 && nx == ny * inner) {
+        struct rbwd_job j = {op, x->data, out[0].data, dy, dx, inner, scale, add};
+        ku_parallel(k, ny, (1 << 14) / inner + 1, rbwd_rows, &j);
+        return OPQ_OK;
+    }
     int64_t idx[OPQ_MAX_DIMS] = {0};
     int64_t o = 0;
     bool *taken = NULL; // ReduceMax: the output's maximum already found
@@ -223,10 +279,11 @@ static enum opq_status red_backward(struct opq_kctx *k, const struct opq_node *n
         if (taken) {
             const float *xf = x->data;
             bool hit = !taken[o] && xf[i] == ((const float *)out[0].data)[o];
-            dx[i] = hit ? dy[o] : 0.0f;
+            float v = hit ? dy[o] : 0.0f;
+            dx[i] = add ? dx[i] + v : v;
             taken[o] = taken[o] || hit;
         } else {
-            dx[i] = dy[o] * scale;
+            dx[i] = add ? dx[i] + dy[o] * scale : dy[o] * scale;
         }
         for (int d = x->ndim - 1; d >= 0; d--) {
             idx[d]++;
@@ -265,16 +322,19 @@ const struct opq_kernel opq_kernel_reducemean = {
     .infer = red_infer,
     .forward = reducemean_forward,
     .backward = reducemean_backward,
+    .backward_adds = true,
 };
 const struct opq_kernel opq_kernel_reducesum = {
     .parse = red_parse,
     .infer = red_infer,
     .forward = reducesum_forward,
     .backward = reducesum_backward,
+    .backward_adds = true,
 };
 const struct opq_kernel opq_kernel_reducemax = {
     .parse = red_parse,
     .infer = red_infer,
     .forward = reducemax_forward,
     .backward = reducemax_backward,
+    .backward_adds = true,
 };

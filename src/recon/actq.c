@@ -2,6 +2,7 @@
 #include "recon/actq.h"
 
 #include <stdbool.h>
+#include <string.h>
 
 #include "threadpool.h"
 
@@ -60,14 +61,66 @@ ACTQ_HOT static void quant_run_keep(const float *x, float *y, const uint8_t *k, 
     }
 }
 
+#define KLANES 16 // PCG32 draws computed side by side (independent states, KLANES apart)
+
+// nblk blocks of KLANES draws: lane l holds the state of draw l of the block and jumps KLANES
+// draws per block (x -> A x + C), so each draw is the one the sequential stream gives; the lanes
+// have no dependency on each other (the scalar stream is one long multiply chain).
+ACTQ_HOT static void keep_blocks(uint64_t *st, uint64_t A, uint64_t C, uint32_t thr,
+                                 uint8_t *keep, size_t nblk) {
+    for (size_t b = 0; b < nblk; b++) {
+        uint32_t out[KLANES];
+        for (int l = 0; l < KLANES; l++) {
+            uint64_t old = st[l];
+            st[l] = old * A + C;
+            uint32_t xsh = (uint32_t)(((old >> 18u) ^ old) >> 27u);
+            uint32_t rot = (uint32_t)(old >> 59u);
+            out[l] = (xsh >> rot) | (xsh << ((32u - rot) & 31u));
+        }
+        uint8_t *k = keep + b * 4 * KLANES;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        // byte 4 l + q of out is (out[l] >> 8 q) & 0xff: one flat compare loop
+        uint8_t by[4 * KLANES];
+        memcpy(by, out, sizeof(by));
+        for (int i = 0; i < 4 * KLANES; i++)
+            k[i] = by[i] < thr;
+#else
+        for (int l = 0; l < KLANES; l++)
+            for (int q = 0; q < 4; q++)
+                k[4 * l + q] = ((out[l] >> (8 * q)) & 0xffu) < thr;
+#endif
+    }
+}
+
 // keep[i0..i1): element i uses byte i % 4 of draw i / 4 after the site's start.
 static void draw_keep(struct opq_rng base, uint32_t thr, uint8_t *keep, size_t i0, size_t i1) {
     struct opq_rng r = base;
     opq_rng_advance(&r, i0 / 4);
     uint32_t bits = 0;
-    if (i0 % 4)
-        bits = opq_rng_u32(&r) >> (8 * (i0 % 4));
-    for (size_t i = i0; i < i1; i++) {
+    size_t i = i0;
+    if (i % 4) {
+        bits = opq_rng_u32(&r) >> (8 * (i % 4));
+        for (; i < i1 && i % 4; i++) {
+            keep[i] = (bits & 0xffu) < thr;
+            bits >>= 8;
+        }
+    }
+    size_t nblk = i < i1 ? (i1 - i) / (4 * KLANES) : 0;
+    if (nblk > 0) {
+        // the jump x -> A x + C of KLANES draws: C from state 0, A + C from state 1
+        struct opq_rng j0 = {.state = 0, .inc = r.inc}, j1 = {.state = 1, .inc = r.inc};
+        opq_rng_advance(&j0, KLANES);
+        opq_rng_advance(&j1, KLANES);
+        uint64_t st[KLANES];
+        for (int l = 0; l < KLANES; l++) {
+            st[l] = r.state;
+            opq_rng_u32(&r);
+        }
+        keep_blocks(st, j1.state - j0.state, j0.state, thr, keep + i, nblk);
+        r.state = st[0]; // draw i / 4 + KLANES * nblk
+        i += 4 * KLANES * nblk;
+    }
+    for (; i < i1; i++) {
         if (i % 4 == 0)
             bits = opq_rng_u32(&r);
         keep[i] = (bits & 0xffu) < thr;

@@ -584,8 +584,16 @@ struct wjob {
 static void adaround_weights(void *user, int64_t i0, int64_t i1) {
     const struct wjob *j = user;
     struct wparam *w = j->w;
+    // the channel of element i, (i / inner) % n_ch, followed without a division per element
+    size_t nc = w->n_ch > 1 ? (size_t)w->n_ch : 1;
+    size_t inner = w->n_ch > 1 ? w->inner : (size_t)i1 + 1; // per tensor: never wraps
+    size_t c = ((size_t)i0 / inner) % nc, r = (size_t)i0 % inner;
     for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
-        const struct opq_qparams *p = &w->qp[w->n_ch > 1 ? (i / w->inner) % (size_t)w->n_ch : 0];
+        const struct opq_qparams *p = &w->qp[c];
+        if (++r == inner) {
+            r = 0;
+            c = c + 1 == nc ? 0 : c + 1;
+        }
         float z = (float)p->zero_point, dh = 0.0f, h;
         if (j->wm == W_SOFT) {
             h = opq_adaround_h(w->alpha[i], &dh);
@@ -785,7 +793,10 @@ static enum opq_status unit_backward(struct eng *e, struct unit *U) {
         tm_add(e, TM_SITE_BWD, &t0);
         if (S->n_wrt == 0 || n_seeds == 0)
             continue;
-        enum opq_status st = opq_exec_tape_backward(S->tape, S->first, seeds, n_seeds, grads);
+        // the seeds' buffers are dead after this sweep (their values' gradients are complete):
+        // the sweep starts in them instead of copying them
+        enum opq_status st =
+            opq_exec_tape_backward_in_place(S->tape, S->first, seeds, n_seeds, grads);
         if (st != OPQ_OK)
             return st;
         // a value's first gradient stays where the sweep left it (that tape is not swept

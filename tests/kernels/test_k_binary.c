@@ -105,7 +105,33 @@ static void test_grad(void **state) {
         grad_case(ops[i], GB_SHAPE(2, 3, 4), GB_SHAPE(2, 3, 4), off);
         grad_case(ops[i], GB_SHAPE(2, 3, 4), GB_SHAPE(4), off);    // row broadcast
         grad_case(ops[i], GB_SHAPE(2, 1, 4), GB_SHAPE(3, 1), off); // both broadcast
+        grad_case(ops[i], GB_SHAPE(2, 3, 4), GB_SHAPE(2, 3, 1), off); // along the last dim
+        grad_case(ops[i], GB_SHAPE(2, 3, 1), GB_SHAPE(2, 3, 4), off);
         grad_case(ops[i], GB_SCALAR, GB_SHAPE(3, 2), off);
+    }
+}
+
+// Rows longer than the row-sum piece (1024 partials at a time): Sub and Div with the second
+// input broadcast along the last dim (the deferred softmax's x - max and y / sum).
+static void test_grad_long_rows(void **state) {
+    (void)state;
+    const char *ops[] = {"Sub", "Div", "Mul"};
+    for (int i = 0; i < 3; i++) {
+        struct opq_ctx *ctx = opq_ctx_new();
+        struct opq_model *m = gb_new(ctx);
+        gb_input(m, "a", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 1100));
+        gb_input(m, "b", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 1));
+        gb_node(m, ops[i], "a,b", "y");
+        gb_output(m, "y");
+        float *a = malloc(sizeof(float) * 2200);
+        float b[2] = {1.5f, -2.25f};
+        kx_fill(a, 2200, 3, 1.0f);
+        struct opq_named_tensor in[2] = {kx_f32("a", GB_SHAPE(2, 1100), a),
+                                         kx_f32("b", GB_SHAPE(2, 1), b)};
+        kx_check_grad(ctx, m, in, 2, (const bool[]){false, true}, 2e-3, 11);
+        free(a);
+        opq_model_free(m);
+        opq_ctx_free(ctx);
     }
 }
 
@@ -115,6 +141,7 @@ int main(void) {
         cmocka_unit_test(test_int64),
         cmocka_unit_test(test_bad_broadcast),
         cmocka_unit_test(test_grad),
+        cmocka_unit_test(test_grad_long_rows),
     };
     return cmocka_run_group_tests_name("k_binary", tests, NULL, NULL);
 }

@@ -208,12 +208,61 @@ static void test_reduce_grad(void **state) {
     }
 }
 
+// Trailing axes (the deferred softmax's row max and row sum): the contiguous-run path, also
+// with ties for ReduceMax (the first maximum in memory order takes the gradient).
+static void test_reduce_grad_trailing(void **state) {
+    (void)state;
+    const char *ops[] = {"ReduceMean", "ReduceSum", "ReduceMax"};
+    const int64_t axes[2][2] = {{2, 0}, {1, 2}};
+    for (int i = 0; i < 3; i++) {
+        for (int a = 0; a < 2; a++) {
+            struct opq_ctx *ctx = opq_ctx_new();
+            struct opq_model *m = gb_new(ctx);
+            gb_set_opset(m, 11);
+            gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 3, 4));
+            struct opq_node *n = gb_node(m, ops[i], "x", "y");
+            gb_attr_ints(m, n, "axes", a + 1, axes[a]);
+            gb_attr_int(m, n, "keepdims", 1);
+            gb_output(m, "y");
+            float x[24];
+            kx_fill(x, 24, 47, 1.0f);
+            struct opq_named_tensor in = kx_f32("x", GB_SHAPE(2, 3, 4), x);
+            kx_check_grad(ctx, m, &in, 1, NULL, 2e-3, 53);
+            opq_model_free(m);
+            opq_ctx_free(ctx);
+        }
+    }
+    // ties: rows {1, 3, 3, 0} and {2, 2, 2, 2} route dY to the first maximum only
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = gb_new(ctx);
+    gb_set_opset(m, 11);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(2, 4));
+    struct opq_node *n = gb_node(m, "ReduceMax", "x", "y");
+    gb_attr_ints(m, n, "axes", 1, (const int64_t[]){-1});
+    gb_output(m, "y");
+    float x[8] = {1, 3, 3, 0, 2, 2, 2, 2};
+    float dy[2] = {5, 7};
+    struct opq_named_tensor in = kx_f32("x", GB_SHAPE(2, 4), x);
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    struct opq_named_tensor seed = kx_f32("y", GB_SHAPE(2, 1), dy);
+    const char *wrt[1] = {"x"};
+    struct opq_tensor g;
+    assert_int_equal(opq_exec_backward(ex, 0, m->graph->n_nodes - 1, &in, 1, &seed, 1, wrt, 1, &g),
+                     OPQ_OK);
+    const float want[8] = {0, 5, 0, 0, 7, 0, 0, 0};
+    assert_memory_equal(g.data, want, sizeof(want));
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_softmax_hand),       cmocka_unit_test(test_softmax_grad),
         cmocka_unit_test(test_layernorm_hand),     cmocka_unit_test(test_layernorm_grad),
         cmocka_unit_test(test_decomposed_ln_grad), cmocka_unit_test(test_reduce),
-        cmocka_unit_test(test_reduce_grad),
+        cmocka_unit_test(test_reduce_grad), cmocka_unit_test(test_reduce_grad_trailing),
     };
     return cmocka_run_group_tests_name("k_norm", tests, NULL, NULL);
 }

@@ -315,6 +315,78 @@ static void test_backward_paths(void **state) {
     opq_ctx_free(ctx);
 }
 
+// x [2,8] -> the deferred-softmax pattern (ReduceMax, Sub, Exp, ReduceSum, MatMul v, Div) plus
+// Slice(x)*Slice(x) and the row max itself -> y [2,4]: gradients that kernels add into the
+// buffer of x's or e's other users (Slice, ReduceMax, ReduceSum, Mul; kernel backward_adds).
+static struct opq_model *adds(struct opq_ctx *ctx) {
+    struct opq_model *m = gb_new(ctx);
+    gb_input(m, "x", OPQ_DTYPE_FLOAT, GB_SHAPE(-1, 8));
+    float v[32];
+    fill(v, 32, 21);
+    gb_init_f32(m, "v", GB_SHAPE(8, 4), v);
+    gb_init_i64(m, "b0", GB_SHAPE(1), (const int64_t[]){0});
+    gb_init_i64(m, "b4", GB_SHAPE(1), (const int64_t[]){4});
+    gb_init_i64(m, "b8", GB_SHAPE(1), (const int64_t[]){8});
+    gb_init_i64(m, "ax1", GB_SHAPE(1), (const int64_t[]){1});
+    gb_init_i64(m, "last", GB_SHAPE(1), (const int64_t[]){-1});
+    struct opq_node *mx = gb_node(m, "ReduceMax", "x", "mx");
+    gb_attr_ints(m, mx, "axes", 1, (const int64_t[]){-1});
+    gb_node(m, "Sub", "x,mx", "d");
+    gb_node(m, "Exp", "d", "e");
+    gb_node(m, "ReduceSum", "e,last", "z");
+    gb_node(m, "MatMul", "e,v", "p");
+    gb_node(m, "Div", "p,z", "y0");
+    gb_node(m, "Slice", "x,b0,b4,ax1", "s1");
+    gb_node(m, "Slice", "x,b4,b8,ax1", "s2");
+    gb_node(m, "Mul", "s1,s2", "q");
+    gb_node(m, "Add", "y0,q", "y1");
+    gb_node(m, "Add", "y1,mx", "y");
+    gb_output(m, "y");
+    return m;
+}
+
+static void test_backward_adds(void **state) {
+    (void)state;
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = adds(ctx);
+    float x[16];
+    fill(x, 16, 20); // row maxima at least 0.05 above the runner-up (no kink in the step)
+    struct opq_named_tensor in = input_x(x, 2);
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    float w[8];
+    fill(w, 8, 23);
+    struct opq_named_tensor seed = {.name = "y", .t = *opq_exec_value(ex, "y")};
+    seed.t.data = w;
+    const char *wrt[] = {"x", "v"};
+    struct opq_tensor g[2];
+    assert_int_equal(opq_exec_backward(ex, 0, m->graph->n_nodes - 1, &in, 1, &seed, 1, wrt, 2, g),
+                     OPQ_OK);
+    float dx[16], dv[32];
+    memcpy(dx, g[0].data, sizeof(dx));
+    memcpy(dv, g[1].data, sizeof(dv));
+    // the in-place sweep (seed buffer reused, destroyed) gives the same bytes
+    struct opq_exec_tape *tape = NULL;
+    assert_int_equal(opq_exec_tape_new(ex, &tape), OPQ_OK);
+    assert_int_equal(opq_exec_tape_record(tape, 0, m->graph->n_nodes - 1, &in, 1, wrt, 2), OPQ_OK);
+    float wcopy[8];
+    memcpy(wcopy, w, sizeof(wcopy));
+    struct opq_named_tensor seed2 = seed;
+    seed2.t.data = wcopy;
+    struct opq_tensor g2[2];
+    assert_int_equal(opq_exec_tape_backward_in_place(tape, 0, &seed2, 1, g2), OPQ_OK);
+    assert_memory_equal(g2[0].data, dx, sizeof(dx));
+    assert_memory_equal(g2[1].data, dv, sizeof(dv));
+    opq_exec_tape_free(tape);
+    opq_graph_value(m->graph, "v")->kind |= OPQ_VK_PARAM;
+    float *v = opq_graph_value(m->graph, "v")->t.data;
+    fd_check(ex, &in, w, x, 16, 1, dx);
+    fd_check(ex, &in, w, v, 32, 3, dv);
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 static void test_dynamic_reshape(void **state) {
     (void)state;
     // y = Reshape(x, Concat(Gather(Shape(x), 0), [-1])): the shape is only known per batch
@@ -483,6 +555,7 @@ int main(void) {
         cmocka_unit_test(test_backward),      cmocka_unit_test(test_dynamic_reshape),
         cmocka_unit_test(test_unsupported),   cmocka_unit_test(test_threads_same_result),
         cmocka_unit_test(test_oom_sweep),     cmocka_unit_test(test_backward_paths),
+        cmocka_unit_test(test_backward_adds),
     };
     return cmocka_run_group_tests_name("exec", tests, NULL, NULL);
 }

@@ -47,6 +47,7 @@ struct opq_erq_opts {
     int    ri;           // reparameterization initialization: 1 on (default), 0 off, -1 auto
     bool   aqer, wqer;   // the two stages (both on; off for ablations)
     int    mem_mb;       // Gram statistics held per calibration pass (MiB, default 512)
+    bool   qinputs;      // statistics on the quantized model's inputs (see top)
 };
 
 void opq_erq_opts_default(struct opq_erq_opts *o);
@@ -119,10 +120,10 @@ double opq_erq_refine_row(const double *H, int k, double *delta, const double *e
 // for any thread count. work: opq_erq_stats_work(d, qa) floats.
 struct opq_threadpool;
 int opq_erq_stats_block(const struct opq_qparams *qa);
-size_t opq_erq_stats_work(int d, const struct opq_qparams *qa);
-void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows, int d,
-                       const struct opq_qparams *qa, double *G, double *E, double *F,
-                       float *work);
+size_t opq_erq_stats_work(int d, const struct opq_qparams *qa, bool paired);
+void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, const float *xref,
+                       size_t rows, int d, const struct opq_qparams *qa, double *G, double *E,
+                       double *F, float *work);
 
 // Dual uniform quantization's outlier columns of a weight Theta (d_out x ld row-major, first
 // d_in columns): per row the entries above the 99th percentile of its positive entries or below

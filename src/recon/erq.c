@@ -212,6 +212,12 @@ struct group {
     // as captured (xq_n floats), and how many of them the float pass has paired so far.
     float                    *xq;
     size_t                    xq_n, xq_cap, xq_used;
+    // ... or, where they fit, the float model's inputs over the whole calibration set, kept
+    // from one float run for several later passes (xf_n floats; xf_used paired so far).
+    float                    *xf;
+    size_t                    xf_n, xf_used;
+    size_t                    per_sample; // floats per calibration sample of the input
+    bool                      fill;       // the current float run keeps this input
 };
 
 struct erq_run {
@@ -225,7 +231,10 @@ struct erq_run {
     struct opq_strmap     *by_name; // input value name -> group + 1
     int                    cur_pass;
     int                    mode;    // 0: float inputs alone, 1: store the quantized model's
-                                    // inputs, 2: float inputs paired with the stored ones
+                                    // inputs, 2: float inputs paired with the stored ones,
+                                    // 3: keep the float inputs (groups with fill), 4: quantized
+                                    // inputs paired with the kept float ones, 5: measure
+                                    // per_sample (one sample)
     float                 *work;    // opq_erq_stats_add's, for the largest input
     struct opq_threadpool *pool;    // per-channel work (NULL: one thread)
 };
@@ -473,12 +482,25 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
     if (gi < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &numel))
         return OPQ_OK;
     struct group *g = &r->groups[gi];
-    if (g->pass != r->cur_pass)
+    if ((g->pass != r->cur_pass && r->mode != 3 && r->mode != 5) ||
+        (g->kh > 0 ? t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
+                         t->shape[1] * g->kh * g->kw != g->d
+                   : t->ndim < 1 || t->shape[t->ndim - 1] != g->d))
         return OPQ_OK;
-    if (g->kh > 0 ? t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
-                        t->shape[1] * g->kh * g->kw != g->d
-                  : t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
+    if (r->mode == 5) {
+        g->per_sample = numel;
         return OPQ_OK;
+    }
+    if (r->mode == 3) {
+        if (!g->fill)
+            return OPQ_OK;
+        if (g->xf_used + numel > g->xf_n)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': more float inputs than "
+                                 "measured", g->x->name);
+        memcpy(g->xf + g->xf_used, t->data, sizeof(float) * numel);
+        g->xf_used += numel;
+        return OPQ_OK;
+    }
     if (r->mode == 1) { // kept until the float pass over the same samples pairs it
         if (g->xq_n + numel > g->xq_cap) {
             size_t cap = 2 * (g->xq_n + numel);
@@ -493,7 +515,15 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
         return OPQ_OK;
     }
     const float *xq = NULL; // the quantized model's input for the same tokens
-    if (r->mode == 2) {
+    const float *in = t->data; // the float model's
+    if (r->mode == 4) {
+        if (g->xf_used + numel > g->xf_n)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                                 "quantized model saw different shapes", g->x->name);
+        xq = t->data;
+        in = g->xf + g->xf_used;
+        g->xf_used += numel;
+    } else if (r->mode == 2) {
         if (g->xq_used + numel > g->xq_n)
             return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
                                  "quantized model saw different shapes", g->x->name);
@@ -510,7 +540,7 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
         if (!cols)
             return OPQ_ERR_NOMEM;
         for (int k = 0; k < (xq ? 2 : 1); k++) {
-            const float *x = k == 0 ? t->data : xq;
+            const float *x = k == 0 ? in : xq;
             float *dst = cols + (size_t)k * rows * (size_t)g->d;
             for (int64_t b = 0; b < B; b++)
                 for (int64_t oy = 0; oy < oh; oy++)
@@ -532,7 +562,7 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
     } else {
         rows = numel / (size_t)g->d;
         if (xq)
-            opq_erq_stats_add(r->pool, xq, t->data, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+            opq_erq_stats_add(r->pool, xq, in, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
         else
             opq_erq_stats_add(r->pool, t->data, NULL, rows, g->d, g->qa, g->G, g->E, g->F,
                               r->work);
@@ -1054,6 +1084,62 @@ static enum opq_status stats_paired(struct erq_run *r, const char *const *names,
     double budget = (double)(r->st->opts.mem_mb > 0 ? r->st->opts.mem_mb : 1) * 1048576.0;
     int chunk = batch; // the first chunk measures the inputs' size per sample
     enum opq_status st = OPQ_OK;
+    struct group *cur = NULL;
+    for (int gi = 0; gi < r->n_groups; gi++)
+        if (r->groups[gi].pass == r->cur_pass)
+            cur = &r->groups[gi];
+    if (cur && n_names == 1 && cur->per_sample > 0 &&
+        4.0 * (double)cur->per_sample * (double)rc->n_calib <= budget) {
+        if (!cur->xf) { // one float run keeps this input and the next ones that fit with it
+            double used = 0.0;
+            const char **fill = malloc(sizeof(*fill) * ((size_t)r->n_groups + 1));
+            if (!fill)
+                return OPQ_ERR_NOMEM;
+            int n_fill = 0;
+            for (int p = r->cur_pass; p < r->n_groups; p++) {
+                struct group *g = NULL;
+                for (int gi = 0; gi < r->n_groups; gi++)
+                    if (r->groups[gi].pass == p)
+                        g = &r->groups[gi];
+                double b = 4.0 * (double)g->per_sample * (double)rc->n_calib;
+                if (g->per_sample == 0 || used + b > budget)
+                    break;
+                g->xf_n = g->per_sample * (size_t)rc->n_calib;
+                g->xf   = malloc(sizeof(float) * g->xf_n);
+                if (!g->xf) {
+                    free(fill);
+                    return OPQ_ERR_NOMEM;
+                }
+                g->xf_used = 0;
+                g->fill = true;
+                fill[n_fill++] = g->x->name;
+                used += b;
+            }
+            r->mode = 3;
+            st = opq_calib_stream(r->ctx, rc->model, rc->src, 0, rc->n_calib, batch, fill,
+                                  n_fill, stats_capture, r, NULL);
+            for (int gi = 0; gi < r->n_groups; gi++) {
+                struct group *g = &r->groups[gi];
+                if (g->fill && st == OPQ_OK && g->xf_used != g->xf_n)
+                    st = opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': fewer float "
+                                       "inputs than measured", g->x->name);
+                g->fill    = false;
+                g->xf_used = 0;
+            }
+            free(fill);
+        }
+        r->mode = 4;
+        if (st == OPQ_OK)
+            st = opq_calib_stream(r->ctx, rc->qmodel, rc->src, 0, rc->n_calib, batch, names,
+                                  n_names, stats_capture, r, "erq statistics");
+        if (st == OPQ_OK && cur->xf_used != cur->xf_n)
+            st = opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                               "quantized model saw different shapes", cur->x->name);
+        free(cur->xf);
+        cur->xf = NULL;
+        r->mode = 0;
+        return st;
+    }
     for (int first = 0; first < rc->n_calib && st == OPQ_OK; first += chunk) {
         if (first > 0) {
             double floats = 0.0;
@@ -1116,6 +1202,14 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
     double used = 0.0;
     if (rc->qmodel) {
         if ((st = qmodel_weights_rtn(&r)) != OPQ_OK)
+            goto out;
+        for (int gi = 0; gi < r.n_groups; gi++)
+            names[gi] = r.groups[gi].x->name;
+        r.mode = 5; // every input's floats per sample, from one sample
+        st = opq_calib_stream(r.ctx, rc->model, rc->src, 0, 1, 1, names, r.n_groups,
+                              stats_capture, &r, NULL);
+        r.mode = 0;
+        if (st != OPQ_OK)
             goto out;
         int *order = malloc(sizeof(int) * ((size_t)r.n_groups + 1));
         if (!order) {
@@ -1245,6 +1339,7 @@ out:
     if (r.groups)
         for (int gi = 0; gi < r.n_groups; gi++) {
             free(r.groups[gi].xq);
+            free(r.groups[gi].xf);
             free(r.groups[gi].G);
             free(r.groups[gi].E);
             free(r.groups[gi].F);

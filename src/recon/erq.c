@@ -31,6 +31,7 @@ void opq_erq_opts_default(struct opq_erq_opts *o) {
     o->aqer      = true;
     o->wqer      = true;
     o->mem_mb    = 512;
+    o->qinputs   = true;
 }
 
 void opq_erq_state_free(struct opq_erq_state *s) {

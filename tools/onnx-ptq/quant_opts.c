@@ -58,6 +58,10 @@ const char cli_quant_usage[] =
     "                      with alpha 1 (default on); flow: as --reparam / --reparam-alpha\n"
     "  --erq-aqer on|off --erq-wqer on|off   the two stages (default on; ablations)\n"
     "  --erq-mem MB        statistics held per calibration pass (default 512)\n"
+    "  --erq-inputs quant|float  each layer's statistics from the quantized model's inputs\n"
+    "                      (activations quantized, the layers before it already done;\n"
+    "                      one calibration pass per layer input), regressed onto the float\n"
+    "                      model's, or from the float model's alone (default quant)\n"
     ;
 const char cli_recon_usage[] =
     "block reconstruction (--method aphq: AdaRound weights; --method flexround: FlexRound):\n"

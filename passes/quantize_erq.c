@@ -26,8 +26,9 @@ enum opq_status opq_pass_run_quantize_erq(struct opq_pass_ctx *pc, struct opq_gr
         o.reparam       = s.opts.ri;
         o.reparam_alpha = 1.0f;
     }
-    o.refine      = opq_erq_refine;
-    o.refine_user = &s;
+    o.refine        = opq_erq_refine;
+    o.refine_user   = &s;
+    o.refine_qmodel = s.opts.qinputs;
     if ((st = opq_quantize(pc->ctx, pc->model, &o, pc->opts->report ? &rep : NULL)) != OPQ_OK)
         goto out;
     if ((st = opq_erq_encode_duq(g, &s, o.wbits, opq_model_opset(pc->model, ""))) != OPQ_OK ||

@@ -789,6 +789,43 @@ static enum opq_status encode_targets(struct opq_graph *g, const struct opq_plac
     return st == OPQ_OK ? opq_graph_sort(g) : st;
 }
 
+// A copy of model with Q/DQ at every target of pl (the placement of model's graph) with the
+// given qparams: weights round to nearest on their grids (float, untouched, with act_only),
+// activations fake-quantized. The caller frees *out.
+static enum opq_status quant_clone(struct opq_ctx *ctx, struct opq_model *model,
+                                   struct opq_calib_src *src, const struct opq_placement_opts *po,
+                                   const struct opq_placement *pl, struct opq_qparams *const *qp,
+                                   const int *n_chs, const int *axes, const int *abits_of,
+                                   int wbits, bool a_sym, bool act_only, struct opq_model **out) {
+    struct opq_model *qm = NULL;
+    struct opq_placement qpl = {0};
+    enum opq_status st = opq_model_clone(ctx, model, &qm);
+    if (st == OPQ_OK)
+        st = annotate_types(ctx, qm, src);
+    if (st == OPQ_OK)
+        st = opq_placement_find(ctx, qm->graph, po, &qpl);
+    if (st == OPQ_OK && qpl.n_targets != pl->n_targets)
+        st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "quantized copy: it places %d "
+                           "targets, the model %d", qpl.n_targets, pl->n_targets);
+    for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
+        if (strcmp(qpl.targets[t].value->name, pl->targets[t].value->name))
+            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "quantized copy: target %d differs "
+                               "('%s')", t, qpl.targets[t].value->name);
+    if (st == OPQ_OK && act_only)
+        for (int t = 0; t < qpl.n_targets; t++)
+            if (qpl.targets[t].role == OPQ_QROLE_WEIGHT)
+                qpl.n_targets = t; // weights come after the activations
+    if (st == OPQ_OK)
+        st = encode_targets(qm->graph, &qpl, qp, n_chs, axes, abits_of, wbits, a_sym,
+                            opq_model_opset(model, ""));
+    if (st != OPQ_OK) {
+        opq_model_free(qm);
+        qm = NULL;
+    }
+    *out = qm;
+    return st;
+}
+
 // The output-aware range search (quant/actsearch.h) for the per-tensor activation targets,
 // measured on a copy of the model quantized with the current qparams.
 static enum opq_status search_ranges(struct opq_ctx *ctx, struct opq_model *model,
@@ -798,23 +835,10 @@ static enum opq_status search_ranges(struct opq_ctx *ctx, struct opq_model *mode
                                      const int *n_chs, const int *axes, const int *abits_of,
                                      const struct opq_quant_opts *o, bool a_sym, int n_calib) {
     struct opq_model *qm = NULL;
-    struct opq_placement qpl = {0};
     bool *search = calloc((size_t)pl->n_targets + 1, sizeof(bool));
-    enum opq_status st = search ? opq_model_clone(ctx, model, &qm) : OPQ_ERR_NOMEM;
-    if (st == OPQ_OK)
-        st = annotate_types(ctx, qm, src);
-    if (st == OPQ_OK)
-        st = opq_placement_find(ctx, qm->graph, po, &qpl);
-    if (st == OPQ_OK && qpl.n_targets != pl->n_targets)
-        st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "range search: the model copy places %d "
-                           "targets, the model %d", qpl.n_targets, pl->n_targets);
-    for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
-        if (strcmp(qpl.targets[t].value->name, pl->targets[t].value->name))
-            st = opq_set_error(ctx, OPQ_ERR_INTERNAL, "range search: target %d differs in the "
-                               "model copy ('%s')", t, qpl.targets[t].value->name);
-    if (st == OPQ_OK)
-        st = encode_targets(qm->graph, &qpl, qp, n_chs, axes, abits_of, o->wbits, a_sym,
-                            opq_model_opset(model, ""));
+    enum opq_status st = search ? quant_clone(ctx, model, src, po, pl, qp, n_chs, axes, abits_of,
+                                              o->wbits, a_sym, false, &qm)
+                                : OPQ_ERR_NOMEM;
     for (int t = 0; st == OPQ_OK && t < pl->n_targets; t++)
         search[t] = pl->targets[t].role == OPQ_QROLE_ACT && (o->act_search > 0 || abits_of[t] < 8);
     struct opq_act_search_opts so = {.n_samples = o->act_search_samples < n_calib
@@ -1087,7 +1111,12 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         t0 = opq_now_s();
         struct opq_refine_ctx rc = {.ctx = ctx, .model = model, .opts = o, .pl = &pl, .qp = qp,
                                     .n_ch = n_chs, .axis = axes, .src = src, .n_calib = n_calib};
-        st = o->refine(o->refine_user, &rc);
+        if (o->refine_qmodel)
+            st = quant_clone(ctx, model, src, &po, &pl, qp, n_chs, axes, abits_of, o->wbits, a_sym,
+                             true, &rc.qmodel);
+        if (st == OPQ_OK)
+            st = o->refine(o->refine_user, &rc);
+        opq_model_free(rc.qmodel);
         if (st == OPQ_OK)
             phase_end(rep, "refine", t0);
         t0 = opq_now_s();

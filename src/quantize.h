@@ -36,6 +36,11 @@ struct opq_refine_ctx {
     const int                   *axis;
     struct opq_calib_src        *src;
     int                          n_calib;
+    // With opts->refine_qmodel: a copy of model with Q/DQ at every activation target (qp as
+    // they are on entry) and its float weights untouched, for the refine step to set (value
+    // names read the copy's tensors before their own quantizer). Owned by the flow (the refine
+    // step may change its initializers' data); NULL otherwise.
+    struct opq_model            *qmodel;
 };
 typedef enum opq_status (*opq_refine_fn)(void *user, struct opq_refine_ctx *rc);
 
@@ -78,6 +83,7 @@ struct opq_quant_opts {
     struct opq_calib_spec calib;
     opq_refine_fn         refine;         // optional refinement step (ERQ, reconstruction)
     void                 *refine_user;
+    bool                  refine_qmodel;  // the refine step wants opq_refine_ctx.qmodel
     struct opq_erq_opts   erq;            // --method erq hyperparameters (recon/erq.h)
     struct opq_recon_opts recon;          // block reconstruction (recon/recon.h: --method aphq)
     struct opq_mr_opts    mr;             // MLP reconstruction (recon/mr.h: the mlp-recon pass)

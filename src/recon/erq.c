@@ -31,6 +31,7 @@ void opq_erq_opts_default(struct opq_erq_opts *o) {
     o->aqer      = true;
     o->wqer      = true;
     o->mem_mb    = 512;
+    o->qinputs   = true;
 }
 
 void opq_erq_state_free(struct opq_erq_state *s) {
@@ -188,6 +189,7 @@ struct layer {
     struct opq_node  *node;
     struct opq_value *w;
     float            *bias;       // NULL: no bias
+    const char       *bias_name;  // its initializer
     int               t_w;        // weight target
     int               group;      // input statistics
     int               d_in, d_out;
@@ -207,6 +209,16 @@ struct group {
     int                       pass;
     double                   *G, *E, *F;
     double                    n;  // tokens seen
+    // With quantized-model inputs (opts.qinputs): this chunk's inputs of the quantized model,
+    // as captured (xq_n floats), and how many of them the float pass has paired so far.
+    float                    *xq;
+    size_t                    xq_n, xq_cap, xq_used;
+    // ... or, where they fit, the float model's inputs over the whole calibration set, kept
+    // from one float run for several later passes (xf_n floats; xf_used paired so far).
+    float                    *xf;
+    size_t                    xf_n, xf_used;
+    size_t                    per_sample; // floats per calibration sample of the input
+    bool                      fill;       // the current float run keeps this input
 };
 
 struct erq_run {
@@ -219,6 +231,11 @@ struct erq_run {
     int                    n_groups;
     struct opq_strmap     *by_name; // input value name -> group + 1
     int                    cur_pass;
+    int                    mode;    // 0: float inputs alone, 1: store the quantized model's
+                                    // inputs, 2: float inputs paired with the stored ones,
+                                    // 3: keep the float inputs (groups with fill), 4: quantized
+                                    // inputs paired with the kept float ones, 5: measure
+                                    // per_sample (one sample)
     float                 *work;    // opq_erq_stats_add's, for the largest input
     struct opq_threadpool *pool;    // per-channel work (NULL: one thread)
 };
@@ -230,7 +247,7 @@ static bool float_init(const struct opq_value *v) {
 
 // Finds the bias of a linear node: Gemm input C, or the initializer operand of the single Add
 // reading a MatMul's output. NULL if there is none the rewrite may change.
-static float *find_bias(struct opq_node *n, int d_out) {
+static struct opq_value *find_bias(struct opq_node *n, int d_out) {
     struct opq_value *b = NULL;
     if (n->op == OPQ_OP_GEMM || n->op == OPQ_OP_CONV) {
         b = n->n_inputs >= 3 ? n->inputs[2] : NULL;
@@ -247,7 +264,7 @@ static float *find_bias(struct opq_node *n, int d_out) {
     if (!float_init(b) || b->n_users != 1 || !opq_tensor_numel(&b->t, &nb) || nb != (size_t)d_out ||
         b->t.shape[b->t.ndim - 1] != d_out)
         return NULL;
-    return b->t.data;
+    return b;
 }
 
 // A patch convolution: 4-D weight, one group, strides equal to the kernel, no padding or
@@ -353,7 +370,9 @@ static enum opq_status find_layers(struct erq_run *r) {
         L->d_out       = d_out;
         L->rows_are_in = rows_are_in;
         L->conv        = kh > 0;
-        L->bias        = find_bias(n, d_out);
+        struct opq_value *b = find_bias(n, d_out);
+        L->bias        = b ? b->t.data : NULL;
+        L->bias_name   = b ? b->name : NULL;
     }
     return OPQ_OK;
 }
@@ -373,8 +392,8 @@ int opq_erq_stats_block(const struct opq_qparams *qa) {
     return b > STATS_BLOCK_MAX ? STATS_BLOCK_MAX : (int)b;
 }
 
-size_t opq_erq_stats_work(int d, const struct opq_qparams *qa) {
-    size_t w = (size_t)(qa ? 2 * d + 1 : d + 1);
+size_t opq_erq_stats_work(int d, const struct opq_qparams *qa, bool paired) {
+    size_t w = (size_t)(qa || paired ? 2 * d + 1 : d + 1);
     return (size_t)opq_erq_stats_block(qa) * w + w * w;
 }
 
@@ -417,12 +436,12 @@ static void stats_panel(void *user, int64_t pb, int64_t pe) {
     }
 }
 
-void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows, int d,
-                       const struct opq_qparams *qa, double *G, double *E, double *F,
-                       float *work) {
-    int P = d + 1, W = qa ? 2 * d + 1 : P, B = opq_erq_stats_block(qa);
+void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, const float *xref,
+                       size_t rows, int d, const struct opq_qparams *qa, double *G, double *E,
+                       double *F, float *work) {
+    int P = d + 1, W = qa || xref ? 2 * d + 1 : P, B = opq_erq_stats_block(qa);
     struct stats_job job = {.z = work, .c = work + (size_t)B * (size_t)W, .W = W, .d = d,
-                            .quant = qa != NULL, .s = qa ? (double)qa->scale : 1.0, .G = G,
+                            .quant = qa || xref, .s = qa ? (double)qa->scale : 1.0, .G = G,
                             .E = E, .F = F};
     for (size_t r0 = 0; r0 < rows; r0 += (size_t)B) {
         int nr = (int)(rows - r0 < (size_t)B ? rows - r0 : (size_t)B);
@@ -430,6 +449,7 @@ void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows,
         // exactly as opq_fq computes it.
         for (int i = 0; i < nr; i++) {
             const float *xi = x + (r0 + (size_t)i) * (size_t)d;
+            const float *ri = xref ? xref + (r0 + (size_t)i) * (size_t)d : xi;
             float *zi = work + (size_t)i * (size_t)W;
             if (qa) {
                 float zp = (float)qa->zero_point, lo = (float)qa->qmin, hi = (float)qa->qmax;
@@ -438,7 +458,12 @@ void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows,
                     q = q < lo ? lo : (q > hi ? hi : q);
                     float code = q - zp;
                     zi[j]      = code;
-                    zi[P + j]  = xi[j] - code * qa->scale;
+                    zi[P + j]  = ri[j] - code * qa->scale;
+                }
+            } else if (xref) {
+                for (int j = 0; j < d; j++) {
+                    zi[j]     = xi[j];
+                    zi[P + j] = ri[j] - xi[j];
                 }
             } else {
                 memcpy(zi, xi, sizeof(float) * (size_t)d);
@@ -458,38 +483,90 @@ static enum opq_status stats_capture(void *user, const char *name, const struct 
     if (gi < 0 || t->dtype != OPQ_DTYPE_FLOAT || !opq_tensor_numel(t, &numel))
         return OPQ_OK;
     struct group *g = &r->groups[gi];
-    if (g->pass != r->cur_pass)
+    if ((g->pass != r->cur_pass && r->mode != 3 && r->mode != 5) ||
+        (g->kh > 0 ? t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
+                         t->shape[1] * g->kh * g->kw != g->d
+                   : t->ndim < 1 || t->shape[t->ndim - 1] != g->d))
         return OPQ_OK;
+    if (r->mode == 5) {
+        g->per_sample = numel;
+        return OPQ_OK;
+    }
+    if (r->mode == 3) {
+        if (!g->fill)
+            return OPQ_OK;
+        if (g->xf_used + numel > g->xf_n)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': more float inputs than "
+                                 "measured", g->x->name);
+        memcpy(g->xf + g->xf_used, t->data, sizeof(float) * numel);
+        g->xf_used += numel;
+        return OPQ_OK;
+    }
+    if (r->mode == 1) { // kept until the float pass over the same samples pairs it
+        if (g->xq_n + numel > g->xq_cap) {
+            size_t cap = 2 * (g->xq_n + numel);
+            float *p = realloc(g->xq, sizeof(float) * cap);
+            if (!p)
+                return OPQ_ERR_NOMEM;
+            g->xq     = p;
+            g->xq_cap = cap;
+        }
+        memcpy(g->xq + g->xq_n, t->data, sizeof(float) * numel);
+        g->xq_n += numel;
+        return OPQ_OK;
+    }
+    const float *xq = NULL; // the quantized model's input for the same tokens
+    const float *in = t->data; // the float model's
+    if (r->mode == 4) {
+        if (g->xf_used + numel > g->xf_n)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                                 "quantized model saw different shapes", g->x->name);
+        xq = t->data;
+        in = g->xf + g->xf_used;
+        g->xf_used += numel;
+    } else if (r->mode == 2) {
+        if (g->xq_used + numel > g->xq_n)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                                 "quantized model saw different shapes", g->x->name);
+        xq = g->xq + g->xq_used;
+        g->xq_used += numel;
+    }
     double t0 = opq_now_s();
     size_t rows;
     if (g->kh > 0) { // patches [B, C, H, W] -> rows (b, oy, ox) of (c, ky, kx)
-        if (t->ndim != 4 || t->shape[2] < g->kh || t->shape[3] < g->kw ||
-            t->shape[1] * g->kh * g->kw != g->d)
-            return OPQ_OK;
         int64_t B = t->shape[0], C = t->shape[1], H = t->shape[2], Wd = t->shape[3];
         int64_t oh = (H - g->kh) / g->kh + 1, ow = (Wd - g->kw) / g->kw + 1;
         rows = (size_t)(B * oh * ow);
-        float *cols = malloc(sizeof(float) * rows * (size_t)g->d);
+        float *cols = malloc(sizeof(float) * rows * (size_t)g->d * (xq ? 2 : 1));
         if (!cols)
             return OPQ_ERR_NOMEM;
-        const float *x = t->data;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t oy = 0; oy < oh; oy++)
-                for (int64_t ox = 0; ox < ow; ox++) {
-                    float *row = cols + (size_t)((b * oh + oy) * ow + ox) * (size_t)g->d;
-                    for (int64_t c = 0; c < C; c++)
-                        for (int ky = 0; ky < g->kh; ky++)
-                            memcpy(row + (c * g->kh + ky) * g->kw,
-                                   x + ((b * C + c) * H + oy * g->kh + ky) * Wd + ox * g->kw,
-                                   sizeof(float) * (size_t)g->kw);
-                }
-        opq_erq_stats_add(r->pool, cols, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+        for (int k = 0; k < (xq ? 2 : 1); k++) {
+            const float *x = k == 0 ? in : xq;
+            float *dst = cols + (size_t)k * rows * (size_t)g->d;
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t oy = 0; oy < oh; oy++)
+                    for (int64_t ox = 0; ox < ow; ox++) {
+                        float *row = dst + (size_t)((b * oh + oy) * ow + ox) * (size_t)g->d;
+                        for (int64_t c = 0; c < C; c++)
+                            for (int ky = 0; ky < g->kh; ky++)
+                                memcpy(row + (c * g->kh + ky) * g->kw,
+                                       x + ((b * C + c) * H + oy * g->kh + ky) * Wd + ox * g->kw,
+                                       sizeof(float) * (size_t)g->kw);
+                    }
+        }
+        if (xq) // quantized-model patches regressed onto the float ones
+            opq_erq_stats_add(r->pool, cols + rows * (size_t)g->d, cols, rows, g->d, g->qa,
+                              g->G, g->E, g->F, r->work);
+        else
+            opq_erq_stats_add(r->pool, cols, NULL, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
         free(cols);
     } else {
-        if (t->ndim < 1 || t->shape[t->ndim - 1] != g->d)
-            return OPQ_OK;
         rows = numel / (size_t)g->d;
-        opq_erq_stats_add(r->pool, t->data, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+        if (xq)
+            opq_erq_stats_add(r->pool, xq, in, rows, g->d, g->qa, g->G, g->E, g->F, r->work);
+        else
+            opq_erq_stats_add(r->pool, t->data, NULL, rows, g->d, g->qa, g->G, g->E, g->F,
+                              r->work);
     }
     g->n += (double)rows;
     r->st->t_gram += opq_now_s() - t0;
@@ -951,6 +1028,149 @@ out:
 
 // ---- driver ----------------------------------------------------------------------------------------
 
+// The quantized model's copy of initializer `name` (NULL if it has none of n floats).
+static float *qmodel_data(struct erq_run *r, const char *name, size_t n) {
+    struct opq_value *v = opq_graph_value(r->rc->qmodel->graph, name);
+    size_t m;
+    if (!v || !(v->kind & OPQ_VK_INIT) || v->t.dtype != OPQ_DTYPE_FLOAT || !v->t.data ||
+        !opq_tensor_numel(&v->t, &m) || m != n)
+        return NULL;
+    return v->t.data;
+}
+
+// Every weight of the quantized model to round to nearest on the flow's grids (the layers ERQ
+// changes get their final weights as they are done).
+static enum opq_status qmodel_weights_rtn(struct erq_run *r) {
+    struct opq_refine_ctx *rc = r->rc;
+    for (int t = 0; t < rc->pl->n_targets; t++) {
+        const struct opq_qtarget *tg = &rc->pl->targets[t];
+        size_t n;
+        if (tg->role != OPQ_QROLE_WEIGHT || !opq_tensor_numel(&tg->value->t, &n))
+            continue;
+        float *w = qmodel_data(r, tg->value->name, n);
+        if (!w)
+            return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: weight '%s' is missing from "
+                                 "the quantized model", tg->value->name);
+        int n_ch = rc->n_ch[t], axis = rc->axis[t];
+        size_t inner = 1;
+        for (int d = axis + 1; n_ch > 1 && d < tg->value->t.ndim; d++)
+            inner *= (size_t)tg->value->t.shape[d];
+        for (size_t i = 0; i < n; i++)
+            w[i] = opq_fq(w[i], &rc->qp[t][n_ch > 1 ? i / inner % (size_t)n_ch : 0]);
+    }
+    return OPQ_OK;
+}
+
+// Layer L's final weights (and bias) into the quantized model.
+static enum opq_status qmodel_set(struct erq_run *r, const struct layer *L) {
+    size_t wn = (size_t)L->d_in * (size_t)L->d_out;
+    float *w = qmodel_data(r, L->w->name, wn);
+    float *b = L->bias ? qmodel_data(r, L->bias_name, (size_t)L->d_out) : NULL;
+    if (!w || (L->bias && !b))
+        return opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s' is missing from the "
+                             "quantized model", L->w->name);
+    memcpy(w, L->w_new, sizeof(float) * wn);
+    if (b)
+        memcpy(b, L->b_new, sizeof(float) * (size_t)L->d_out);
+    return OPQ_OK;
+}
+
+// The current pass's statistics with quantized-model inputs: per chunk of calibration samples,
+// the quantized model's inputs of this pass's layers are kept, then the float model's run over
+// the same samples pairs every token with them. A chunk holds at most mem_mb of inputs (whole
+// batches, at least one; the first chunk is one batch and measures their size per sample).
+static enum opq_status stats_paired(struct erq_run *r, const char *const *names, int n_names) {
+    struct opq_refine_ctx *rc = r->rc;
+    int batch = rc->opts->batch > 0 ? rc->opts->batch : 1;
+    double budget = (double)(r->st->opts.mem_mb > 0 ? r->st->opts.mem_mb : 1) * 1048576.0;
+    int chunk = batch; // the first chunk measures the inputs' size per sample
+    enum opq_status st = OPQ_OK;
+    struct group *cur = NULL;
+    for (int gi = 0; gi < r->n_groups; gi++)
+        if (r->groups[gi].pass == r->cur_pass)
+            cur = &r->groups[gi];
+    if (cur && n_names == 1 && cur->per_sample > 0 &&
+        4.0 * (double)cur->per_sample * (double)rc->n_calib <= budget) {
+        if (!cur->xf) { // one float run keeps this input and the next ones that fit with it
+            double used = 0.0;
+            const char **fill = malloc(sizeof(*fill) * ((size_t)r->n_groups + 1));
+            if (!fill)
+                return OPQ_ERR_NOMEM;
+            int n_fill = 0;
+            for (int p = r->cur_pass; p < r->n_groups; p++) {
+                struct group *g = NULL;
+                for (int gi = 0; gi < r->n_groups; gi++)
+                    if (r->groups[gi].pass == p)
+                        g = &r->groups[gi];
+                double b = 4.0 * (double)g->per_sample * (double)rc->n_calib;
+                if (g->per_sample == 0 || used + b > budget)
+                    break;
+                g->xf_n = g->per_sample * (size_t)rc->n_calib;
+                g->xf   = malloc(sizeof(float) * g->xf_n);
+                if (!g->xf) {
+                    free(fill);
+                    return OPQ_ERR_NOMEM;
+                }
+                g->xf_used = 0;
+                g->fill = true;
+                fill[n_fill++] = g->x->name;
+                used += b;
+            }
+            r->mode = 3;
+            st = opq_calib_stream(r->ctx, rc->model, rc->src, 0, rc->n_calib, batch, fill,
+                                  n_fill, stats_capture, r, NULL);
+            for (int gi = 0; gi < r->n_groups; gi++) {
+                struct group *g = &r->groups[gi];
+                if (g->fill && st == OPQ_OK && g->xf_used != g->xf_n)
+                    st = opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': fewer float "
+                                       "inputs than measured", g->x->name);
+                g->fill    = false;
+                g->xf_used = 0;
+            }
+            free(fill);
+        }
+        r->mode = 4;
+        if (st == OPQ_OK)
+            st = opq_calib_stream(r->ctx, rc->qmodel, rc->src, 0, rc->n_calib, batch, names,
+                                  n_names, stats_capture, r, "erq statistics");
+        if (st == OPQ_OK && cur->xf_used != cur->xf_n)
+            st = opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                               "quantized model saw different shapes", cur->x->name);
+        free(cur->xf);
+        cur->xf = NULL;
+        r->mode = 0;
+        return st;
+    }
+    for (int first = 0; first < rc->n_calib && st == OPQ_OK; first += chunk) {
+        if (first > 0) {
+            double floats = 0.0;
+            for (int gi = 0; gi < r->n_groups; gi++)
+                floats += (double)r->groups[gi].xq_n;
+            floats /= (double)chunk;
+            chunk = floats > 0.0 ? (int)fmin(budget / (4.0 * floats), (double)rc->n_calib) : batch;
+            chunk = chunk < batch ? batch : chunk / batch * batch;
+        }
+        int n = rc->n_calib - first < chunk ? rc->n_calib - first : chunk;
+        for (int gi = 0; gi < r->n_groups; gi++)
+            r->groups[gi].xq_n = r->groups[gi].xq_used = 0;
+        r->mode = 1;
+        st = opq_calib_stream(r->ctx, rc->qmodel, rc->src, first, n, batch, names, n_names,
+                              stats_capture, r, NULL);
+        r->mode = 2;
+        if (st == OPQ_OK)
+            st = opq_calib_stream(r->ctx, rc->model, rc->src, first, n, batch, names, n_names,
+                                  stats_capture, r, NULL);
+        for (int gi = 0; st == OPQ_OK && gi < r->n_groups; gi++)
+            if (r->groups[gi].pass == r->cur_pass && r->groups[gi].xq_used != r->groups[gi].xq_n)
+                st = opq_set_error(r->ctx, OPQ_ERR_INTERNAL, "erq: '%s': the float and the "
+                                   "quantized model saw different shapes",
+                                   r->groups[gi].x->name);
+        opq_progress(r->ctx, "erq statistics", first + n, rc->n_calib);
+    }
+    r->mode = 0;
+    return st;
+}
+
 enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
     struct opq_erq_state *s = user;
     struct erq_run r = {.ctx = rc->ctx, .rc = rc, .st = s};
@@ -963,7 +1183,7 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
     names     = calloc((size_t)r.n_groups + 1, sizeof(*names));
     size_t wmax = 1;
     for (int gi = 0; gi < r.n_groups; gi++) {
-        size_t w = opq_erq_stats_work(r.groups[gi].d, r.groups[gi].qa);
+        size_t w = opq_erq_stats_work(r.groups[gi].d, r.groups[gi].qa, rc->qmodel != NULL);
         wmax = w > wmax ? w : wmax;
     }
     r.work = malloc(sizeof(float) * wmax);
@@ -975,11 +1195,44 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
         st = OPQ_ERR_NOMEM;
         goto out;
     }
-    // Passes over the calibration data, each holding at most mem_mb of statistics.
+    // Passes over the calibration data, each holding at most mem_mb of statistics. With the
+    // quantized model's inputs, one pass per input in graph order, each after the layers
+    // before it have their final weights in the quantized model.
     double budget = (double)(s->opts.mem_mb > 0 ? s->opts.mem_mb : 1) * 1048576.0;
     int n_pass = 0;
     double used = 0.0;
-    for (int gi = 0; gi < r.n_groups; gi++) {
+    if (rc->qmodel) {
+        if ((st = qmodel_weights_rtn(&r)) != OPQ_OK)
+            goto out;
+        for (int gi = 0; gi < r.n_groups; gi++)
+            names[gi] = r.groups[gi].x->name;
+        r.mode = 5; // every input's floats per sample, from one sample
+        st = opq_calib_stream(r.ctx, rc->model, rc->src, 0, 1, 1, names, r.n_groups,
+                              stats_capture, &r, NULL);
+        r.mode = 0;
+        if (st != OPQ_OK)
+            goto out;
+        int *order = malloc(sizeof(int) * ((size_t)r.n_groups + 1));
+        if (!order) {
+            st = OPQ_ERR_NOMEM;
+            goto out;
+        }
+        for (int gi = 0; gi < r.n_groups; gi++)
+            order[gi] = INT_MAX;
+        for (int li = 0; li < r.n_layers; li++) {
+            int *o = &order[r.layers[li].group];
+            *o = r.layers[li].node->index < *o ? r.layers[li].node->index : *o;
+        }
+        for (int gi = 0; gi < r.n_groups; gi++) { // rank by first reader (indices are distinct)
+            int rank = 0;
+            for (int gj = 0; gj < r.n_groups; gj++)
+                rank += order[gj] < order[gi];
+            r.groups[gi].pass = rank;
+        }
+        free(order);
+        n_pass = r.n_groups;
+    }
+    for (int gi = 0; gi < r.n_groups && !rc->qmodel; gi++) {
         double b = 3.0 * 8.0 * (double)(r.groups[gi].d + 1) * (double)(r.groups[gi].d + 1);
         if (gi == 0 || used + b > budget) {
             n_pass++;
@@ -1009,8 +1262,11 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
             names[n_names++] = g->x->name;
         }
         r.cur_pass = pass;
-        st = opq_calib_stream(r.ctx, rc->model, rc->src, 0, rc->n_calib, rc->opts->batch, names,
-                              n_names, stats_capture, &r, "erq statistics");
+        if (rc->qmodel)
+            st = stats_paired(&r, names, n_names);
+        else
+            st = opq_calib_stream(r.ctx, rc->model, rc->src, 0, rc->n_calib, rc->opts->batch,
+                                  names, n_names, stats_capture, &r, "erq statistics");
         if (st != OPQ_OK)
             goto out;
         for (int gi = 0; gi < r.n_groups; gi++) {
@@ -1039,6 +1295,10 @@ enum opq_status opq_erq_refine(void *user, struct opq_refine_ctx *rc) {
                 goto out;
             }
             opq_progress(r.ctx, "erq layers", ++n_done, r.n_layers);
+            if (rc->qmodel && (st = qmodel_set(&r, L)) != OPQ_OK) {
+                opq_erq_la_threads(1);
+                goto out;
+            }
         }
         opq_erq_la_threads(1);
         for (int gi = 0; gi < r.n_groups; gi++) {
@@ -1079,6 +1339,8 @@ out:
         }
     if (r.groups)
         for (int gi = 0; gi < r.n_groups; gi++) {
+            free(r.groups[gi].xq);
+            free(r.groups[gi].xf);
             free(r.groups[gi].G);
             free(r.groups[gi].E);
             free(r.groups[gi].F);

@@ -21,8 +21,20 @@
  *    still-float columns and the bias absorb the error by ridge regression:
  *        d_R^T = -(G_RR + l2 I)^-1 G_RS d_S^T.
  * Quantized weights are left exactly on their grid, so the encoder keeps the chosen codes.
+ * Inputs (opts.qinputs, the default): the paper takes every layer's x from the float model, so
+ * each layer corrects only its own input quantizer. Here x^ = the layer's input in the quantized
+ * model (activations fake-quantized, the layers before it with their final ERQ weights, the
+ * others round to nearest), and xq~ = [Q_a(x^); 1] is regressed onto the float model's x~ in G,
+ * E and F, so Aqer and Wqer also absorb the error the layers before it leave (GPTQ-style
+ * sequential statistics; one calibration pass per layer input, in graph order). Taking x^ from
+ * the round-to-nearest model for every layer at once instead counts the upstream error twice
+ * (the upstream layers correct it themselves) and measured far worse (swin_tiny W4A4 77.35). On
+ * swin_tiny at W3A4 the paper's float inputs made ERQ end to end worse than round to nearest
+ * (logits KL 0.039 against 0.025 without reparameterization) although every layer's own error
+ * fell: the patch embedding's and earlier layers' errors are as large as a layer's own there.
  * Errors reported per layer are relative output errors sum ||Theta' xq~ - Theta x~||^2 /
- * sum ||Theta x~||^2 on the calibration set, computed from the same statistics. */
+ * sum ||Theta x~||^2 on the calibration set, computed from the same statistics (so with
+ * qinputs, "before" includes the upstream error). */
 #ifndef OPQ_ERQ_H
 #define OPQ_ERQ_H
 
@@ -47,6 +59,7 @@ struct opq_erq_opts {
     int    ri;           // reparameterization initialization: 1 on (default), 0 off, -1 auto
     bool   aqer, wqer;   // the two stages (both on; off for ablations)
     int    mem_mb;       // Gram statistics held per calibration pass (MiB, default 512)
+    bool   qinputs;      // statistics on the quantized model's inputs (default; see top)
 };
 
 void opq_erq_opts_default(struct opq_erq_opts *o);
@@ -119,10 +132,10 @@ double opq_erq_refine_row(const double *H, int k, double *delta, const double *e
 // for any thread count. work: opq_erq_stats_work(d, qa) floats.
 struct opq_threadpool;
 int opq_erq_stats_block(const struct opq_qparams *qa);
-size_t opq_erq_stats_work(int d, const struct opq_qparams *qa);
-void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, size_t rows, int d,
-                       const struct opq_qparams *qa, double *G, double *E, double *F,
-                       float *work);
+size_t opq_erq_stats_work(int d, const struct opq_qparams *qa, bool paired);
+void opq_erq_stats_add(struct opq_threadpool *pool, const float *x, const float *xref,
+                       size_t rows, int d, const struct opq_qparams *qa, double *G, double *E,
+                       double *F, float *work);
 
 // Dual uniform quantization's outlier columns of a weight Theta (d_out x ld row-major, first
 // d_in columns): per row the entries above the 99th percentile of its positive entries or below

@@ -254,8 +254,8 @@ static void test_duq_encoding_executes(void **state) {
 
 // Reference statistics in double, token by token: Q_a(x) = (code - z) * scale formed in double
 // (opq_fq's float product differs from it by a float rounding), the error x - opq_fq(x).
-static void stats_ref(const float *x, int rows, int d, const struct opq_qparams *qa, double *G,
-                      double *E, double *F) {
+static void stats_ref(const float *x, const float *xref, int rows, int d,
+                      const struct opq_qparams *qa, double *G, double *E, double *F) {
     int P = d + 1;
     double *q = malloc(sizeof(double) * (size_t)P), *e = malloc(sizeof(double) * (size_t)P);
     for (int n = 0; n < rows; n++) {
@@ -264,7 +264,7 @@ static void stats_ref(const float *x, int rows, int d, const struct opq_qparams 
             q[j] = qa ? (double)(opq_quantize1(x[n * d + j], qa) - qa->zero_point) *
                             (double)qa->scale
                       : (double)v;
-            e[j] = (double)x[n * d + j] - (double)v;
+            e[j] = (double)(xref ? xref : x)[n * d + j] - (double)v;
         }
         q[d] = 1.0;
         e[d] = 0.0;
@@ -302,11 +302,11 @@ static void test_stats_match_double(void **state) {
         double *G = calloc(PP, sizeof(double)), *E = calloc(PP, sizeof(double));
         double *F = calloc(PP, sizeof(double)), *Gr = calloc(PP, sizeof(double));
         double *Er = calloc(PP, sizeof(double)), *Fr = calloc(PP, sizeof(double));
-        float *work = malloc(sizeof(float) * opq_erq_stats_work(D, qs[t]));
+        float *work = malloc(sizeof(float) * opq_erq_stats_work(D, qs[t], false));
         // Two calls, as two batches arrive.
-        opq_erq_stats_add(NULL, x, 700, D, qs[t], G, E, F, work);
-        opq_erq_stats_add(NULL, x + 700 * D, ROWS - 700, D, qs[t], G, E, F, work);
-        stats_ref(x, ROWS, D, qs[t], Gr, Er, Fr);
+        opq_erq_stats_add(NULL, x, NULL, 700, D, qs[t], G, E, F, work);
+        opq_erq_stats_add(NULL, x + 700 * D, NULL, ROWS - 700, D, qs[t], G, E, F, work);
+        stats_ref(x, NULL, ROWS, D, qs[t], Gr, Er, Fr);
         double gmax = 0.0, emax = 0.0, fmax_ = 0.0;
         for (int a = 0; a < P; a++)
             for (int b = 0; b < P; b++) {
@@ -339,9 +339,87 @@ static void test_stats_match_double(void **state) {
     free(x);
 }
 
+// Paired statistics (the quantized model's inputs x regressed onto the float ones xref): G from
+// x alone, E = sum xq~ (xref~ - xq~)^T and F from xref - Q_a(x), quantized or not; with xref = x
+// they are the unpaired statistics.
+static void test_stats_paired(void **state) {
+    (void)state;
+    enum { D = 12, ROWS = 1500 };
+    int P = D + 1;
+    size_t PP = (size_t)P * (size_t)P;
+    float *x = malloc(sizeof(float) * ROWS * D), *xr = malloc(sizeof(float) * ROWS * D);
+    uint64_t seed = 5;
+    for (int i = 0; i < ROWS * D; i++) {
+        xr[i] = (float)(2.0 * urand(&seed));
+        x[i]  = xr[i] + (float)(0.3 * urand(&seed) + (i % D == 2 ? 0.5 : 0.0)); // upstream error
+    }
+    struct opq_qparams q4 = {.scale = 0.41f, .zero_point = 6, .qmin = 0, .qmax = 15};
+    const struct opq_qparams *qs[2] = {&q4, NULL};
+    for (int t = 0; t < 2; t++) {
+        double *G = calloc(PP, sizeof(double)), *E = calloc(PP, sizeof(double));
+        double *F = calloc(PP, sizeof(double)), *Gr = calloc(PP, sizeof(double));
+        double *Er = calloc(PP, sizeof(double)), *Fr = calloc(PP, sizeof(double));
+        double *G1 = calloc(PP, sizeof(double)), *E1 = calloc(PP, sizeof(double));
+        double *F1 = calloc(PP, sizeof(double)), *G2 = calloc(PP, sizeof(double));
+        double *E2 = calloc(PP, sizeof(double)), *F2 = calloc(PP, sizeof(double));
+        float *work = malloc(sizeof(float) * opq_erq_stats_work(D, qs[t], true));
+        opq_erq_stats_add(NULL, x, xr, 600, D, qs[t], G, E, F, work);
+        opq_erq_stats_add(NULL, x + 600 * D, xr + 600 * D, ROWS - 600, D, qs[t], G, E, F, work);
+        stats_ref(x, xr, ROWS, D, qs[t], Gr, Er, Fr);
+        double gmax = 0.0, emax = 0.0, fmax_ = 0.0;
+        for (size_t i = 0; i < PP; i++) {
+            gmax  = fmax(gmax, fabs(Gr[i]));
+            emax  = fmax(emax, fabs(Er[i]));
+            fmax_ = fmax(fmax_, fabs(Fr[i]));
+        }
+        assert_true(emax > 0.0 && fmax_ > 0.0);
+        for (int a = 0; a < P; a++)
+            for (int b = 0; b < P; b++) {
+                size_t i = (size_t)a * (size_t)P + (size_t)b;
+                if (b >= a) {
+                    assert_true(fabs(G[i] - Gr[i]) <= (qs[t] ? 1e-12 : 1e-5) * gmax);
+                    assert_true(fabs(F[i] - Fr[i]) <= 1e-5 * fmax_);
+                }
+                assert_true(fabs(E[i] - Er[i]) <= 1e-5 * emax);
+            }
+        // The column of the ones in E: sum (xref - Q_a(x)), the mean shift the bias absorbs.
+        double shift = 0.0;
+        for (int n = 0; n < ROWS; n++)
+            shift += (double)xr[n * D + 2] - (double)(qs[t] ? opq_fq(x[n * D + 2], qs[t])
+                                                             : x[n * D + 2]);
+        assert_true(fabs(E[(size_t)D * (size_t)P + 2] - shift) <= 1e-4 * fabs(shift));
+        assert_true(shift < -0.4 * ROWS);
+        // xref = x: the unpaired statistics (quantized input), or nothing to regress (float).
+        opq_erq_stats_add(NULL, x, x, ROWS, D, qs[t], G1, E1, F1, work);
+        opq_erq_stats_add(NULL, x, NULL, ROWS, D, qs[t], G2, E2, F2, work);
+        for (size_t i = 0; i < PP; i++) {
+            assert_true(fabs(G1[i] - G2[i]) <= 1e-12 * gmax);
+            assert_true(fabs(E1[i] - E2[i]) <= 1e-9 * emax);
+            if (!qs[t])
+                assert_true(E1[i] == 0.0 && F1[i] == 0.0);
+        }
+        free(G);
+        free(E);
+        free(F);
+        free(Gr);
+        free(Er);
+        free(Fr);
+        free(G1);
+        free(E1);
+        free(F1);
+        free(G2);
+        free(E2);
+        free(F2);
+        free(work);
+    }
+    free(x);
+    free(xr);
+}
+
 // ERQ (W4A4, DUQ, refinement) on the vit_tiny fixture: 1 and 2 threads (statistics, refinement
 // and grid fits split over the pool) serialize to the same bytes.
-static void erq_fixture(int threads, void **buf, size_t *len, struct opq_erq_state *s) {
+static void erq_fixture(int threads, bool qinputs, void **buf, size_t *len,
+                        struct opq_erq_state *s) {
     struct opq_ctx *ctx = opq_ctx_new();
     opq_ctx_set_threads(ctx, threads);
     struct opq_model *m = NULL;
@@ -357,6 +435,8 @@ static void erq_fixture(int threads, void **buf, size_t *len, struct opq_erq_sta
     o.holdout = 0;
     o.batch = 8;
     opq_erq_opts_default(&s->opts);
+    s->opts.qinputs = qinputs;
+    o.refine_qmodel = qinputs;
     o.reparam = 1;
     o.reparam_alpha = 1.0f;
     o.refine = opq_erq_refine;
@@ -382,8 +462,8 @@ static void test_threads_byte_identical(void **state) {
     struct opq_erq_state s1 = {0}, s2 = {0};
     void *b1, *b2;
     size_t l1, l2;
-    erq_fixture(1, &b1, &l1, &s1);
-    erq_fixture(2, &b2, &l2, &s2);
+    erq_fixture(1, false, &b1, &l1, &s1);
+    erq_fixture(2, false, &b2, &l2, &s2);
     assert_true(s1.n_layers > 0 && s1.n_layers == s2.n_layers);
     long flips = 0;
     for (int i = 0; i < s1.n_layers; i++) {
@@ -400,6 +480,39 @@ static void test_threads_byte_identical(void **state) {
     free(b2);
     opq_erq_state_free(&s1);
     opq_erq_state_free(&s2);
+}
+
+// Statistics on the quantized model's inputs, one layer input after another: byte-identical for
+// 1 and 2 threads; every layer still ends below round to nearest on the same statistics; the
+// later layers see the upstream error (their error before Aqer is above the float-input run's)
+// and the output differs from the float-input run's.
+static void test_qinputs(void **state) {
+    (void)state;
+    if (access(OPQ_SOURCE_DIR "/fixtures/models/vit_tiny_op17.onnx", R_OK) != 0)
+        skip();
+    struct opq_erq_state s1 = {0}, s2 = {0}, sf = {0};
+    void *b1, *b2, *bf;
+    size_t l1, l2, lf;
+    erq_fixture(1, true, &b1, &l1, &s1);
+    erq_fixture(2, true, &b2, &l2, &s2);
+    erq_fixture(1, false, &bf, &lf, &sf);
+    assert_true(s1.n_layers > 4 && s1.n_layers == sf.n_layers);
+    int later_worse = 0;
+    for (int i = 0; i < s1.n_layers; i++) {
+        assert_string_equal(s1.layers[i].name, sf.layers[i].name);
+        assert_true(s1.layers[i].err_wqer < s1.layers[i].err_rtn);
+        later_worse += s1.layers[i].err_before > sf.layers[i].err_before;
+    }
+    assert_true(later_worse >= s1.n_layers / 2);
+    assert_int_equal(l1, l2);
+    assert_memory_equal(b1, b2, l1);
+    assert_true(l1 != lf || memcmp(b1, bf, l1) != 0);
+    free(b1);
+    free(b2);
+    free(bf);
+    opq_erq_state_free(&s1);
+    opq_erq_state_free(&s2);
+    opq_erq_state_free(&sf);
 }
 
 // The patch convolution goes through ERQ as the linear layer of its im2col patches: a Conv
@@ -514,7 +627,9 @@ int main(void) {
         cmocka_unit_test(test_on_grid_keeps_codes),
         cmocka_unit_test(test_duq_encoding_executes),
         cmocka_unit_test(test_stats_match_double),
+        cmocka_unit_test(test_stats_paired),
         cmocka_unit_test(test_threads_byte_identical),
+        cmocka_unit_test(test_qinputs),
         cmocka_unit_test(test_patch_conv_as_linear),
     };
     return cmocka_run_group_tests_name("erq", tests, NULL, NULL);

@@ -58,6 +58,10 @@ const char cli_quant_usage[] =
     "                      with alpha 1 (default on); flow: as --reparam / --reparam-alpha\n"
     "  --erq-aqer on|off --erq-wqer on|off   the two stages (default on; ablations)\n"
     "  --erq-mem MB        statistics held per calibration pass (default 512)\n"
+    "  --erq-inputs quant|float  each layer's statistics from the quantized model's inputs\n"
+    "                      (activations quantized, the layers before it already done;\n"
+    "                      one calibration pass per layer input), regressed onto the float\n"
+    "                      model's, or from the float model's alone (default quant)\n"
     ;
 const char cli_recon_usage[] =
     "block reconstruction (--method aphq: AdaRound weights; --method flexround: FlexRound):\n"
@@ -271,6 +275,13 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
             q->erq.ri = -1;
         else
             return bad(opt, val, "on, off or flow");
+    } else if (strcmp(opt, "--erq-inputs") == 0) {
+        if (strcmp(val, "float") == 0)
+            q->erq.qinputs = false;
+        else if (strcmp(val, "quant") == 0)
+            q->erq.qinputs = true;
+        else
+            return bad(opt, val, "float or quant");
     } else if (strcmp(opt, "--mr-iters") == 0) {
         if (!parse_int(val, 1, 100000000, &n))
             return bad(opt, val, "a positive count");
@@ -322,7 +333,7 @@ bool cli_quant_takes_value(const char *opt) {
         "--exclude", "--keep-float", "--target", "--reparam", "--reparam-alpha", "--report",
         "--defer-softmax",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
-        "--erq-wqer", "--erq-mem", "--recon-iters", "--recon-batch", "--recon-loss",
+        "--erq-wqer", "--erq-mem", "--erq-inputs", "--recon-iters", "--recon-batch", "--recon-loss",
         "--recon-qdrop", "--flexround-lr", "--mr-iters", "--mr-lr", "--time-budget",
         "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)

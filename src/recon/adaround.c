@@ -41,7 +41,7 @@ void opq_recon_opts_default(struct opq_recon_opts *o) {
     o->qdrop = true;
     o->drop_prob = 0.5f;
     o->temp = 20.0f;
-    o->aph_floor = 0.3f;
+    o->aph_floor = 0.0f;
     o->reg_weight = 0.01f;
     o->warmup = 0.2f;
     o->beta_start = 20.0f;

@@ -66,7 +66,7 @@ struct opq_recon_opts {
     float drop_prob;  // probability that an element stays quantized (0.5)
     float temp;       // KL temperature of APH / Fisher (20)
     float aph_floor;  // APH loss: every output weight gets aph_floor x the unit's mean weight
-                      // added (0.3; 0: the plain APH), see opq_recon_aph_floor
+                      // added (0: the plain APH, the default), see opq_recon_aph_floor
     float reg_weight; // AdaRound regularizer weight (0.01)
     float warmup;     // fraction of iterations without the regularizer (0.2)
     float beta_start; // regularizer exponent schedule (20 -> 2)

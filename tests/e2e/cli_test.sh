@@ -424,7 +424,9 @@ case_aphq() {
     run 0 "$vit" c.onnx "${args[@]}" --adaround-lr 0.01
     ! cmp -s a.onnx c.onnx || fail "--adaround-lr 0.01 gave the default's bytes"
     run 0 "$vit" e.onnx "${args[@]}" --recon-aph-floor 0
-    ! cmp -s a.onnx e.onnx || fail "--recon-aph-floor 0 gave the default's bytes"
+    cmp -s a.onnx e.onnx || fail "--recon-aph-floor 0 (the default) gave different bytes"
+    run 0 "$vit" f.onnx "${args[@]}" --recon-aph-floor 0.3
+    ! cmp -s a.onnx f.onnx || fail "--recon-aph-floor 0.3 gave the default's bytes"
     run 1 "$vit" d.onnx "${args[@]}" --recon-aph-floor -1
     expect_one_error_line "--recon-aph-floor"
     run 1 "$vit" d.onnx "${args[@]}" --adaround-lr 0

@@ -66,7 +66,7 @@ const char cli_recon_usage[] =
     "  --recon-loss aph|mse|fisher   output weighting of the unit loss (default aph)\n"
     "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
     "  --recon-aph-floor F every APH output weight of a unit gets F x their mean added, so\n"
-    "                      outputs the head does not read still count (default 0.3; 0: plain)\n"
+    "                      outputs the head does not read still count (default 0: plain APH)\n"
     "  --adaround-lr LR    Adam learning rate of AdaRound's rounding variables (default\n"
     "                      0.001)\n"
     "  --flexround-lr LR   Adam learning rate of FlexRound's log grid and divisors, decayed\n"

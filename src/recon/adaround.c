@@ -41,6 +41,7 @@ void opq_recon_opts_default(struct opq_recon_opts *o) {
     o->qdrop = true;
     o->drop_prob = 0.5f;
     o->temp = 20.0f;
+    o->aph_floor = 0.0f;
     o->reg_weight = 0.01f;
     o->warmup = 0.2f;
     o->beta_start = 20.0f;
@@ -48,6 +49,17 @@ void opq_recon_opts_default(struct opq_recon_opts *o) {
     o->lr_round = 1e-3f;
     o->lr_flex = 1e-3f;
     o->lr_act = 4e-5f;
+}
+
+void opq_recon_aph_floor(float *h, size_t n, float factor) {
+    if (n == 0 || factor == 0.0f)
+        return;
+    double m = 0.0;
+    for (size_t i = 0; i < n; i++)
+        m += (double)h[i];
+    m /= (double)n;
+    for (size_t i = 0; i < n; i++)
+        h[i] = (float)((double)h[i] + (double)factor * m);
 }
 
 float opq_adaround_h(float alpha, float *dh) {

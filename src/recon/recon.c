@@ -1214,6 +1214,7 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
         return fisher_weights(e, U, d);
     if (e->aph && e->aph[U - e->units]) {
         memcpy(d->hw, e->aph[U - e->units], sizeof(float) * n);
+        opq_recon_aph_floor(d->hw, n, e->o->aph_floor);
         return OPQ_OK;
     }
     double *h = malloc(sizeof(double) * d->per_out);
@@ -1232,6 +1233,8 @@ static enum opq_status output_weights(struct eng *e, struct unit *U, struct unit
     aph_exec_free(e); // planned again for the next unit: training does not hold its tape memory
     for (size_t i = 0; st == OPQ_OK && i < d->per_out; i++)
         d->hw[i] = (float)h[i];
+    if (st == OPQ_OK)
+        opq_recon_aph_floor(d->hw, n, e->o->aph_floor);
     free(h);
     return st;
 }
@@ -1593,8 +1596,8 @@ static uint64_t fingerprint(const struct eng *e) {
         e->g->n_nodes,    e->rc->pl->n_targets, e->N,       e->B, o->iters, o->loss, o->qdrop,
         q ? q->wbits : 0, q ? q->abits : 0,     o->rounding};
     h = fnv(h, ints, sizeof(ints));
-    float fl[] = {o->drop_prob, o->temp,     o->reg_weight, o->warmup, o->beta_start,
-                  o->beta_end,  o->lr_round, o->lr_act,     o->lr_flex};
+    float fl[] = {o->drop_prob, o->temp,   o->reg_weight, o->warmup,  o->beta_start,
+                  o->beta_end,  o->lr_round, o->lr_act,   o->lr_flex, o->aph_floor};
     h = fnv(h, fl, sizeof(fl));
     h = fnv(h, &o->seed, sizeof(o->seed));
     size_t layout = sizeof(struct opq_recon_unit_report);

@@ -65,6 +65,8 @@ struct opq_recon_opts {
     bool qdrop;       // QDrop input mixing + quantizer dropping (else quantized)
     float drop_prob;  // probability that an element stays quantized (0.5)
     float temp;       // KL temperature of APH / Fisher (20)
+    float aph_floor;  // APH loss: every output weight gets aph_floor x the unit's mean weight
+                      // added (0: the plain APH, the default), see opq_recon_aph_floor
     float reg_weight; // AdaRound regularizer weight (0.01)
     float warmup;     // fraction of iterations without the regularizer (0.2)
     float beta_start; // regularizer exponent schedule (20 -> 2)
@@ -150,6 +152,12 @@ void opq_flexround_backward(const struct opq_flexround *f, const struct opq_qpar
 
 // One Adam step (beta1 0.9, beta2 0.999, eps 1e-8) on n parameters; t >= 1 is the step number.
 void opq_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, int t);
+
+// h[i] += factor * mean(h) over the n weights of a unit's output (the mean summed in double, in
+// order). The APH of the last transformer block is zero wherever the head does not read (every
+// token but the class token of a ViT), so its loss would constrain the block's rounding with
+// one token per sample; the added floor keeps every output element in the loss, weighted down.
+void opq_recon_aph_floor(float *h, size_t n, float factor);
 
 #define OPQ_RECON_APH_MAX_EXACT 64
 

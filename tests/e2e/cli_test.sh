@@ -410,6 +410,30 @@ PYEOF
     fi
 }
 
+# --method aphq (few iterations, random calibration data): deterministic, --adaround-lr and
+# --recon-aph-floor reach the engine (other values give other codes), bad values are one usage
+# error each.
+case_aphq() {
+    local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx
+    [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
+    local args=(--calib random --calib-count 24 --batch 8 --recon-batch 8 --recon-iters 20
+                --wbits 4 --abits 4 --method aphq --threads 1 -q)
+    run 0 "$vit" a.onnx "${args[@]}"
+    run 0 "$vit" b.onnx "${args[@]}" --adaround-lr 0.001
+    cmp -s a.onnx b.onnx || fail "--adaround-lr 0.001 (the default) gave different bytes"
+    run 0 "$vit" c.onnx "${args[@]}" --adaround-lr 0.01
+    ! cmp -s a.onnx c.onnx || fail "--adaround-lr 0.01 gave the default's bytes"
+    run 0 "$vit" e.onnx "${args[@]}" --recon-aph-floor 0
+    cmp -s a.onnx e.onnx || fail "--recon-aph-floor 0 (the default) gave different bytes"
+    run 0 "$vit" f.onnx "${args[@]}" --recon-aph-floor 0.3
+    ! cmp -s a.onnx f.onnx || fail "--recon-aph-floor 0.3 gave the default's bytes"
+    run 1 "$vit" d.onnx "${args[@]}" --recon-aph-floor -1
+    expect_one_error_line "--recon-aph-floor"
+    run 1 "$vit" d.onnx "${args[@]}" --adaround-lr 0
+    expect_one_error_line "--adaround-lr"
+    [ ! -e d.onnx ] || fail "an output was written after an error"
+}
+
 # --mlp-recon: GELU -> ReLU, every MLP retrained (its loss goes down), deterministic, no Erf left.
 case_mlp_recon() {
     local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx

@@ -274,6 +274,24 @@ static void kl_grad(struct opq_exec *ex, const float *O, int B, double T, const 
     memcpy(g, grad.data, sizeof(float) * (size_t)B * 6);
 }
 
+// The APH floor: every weight gets factor x the mean added (zeros too), 0 changes nothing, and
+// the default is the plain APH.
+static void test_aph_floor(void **state) {
+    (void)state;
+    float h[4] = {0.0f, 0.0f, 2.0f, 6.0f}; // mean 2
+    opq_recon_aph_floor(h, 4, 0.5f);
+    assert_true(h[0] == 1.0f && h[1] == 1.0f && h[2] == 3.0f && h[3] == 7.0f);
+    opq_recon_aph_floor(h, 4, 0.0f);
+    assert_true(h[0] == 1.0f && h[1] == 1.0f && h[2] == 3.0f && h[3] == 7.0f);
+    float z[3] = {0.0f, 0.0f, 0.0f}; // nothing to scale: stays zero
+    opq_recon_aph_floor(z, 3, 0.3f);
+    assert_true(z[0] == 0.0f && z[1] == 0.0f && z[2] == 0.0f);
+    opq_recon_aph_floor(NULL, 0, 0.3f);
+    struct opq_recon_opts o;
+    opq_recon_opts_default(&o);
+    assert_true(o.aph_floor == 0.0f);
+}
+
 static void test_aph_vs_finite_differences(void **state) {
     (void)state;
     const int B = 4, n = 8;
@@ -645,6 +663,7 @@ int main(void) {
         cmocka_unit_test(test_adaround),
         cmocka_unit_test(test_flexround_gradients),
         cmocka_unit_test(test_adam),
+        cmocka_unit_test(test_aph_floor),
         cmocka_unit_test(test_aph_vs_finite_differences),
         cmocka_unit_test(test_aph_many_matches_single),
         cmocka_unit_test(test_reconstruction_lowers_error),

@@ -69,6 +69,10 @@ const char cli_recon_usage[] =
     "  --recon-batch B     samples per iteration (default 32)\n"
     "  --recon-loss aph|mse|fisher   output weighting of the unit loss (default aph)\n"
     "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
+    "  --recon-aph-floor F every APH output weight of a unit gets F x their mean added, so\n"
+    "                      outputs the head does not read still count (default 0: plain APH)\n"
+    "  --adaround-lr LR    Adam learning rate of AdaRound's rounding variables (default\n"
+    "                      0.001)\n"
     "  --flexround-lr LR   Adam learning rate of FlexRound's log grid and divisors, decayed\n"
     "                      to 0 along a cosine over each unit (default 0.001)\n"
     "  --time-budget MIN   minutes for the whole run from loading the model: each unit gets\n"
@@ -306,6 +310,14 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (strcmp(val, "on") && strcmp(val, "off"))
             return bad(opt, val, "on or off");
         q->recon.qdrop = strcmp(val, "on") == 0;
+    } else if (strcmp(opt, "--recon-aph-floor") == 0) {
+        if (!parse_float(val, 0.0, 1e6, &d))
+            return bad(opt, val, "a non-negative factor");
+        q->recon.aph_floor = (float)d;
+    } else if (strcmp(opt, "--adaround-lr") == 0) {
+        if (!parse_float(val, 1e-9, 1.0, &d))
+            return bad(opt, val, "a learning rate in (0, 1]");
+        q->recon.lr_round = (float)d;
     } else if (strcmp(opt, "--flexround-lr") == 0) {
         if (!parse_float(val, 1e-9, 1.0, &d))
             return bad(opt, val, "a learning rate in (0, 1]");
@@ -334,7 +346,8 @@ bool cli_quant_takes_value(const char *opt) {
         "--defer-softmax",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
         "--erq-wqer", "--erq-mem", "--erq-inputs", "--recon-iters", "--recon-batch", "--recon-loss",
-        "--recon-qdrop", "--flexround-lr", "--mr-iters", "--mr-lr", "--time-budget",
+        "--recon-qdrop", "--recon-aph-floor", "--adaround-lr", "--flexround-lr", "--mr-iters",
+        "--mr-lr", "--time-budget",
         "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(opt, names[i]) == 0)

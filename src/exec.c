@@ -971,8 +971,29 @@ enum opq_status opq_exec_run_range(struct opq_exec *e, int first, int last,
     return st;
 }
 
+static enum opq_status run_graph(struct opq_exec *e, const struct opq_named_tensor *inputs,
+                                 int n_inputs, struct opq_tensor *outputs, int n_outputs,
+                                 int last);
+
 enum opq_status opq_exec_run(struct opq_exec *e, const struct opq_named_tensor *inputs,
                              int n_inputs, struct opq_tensor *outputs, int n_outputs) {
+    return run_graph(e, inputs, n_inputs, outputs, n_outputs, e->g->n_nodes - 1);
+}
+
+enum opq_status opq_exec_run_captured(struct opq_exec *e, const struct opq_named_tensor *inputs,
+                                      int n_inputs) {
+    // nodes are in topological order: every ancestor of a captured value comes before the last
+    // node producing one
+    int last = e->cap_fn && !e->cap_all ? -1 : e->g->n_nodes - 1;
+    for (int i = 0; last < e->g->n_nodes - 1 && i < e->n_slots; i++)
+        if (e->slots[i].capture && e->slots[i].def > last)
+            last = e->slots[i].def;
+    return run_graph(e, inputs, n_inputs, NULL, 0, last);
+}
+
+static enum opq_status run_graph(struct opq_exec *e, const struct opq_named_tensor *inputs,
+                                 int n_inputs, struct opq_tensor *outputs, int n_outputs,
+                                 int last) {
     struct opq_graph *g = e->g;
     if (n_outputs > g->n_outputs)
         return opq_set_error(e->ctx, OPQ_ERR_USAGE, "%d outputs asked, the model has %d", n_outputs,
@@ -991,8 +1012,8 @@ enum opq_status opq_exec_run(struct opq_exec *e, const struct opq_named_tensor *
         if (slot_of(e, g->inputs[i])->is_input && !slot_of(e, g->inputs[i])->valid)
             st = opq_set_error(e->ctx, OPQ_ERR_USAGE, "input '%s' was not given",
                                g->inputs[i]->name);
-    if (st == OPQ_OK && g->n_nodes > 0)
-        st = run_nodes(e, 0, g->n_nodes - 1);
+    if (st == OPQ_OK && last >= 0)
+        st = run_nodes(e, 0, last);
     for (int i = 0; st == OPQ_OK && outputs && i < n_outputs; i++)
         outputs[i] = slot_of(e, g->outputs[i])->t;
     // graph inputs that are also outputs stay borrowed: keep the caller's pointer in outputs

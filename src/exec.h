@@ -61,6 +61,13 @@ void opq_exec_free(struct opq_exec *exec);
 enum opq_status opq_exec_run(struct opq_exec *exec, const struct opq_named_tensor *inputs,
                              int n_inputs, struct opq_tensor *outputs, int n_outputs);
 
+// Runs the graph only as far as the captured values need (opq_exec_set_capture): nodes after the
+// last one producing a captured value are skipped, so graph outputs are not computed. With
+// capture-all or no capture hook, the whole graph runs. Captured values are the same as in
+// opq_exec_run.
+enum opq_status opq_exec_run_captured(struct opq_exec *exec,
+                                      const struct opq_named_tensor *inputs, int n_inputs);
+
 // Runs nodes first..last (indices into graph->nodes, inclusive). Every value those nodes read
 // and do not produce must be given in `provided`, be constant, or be pinned and computed by an
 // earlier run. Read results with opq_exec_value() (pin them, or they may be overwritten).

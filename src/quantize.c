@@ -128,7 +128,11 @@ static enum opq_status run_samples(struct runner *r, int first, int count) {
         for (int i = 0; i < k && r->fn; i++)
             if ((st = r->fn(r->user, in[i].name, &in[i].t)) != OPQ_OK)
                 goto out;
-        if ((st = opq_exec_run(e, in, k, r->outputs, r->n_outputs)) != OPQ_OK)
+        // only captures wanted: stop after the last node that produces one (the ERQ statistics
+        // passes capture one layer input each, often early in the graph)
+        st = r->outputs || !r->fn ? opq_exec_run(e, in, k, r->outputs, r->n_outputs)
+                                  : opq_exec_run_captured(e, in, k);
+        if (st != OPQ_OK)
             goto out;
         if (r->after && (st = r->after(r->after_user, first + done, n)) != OPQ_OK)
             goto out;

@@ -138,6 +138,37 @@ static enum opq_status on_value(void *user, const char *name, const struct opq_t
     return OPQ_OK;
 }
 
+// A capture-only run stops at the last node producing a captured value: the captured bytes are
+// those of a full run, and the nodes after it do not run (they would call the hook for y).
+static void test_run_captured_stops_early(void **state) {
+    (void)state;
+    struct opq_ctx *ctx = opq_ctx_new();
+    struct opq_model *m = chain(ctx);
+    float x[16];
+    fill(x, 16, 5);
+    struct opq_named_tensor in = input_x(x, 2);
+    struct opq_exec *ex = NULL;
+    assert_int_equal(opq_exec_plan(ctx, m, &in, 1, NULL, &ex), OPQ_OK);
+    struct cap full = {0}, early = {0};
+    const char *all[] = {"h3", "y"};
+    assert_int_equal(opq_exec_set_capture(ex, all, 2, on_value, &full), OPQ_OK);
+    assert_int_equal(opq_exec_run(ex, &in, 1, NULL, 0), OPQ_OK);
+    assert_int_equal(full.calls, 2);
+    const char *h3[] = {"h3"};
+    struct cap seen_all = {0};
+    assert_int_equal(opq_exec_set_capture(ex, h3, 1, on_value, &early), OPQ_OK);
+    assert_int_equal(opq_exec_run_captured(ex, &in, 1), OPQ_OK);
+    assert_int_equal(early.calls, 1);
+    assert_true(early.saw_h3 && early.h3_first == full.h3_first);
+    // capture-all runs the whole graph
+    assert_int_equal(opq_exec_set_capture(ex, NULL, -1, on_value, &seen_all), OPQ_OK);
+    assert_int_equal(opq_exec_run_captured(ex, &in, 1), OPQ_OK);
+    assert_true(seen_all.calls > early.calls && seen_all.saw_h3);
+    opq_exec_free(ex);
+    opq_model_free(m);
+    opq_ctx_free(ctx);
+}
+
 static void test_range_and_capture(void **state) {
     (void)state;
     struct opq_ctx *ctx = opq_ctx_new();
@@ -552,6 +583,7 @@ static void test_oom_sweep(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_and_reuse), cmocka_unit_test(test_range_and_capture),
+        cmocka_unit_test(test_run_captured_stops_early),
         cmocka_unit_test(test_backward),      cmocka_unit_test(test_dynamic_reshape),
         cmocka_unit_test(test_unsupported),   cmocka_unit_test(test_threads_same_result),
         cmocka_unit_test(test_oom_sweep),     cmocka_unit_test(test_backward_paths),

@@ -10,7 +10,8 @@
  * Backward: the range is recomputed forward with every value in its own buffer (a per-call
  * arena; a view op's output shares its input's bytes, element-wise chains run fused as in
  * plain runs), then the kernels' VJPs run in reverse order; gradients of values used by several
- * nodes are summed here (kernels write, never accumulate). A gradient dies at its producer's
+ * nodes are summed here, except that a kernel flagged backward_adds is handed the gradient an
+ * input already has and adds its own into it (kctx din_add). A gradient dies at its producer's
  * VJP and its buffer serves later ones; an Add/Sub/view input whose gradient is its output's
  * takes that buffer over instead of a copy. */
 #include "exec.h"

@@ -339,10 +339,13 @@ KU_HOT static void add_row(float *t, const float *r, int64_t cnt) {
         t[i] = t[i] + r[i];
 }
 
-// The partials on y's shape, rows r0..r1 (of the last dim), into t or added to it.
+// The partials on y's shape, rows r0..r1 (of the last dim), into t or added to it; with
+// rowsum, each row's partials summed instead (double, index order: the bytes reduce_to gives for
+// an input broadcast along the last dim only), into t[row] or added to it.
 static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
                          const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                         const float *dy, float *t, bool add, int64_t r0, int64_t r1) {
+                         const float *dy, float *t, bool add, bool rowsum, int64_t r0,
+                         int64_t r1) {
     int64_t sa[OPQ_MAX_DIMS] = {0};
     int64_t sb[OPQ_MAX_DIMS] = {0};
     ku_bcast_strides(a, y, sa);
@@ -357,16 +360,23 @@ static void partial_rows(enum bop op, int which, const struct opq_tensor *a,
         int64_t o = row * inner;
         const float *ra = A + ku_row_offset(y, sa, row);
         const float *rb = pb + ku_row_offset(y, sb, row);
-        if (!add) {
+        if (!add && !rowsum) {
             partial_row(op, which, ra, ia, rb, ib, Y + o, dy + o, t + o, inner);
             continue;
         }
+        double acc = 0.0;
         for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
             int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
             partial_row(op, which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0, dy + o + c0, r,
                         cnt);
-            add_row(t + o + c0, r, cnt);
+            if (!rowsum)
+                add_row(t + o + c0, r, cnt);
+            else
+                for (int64_t i = 0; i < cnt; i++)
+                    acc += (double)r[i];
         }
+        if (rowsum)
+            t[row] = add ? t[row] + (float)acc : (float)acc;
     }
 }
 
@@ -376,27 +386,28 @@ struct partial_job {
     const struct opq_tensor *a, *b, *y;
     const float *pb, *dy;
     float *t;
-    bool add;
+    bool add, rowsum;
 };
 
 static void partial_range(void *user, int64_t r0, int64_t r1) {
     const struct partial_job *j = user;
-    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, j->add, r0, r1);
+    partial_rows(j->op, j->which, j->a, j->b, j->pb, j->y, j->dy, j->t, j->add, j->rowsum, r0, r1);
 }
 
-// All partials (every row, over the pool: rows are independent), into t or added to it.
+// All partials (every row, over the pool: rows are independent), into t or added to it; with
+// rowsum, one sum per row (see partial_rows).
 static void partial(struct opq_kctx *k, enum bop op, int which, const struct opq_tensor *a,
                     const struct opq_tensor *b, const float *pb, const struct opq_tensor *y,
-                    const float *dy, float *t, bool add) {
+                    const float *dy, float *t, bool add, bool rowsum) {
     int64_t inner = y->ndim ? y->shape[y->ndim - 1] : 1;
     int64_t rows = inner ? ku_numel(y) / inner : 0;
-    struct partial_job j = {op, which, a, b, y, pb, dy, t, add};
+    struct partial_job j = {op, which, a, b, y, pb, dy, t, add, rowsum};
     ku_parallel(k, rows, (1 << 14) / (inner ? inner : 1) + 1, partial_range, &j);
 }
 
-// Input `which` broadcast along y's last dim only (its shape is y's with the last dim 1): each
-// of its elements is the sum of one row of partials, summed in double in index order as
-// reduce_to does (the same bytes), rows over the pool, without a full-size temporary.
+// Is `in` broadcast along y's last dim only (its shape y's with the last dim 1)? Then each of
+// its gradient's elements is the sum of one row of partials (partial with rowsum), without a
+// full-size temporary.
 static bool row_broadcast(const struct opq_tensor *in, const struct opq_tensor *y) {
     int r = y->ndim;
     if (r < 1 || in->ndim != r || in->shape[r - 1] != 1 || y->shape[r - 1] <= 1)
@@ -405,44 +416,6 @@ static bool row_broadcast(const struct opq_tensor *in, const struct opq_tensor *
         if (in->shape[d] != y->shape[d])
             return false;
     return true;
-}
-
-struct rowsum_job {
-    enum bop op;
-    int which;
-    const struct opq_tensor *a, *b, *y;
-    const float *pb, *dy;
-    float *d;
-    bool add;
-};
-
-static void rowsum_range(void *user, int64_t r0, int64_t r1) {
-    const struct rowsum_job *j = user;
-    const struct opq_tensor *y = j->y;
-    int64_t sa[OPQ_MAX_DIMS] = {0};
-    int64_t sb[OPQ_MAX_DIMS] = {0};
-    ku_bcast_strides(j->a, y, sa);
-    ku_bcast_strides(j->b, y, sb);
-    int64_t inner = y->shape[y->ndim - 1];
-    int64_t ia = sa[y->ndim - 1];
-    int64_t ib = sb[y->ndim - 1];
-    const float *A = j->a->data;
-    const float *Y = y->data;
-    float r[PIECE];
-    for (int64_t row = r0; row < r1; row++) {
-        const float *ra = A + ku_row_offset(y, sa, row);
-        const float *rb = j->pb + ku_row_offset(y, sb, row);
-        int64_t o = row * inner;
-        double acc = 0.0;
-        for (int64_t c0 = 0; c0 < inner; c0 += PIECE) {
-            int64_t cnt = inner - c0 < PIECE ? inner - c0 : PIECE;
-            partial_row(j->op, j->which, ra + c0 * ia, ia, rb + c0 * ib, ib, Y + o + c0,
-                        j->dy + o + c0, r, cnt);
-            for (int64_t i = 0; i < cnt; i++)
-                acc += (double)r[i];
-        }
-        j->d[row] = j->add ? j->d[row] + (float)acc : (float)acc;
-    }
 }
 
 static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node *n,
@@ -477,16 +450,14 @@ static enum opq_status binary_backward(struct opq_kctx *k, const struct opq_node
             continue;
         }
         if (ku_numel(in[w]) == total) {
-            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data, add);
+            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data, add, false);
             continue;
         }
         if (row_broadcast(in[w], y)) {
-            struct rowsum_job j = {op, w, in[0], in[1], y, pb, dout[0].data, din[w].data, add};
-            int64_t inner = y->shape[y->ndim - 1];
-            ku_parallel(k, total / inner, (1 << 14) / inner + 1, rowsum_range, &j);
+            partial(k, op, w, in[0], in[1], pb, y, dout[0].data, din[w].data, add, true);
             continue;
         }
-        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t, false);
+        partial(k, op, w, in[0], in[1], pb, y, dout[0].data, t, false, false);
         enum opq_status st = reduce_to(k, n, t, y, in[w], din[w].data, add);
         if (st != OPQ_OK)
             return st;

@@ -58,8 +58,6 @@ static void phase_end(struct opq_report *r, const char *name, double t0) {
 
 // ---- streaming runs over calibration samples -------------------------------------------------------
 
-typedef enum opq_status (*batch_fn)(void *user, int first, int n);
-
 struct runner {
     struct opq_ctx          *ctx;
     struct opq_model        *model;
@@ -69,8 +67,6 @@ struct runner {
     int                      n_capture;
     opq_capture_fn           fn;
     void                    *user;
-    batch_fn                 after;      // called after each batch's run (may be NULL)
-    void                    *after_user;
     struct opq_tensor       *outputs;    // if non-NULL, receives graph outputs of each batch
     int                      n_outputs;
     const char              *phase;
@@ -128,13 +124,11 @@ static enum opq_status run_samples(struct runner *r, int first, int count) {
         for (int i = 0; i < k && r->fn; i++)
             if ((st = r->fn(r->user, in[i].name, &in[i].t)) != OPQ_OK)
                 goto out;
-        // only captures wanted: stop after the last node that produces one (the ERQ statistics
-        // passes capture one layer input each, often early in the graph)
-        st = r->outputs || !r->fn ? opq_exec_run(e, in, k, r->outputs, r->n_outputs)
-                                  : opq_exec_run_captured(e, in, k);
+        // no graph outputs wanted: stop after the last node producing a captured value (the ERQ
+        // statistics passes capture one layer input each, often early in the graph)
+        st = r->outputs ? opq_exec_run(e, in, k, r->outputs, r->n_outputs)
+                        : opq_exec_run_captured(e, in, k);
         if (st != OPQ_OK)
-            goto out;
-        if (r->after && (st = r->after(r->after_user, first + done, n)) != OPQ_OK)
             goto out;
         if (r->phase)
             opq_progress(r->ctx, r->phase, done + n, count);

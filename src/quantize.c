@@ -1128,21 +1128,14 @@ enum opq_status opq_quantize(struct opq_ctx *ctx, struct opq_model *model,
         rt->weight = tg->role == OPQ_QROLE_WEIGHT;
         struct opq_qdq_spec spec = {.opset = opset, .n_ch = n_chs[t], .axis = axes[t], .p = qp[t]};
         if (tg->role == OPQ_QROLE_WEIGHT) {
-            size_t n, inner = 1;
-            opq_tensor_numel(&v->t, &n);
-            if (spec.n_ch > 1)
-                for (int d = spec.axis + 1; d < v->t.ndim; d++)
-                    inner *= (size_t)v->t.shape[d];
+            // the weight's own quantization error, from the pass that makes its codes
+            double s2 = 0.0, e2 = 0.0;
             spec.bits      = o->wbits;
             spec.is_signed = true;
-            // the weight's own quantization error
-            double s2 = 0.0, e2 = 0.0;
-            if ((st = opq_quantize_channels(v->t.data, n, spec.n_ch > 1 ? (size_t)spec.n_ch : 1,
-                                            spec.n_ch > 1 ? inner : n, qp[t], NULL, &s2,
-                                            &e2)) != OPQ_OK)
-                break;
-            rt->sqnr_db = sqnr_db(s2, e2);
+            spec.sig2      = &s2;
+            spec.err2      = &e2;
             st = opq_qdq_quantize_weight(g, v, &spec, NULL);
+            rt->sqnr_db = sqnr_db(s2, e2);
         } else {
             spec.bits      = abits_of[t];
             spec.is_signed = a_sym;

@@ -214,7 +214,8 @@ enum opq_status opq_qdq_quantize_weight(struct opq_graph *g, struct opq_value *w
     opq_prefault(codes, n * sizeof(int32_t));
     opq_prefault(qw->t.data, qw->t.nbytes);
     enum opq_status qs = opq_quantize_channels(x, n, s->n_ch > 1 ? (size_t)s->n_ch : 1,
-                                               s->n_ch > 1 ? inner : n, s->p, codes, NULL, NULL);
+                                               s->n_ch > 1 ? inner : n, s->p, codes, s->sig2,
+                                               s->err2);
     if (qs == OPQ_OK && qdt == OPQ_DTYPE_INT8)
         for (size_t i = 0; i < n; i++)
             ((int8_t *)qw->t.data)[i] = (int8_t)codes[i];

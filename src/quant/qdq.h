@@ -22,6 +22,9 @@ struct opq_qdq_spec {
     int                        axis;      // channel axis when n_ch > 1
     int                        n_ch;      // 1: per tensor
     const struct opq_qparams  *p;         // n_ch entries, grids of `bits` bits
+    // opq_qdq_quantize_weight: if non-NULL, receive sum(w^2) and sum((w - dq(q(w)))^2) over the
+    // weight, from the same pass that makes its codes (the report's SQNR)
+    double                    *sig2, *err2;
 };
 
 // Storage type of b-bit codes at an opset: INT4/UINT4 for b <= 4 at opset >= 21, else INT8/UINT8.

@@ -353,6 +353,9 @@ case_defer_softmax() {
     run 1 "$m" e.onnx --calib random --defer-softmax maybe
     expect_one_error_line "--defer-softmax"
     [ ! -e e.onnx ] || fail "an output was written after an error"
+    run 1 "$m" e.onnx --calib random --method erq --erq-inputs both
+    expect_one_error_line "--erq-inputs"
+    [ ! -e e.onnx ] || fail "an output was written after an error"
 }
 
 # --opset N: upgrades an opset-13 fixture (its ReduceMeans get an axes input), refuses a target

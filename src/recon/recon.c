@@ -76,6 +76,10 @@ struct wparam {
     struct opq_flexround fr;
     double *gacc;
     bool gw; // g holds this step's gradient (else it is zero)
+    // AdaRound: the arrays above with the grid per channel (ar.sc/z/lo/hi, owned: chq)
+    struct opq_adaround ar;
+    float *chq;
+    bool soft_ok; // wq, h, dh, dwda are the soft weights of the current alpha
 };
 
 struct sub {
@@ -571,67 +575,15 @@ static enum opq_status unit_bufs(struct eng *e, struct unit *U, bool on) {
 
 // ---- unit forward / backward --------------------------------------------------------------------
 
-// AdaRound weights and, for W_SOFT, their derivative along alpha, elements i0..i1 of w.
+// One opq_adaround_step over a range of w's elements (soft or hard weights, or the Adam step).
 struct wjob {
     struct wparam *w;
-    enum wmode wm;
-    const struct opq_recon_opts *o;
-    bool reg;
-    double beta, lr;
-    int t;
+    struct opq_adaround_hyper hp;
 };
 
-static void adaround_weights(void *user, int64_t i0, int64_t i1) {
+static void adaround_range(void *user, int64_t i0, int64_t i1) {
     const struct wjob *j = user;
-    struct wparam *w = j->w;
-    // the channel of element i, (i / inner) % n_ch, followed without a division per element
-    size_t nc = w->n_ch > 1 ? (size_t)w->n_ch : 1;
-    size_t inner = w->n_ch > 1 ? w->inner : (size_t)i1 + 1; // per tensor: never wraps
-    size_t c = ((size_t)i0 / inner) % nc, r = (size_t)i0 % inner;
-    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
-        const struct opq_qparams *p = &w->qp[c];
-        if (++r == inner) {
-            r = 0;
-            c = c + 1 == nc ? 0 : c + 1;
-        }
-        float z = (float)p->zero_point, dh = 0.0f, h;
-        if (j->wm == W_SOFT) {
-            h = opq_adaround_h(w->alpha[i], &dh);
-            w->h[i] = h;
-            w->dh[i] = dh;
-        } else {
-            h = w->alpha[i] >= 0.0f ? 1.0f : 0.0f;
-        }
-        float q = w->base[i] + h + z;
-        bool clamped = q < (float)p->qmin || q > (float)p->qmax;
-        q = q < (float)p->qmin ? (float)p->qmin : (q > (float)p->qmax ? (float)p->qmax : q);
-        w->wq[i] = (q - z) * p->scale;
-        if (j->wm == W_SOFT)
-            w->dwda[i] = clamped ? 0.0f : p->scale * dh;
-    }
-}
-
-// The AdaRound step of elements i0..i1: the gradient along alpha (with the rounding
-// regularizer after the warm-up), then Adam. h and dh are those of this step's soft forward
-// (alpha has not moved since).
-static void adaround_update(void *user, int64_t i0, int64_t i1) {
-    const struct wjob *j = user;
-    struct wparam *w = j->w;
-    double beta = j->beta;
-    for (size_t i = (size_t)i0; i < (size_t)i1; i++) {
-        float dh = w->dh[i];
-        float h = w->h[i];
-        double ga = (double)w->g[i] * (double)w->dwda[i];
-        if (j->reg && dh != 0.0f) {
-            double x = 2.0 * (double)h - 1.0, ax = fabs(x);
-            if (ax > 0.0)
-                ga += -(double)j->o->reg_weight * beta * pow(ax, beta - 1.0) *
-                      (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)dh;
-        }
-        w->g[i] = (float)ga;
-    }
-    opq_adam_step(w->alpha + i0, w->g + i0, w->m + i0, w->v2 + i0, (size_t)(i1 - i0),
-                  (float)j->lr, j->t);
+    opq_adaround_step(&j->w->ar, &j->hp, (size_t)i0, (size_t)i1);
 }
 
 #define WGRAIN 16384 // weight elements per work item (element-wise: any split, same bytes)
@@ -648,8 +600,14 @@ static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
             w->v->t.data = w->wq;
             continue;
         }
-        struct wjob j = {.w = w, .wm = wm};
-        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)w->n, WGRAIN, adaround_weights, &j);
+        if (wm == W_SOFT && w->soft_ok) { // the last update left them
+            w->v->t.data = w->wq;
+            continue;
+        }
+        struct wjob j = {.w = w,
+                         .hp = {.mode = wm == W_SOFT ? OPQ_ADAROUND_SOFT : OPQ_ADAROUND_HARD}};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)w->n, WGRAIN, adaround_range, &j);
+        w->soft_ok = wm == W_SOFT;
         w->v->t.data = w->wq;
     }
 }
@@ -1305,6 +1263,33 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
             w->base[i] = floorf(r);
             w->alpha[i] = opq_adaround_alpha0(r - w->base[i]);
         }
+        int nc = w->n_ch > 1 ? w->n_ch : 1;
+        w->chq = malloc(sizeof(float) * 4 * (size_t)nc);
+        if (!w->chq)
+            return nomem(e->ctx);
+        for (int c = 0; c < nc; c++) {
+            w->chq[c] = w->qp[c].scale;
+            w->chq[nc + c] = (float)w->qp[c].zero_point;
+            w->chq[2 * nc + c] = (float)w->qp[c].qmin;
+            w->chq[3 * nc + c] = (float)w->qp[c].qmax;
+        }
+        w->ar = (struct opq_adaround){.n = w->n,
+                                      .inner = w->inner,
+                                      .n_ch = nc,
+                                      .sc = w->chq,
+                                      .z = w->chq + nc,
+                                      .lo = w->chq + 2 * nc,
+                                      .hi = w->chq + 3 * nc,
+                                      .base = w->base,
+                                      .alpha = w->alpha,
+                                      .m = w->m,
+                                      .v = w->v2,
+                                      .g = w->g,
+                                      .h = w->h,
+                                      .dh = w->dh,
+                                      .dwda = w->dwda,
+                                      .wq = w->wq};
+        w->soft_ok = false;
     }
     for (int k = 0; k < U->n_sites; k++) {
         struct site *s = &U->sites[k];
@@ -1380,6 +1365,9 @@ static void free_unit_params(struct eng *e, struct unit *U) {
         }
         free(w->fr.theta);
         free(w->gacc);
+        free(w->chq);
+        w->chq = NULL;
+        w->soft_ok = false;
         w->wq = w->base = w->alpha = w->m = w->v2 = w->g = w->dwda = w->fr.theta = NULL;
         w->h = w->dh = NULL;
         w->gacc = NULL;
@@ -1510,13 +1498,16 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
         opq_adam_step(w->fr.theta, w->dwda, w->m, w->v2, np, (float)lr_flex, it + 1);
     }
     for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_ADAROUND; k++) {
+        // the Adam step, then the soft weights of the next forward in the same pass
         struct wjob j = {.w = &U->wps[k],
-                         .o = o,
-                         .reg = reg,
-                         .beta = beta,
-                         .lr = (double)o->lr_round,
-                         .t = it + 1};
-        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)U->wps[k].n, WGRAIN, adaround_update, &j);
+                         .hp = {.mode = OPQ_ADAROUND_UPDATE,
+                                .reg = reg,
+                                .reg_w = o->reg_weight,
+                                .beta = (float)beta,
+                                .lr = opq_recon_lr_round(o, iters),
+                                .t = it + 1}};
+        opq_parallel_for(opq_exec_pool(e->ex), (int64_t)U->wps[k].n, WGRAIN, adaround_range, &j);
+        U->wps[k].soft_ok = true;
     }
     double lr =
         0.5 * (double)o->lr_act * (1.0 + cos(3.14159265358979323846 * (double)it / (double)iters));
@@ -2029,8 +2020,10 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
     if (n < (double)*iters)
         *iters = n < 10.0 ? 10 : (int)n;
     opq_log(e->ctx, OPQ_LOG_INFO,
-            "time budget: %s gets %d iterations (%.0f ms each, %.0f s left for %d units)",
-            U->name, *iters, 1e3 * per_iter, left, e->n_units - ui);
+            "time budget: %s gets %d iterations (%.0f ms each, %.0f s left for %d units; "
+            "AdaRound lr %g)",
+            U->name, *iters, 1e3 * per_iter, left, e->n_units - ui,
+            (double)opq_recon_lr_round(e->o, *iters));
     return OPQ_OK;
 }
 

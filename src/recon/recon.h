@@ -71,7 +71,7 @@ struct opq_recon_opts {
     float warmup;     // fraction of iterations without the regularizer (0.2)
     float beta_start; // regularizer exponent schedule (20 -> 2)
     float beta_end;
-    float lr_round;         // Adam on the rounding variables (1e-3)
+    float lr_round;         // Adam on the rounding variables (0: opq_recon_lr_round's default)
     float lr_flex;          // Adam on FlexRound's log parameters, cosine to 0 (1e-3)
     float lr_act;           // Adam on the activation step sizes, cosine (4e-5)
     double time_budget;     // minutes for the whole reconstruction (0: none)
@@ -82,6 +82,13 @@ struct opq_recon_opts {
 };
 
 void opq_recon_opts_default(struct opq_recon_opts *o);
+
+// The AdaRound learning rate of a unit trained for `iters` iterations: o->lr_round if set, else
+// the paper's 1e-3 scaled to the same total step as its 20,000 iterations, 1e-3 * 20000 / iters,
+// kept within [1e-3, 1e-2]. At 1e-3 over 2000 iterations (Adam moves a variable about lr per
+// step) a third to a half of the rounding variables were still undecided when a unit ended and
+// hardening chose for them; at 1e-2 under 0.5% are, and W3A3 top-1 rose on every fixture.
+float opq_recon_lr_round(const struct opq_recon_opts *o, int iters);
 
 // What happened to one unit.
 struct opq_recon_unit_report {
@@ -118,7 +125,7 @@ enum opq_status opq_recon_refine(void *user, struct opq_refine_ctx *rc);
 #define OPQ_ADAROUND_GAMMA (-0.1f)
 
 // h(alpha) = clip(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1); *dh (may be NULL) receives
-// dh/dalpha (0 where clipped).
+// dh/dalpha (0 where clipped). In float, exactly as opq_adaround_step computes it.
 float opq_adaround_h(float alpha, float *dh);
 // alpha such that h(alpha) = frac (frac in [0, 1)).
 float opq_adaround_alpha0(float frac);
@@ -149,6 +156,39 @@ void opq_flexround_forward(const struct opq_flexround *f, const struct opq_qpara
 // to grad[opq_flexround_n_params(f)].
 void opq_flexround_backward(const struct opq_flexround *f, const struct opq_qparams *qp,
                             const float *w, const float *G, double *grad);
+
+// AdaRound state of one weight for opq_adaround_step: element i has grid channel
+// (i / inner) % n_ch, whose step, zero point and code range are sc, z, lo, hi [n_ch] (codes, as
+// floats). base = floor(w / s); alpha, its Adam moments m, v; g = dL/dW_hat of the last soft
+// forward; h, dh = h(alpha), h'(alpha) and dwda = dW_hat/dalpha of that forward (0 where the
+// code is clamped); wq receives W_hat.
+struct opq_adaround {
+    size_t n, inner;
+    int n_ch;
+    const float *sc, *z, *lo, *hi;
+    const float *base;
+    float *alpha, *m, *v, *g, *h, *dh, *dwda, *wq;
+};
+
+enum opq_adaround_mode {
+    OPQ_ADAROUND_SOFT = 0,   // W_hat = s (clamp(base + h(alpha) + z) - z), with h, dh, dwda
+    OPQ_ADAROUND_HARD = 1,   // the same with h = [alpha >= 0] (h, dh, dwda untouched)
+    OPQ_ADAROUND_UPDATE = 2, // Adam step on alpha along g * dwda (+ the regularizer), then SOFT
+};
+
+struct opq_adaround_hyper {
+    enum opq_adaround_mode mode;
+    bool reg;          // UPDATE: add the gradient of reg_w * sum(1 - |2h - 1|^beta)
+    float reg_w, beta; // (h, dh of the last soft forward)
+    float lr;
+    int t; // Adam step number (>= 1)
+};
+
+// Elements [i0, i1) of a (any split gives the same bytes). Vectorised: h by a float sigmoid on
+// ku_expf, the regularizer's |2h - 1|^(beta - 1) by ku_expf/ku_logf; the Adam arithmetic is
+// opq_adam_step's (double).
+void opq_adaround_step(const struct opq_adaround *a, const struct opq_adaround_hyper *hp,
+                       size_t i0, size_t i1);
 
 // One Adam step (beta1 0.9, beta2 0.999, eps 1e-8) on n parameters; t >= 1 is the step number.
 void opq_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, int t);

@@ -1,6 +1,7 @@
 /* test_recon.c: the reconstruction engine (recon/recon.h).
  *   - AdaRound: h(alpha0(f)) = f, dh/dalpha against finite differences, hardening equals
- *     floor(w/s) + [alpha >= 0];
+ *     floor(w/s) + [alpha >= 0]; the vectorised step (Adam, regularizer, soft and hard weights)
+ *     against scalar double definitions, any split of its range giving the same bytes;
  *   - FlexRound: at init it is round to nearest; its gradients with respect to log s1, S2, s3
  *     and s4 against double-precision central differences of the same forward with the round
  *     replaced by the straight-through identity (Conv, MatMul and per-tensor layouts);
@@ -66,6 +67,108 @@ static void test_adaround(void **state) {
     }
     assert_true(opq_adaround_hard(1.25f, 0.5f, 0.0f) == 3.0f); // alpha = 0 rounds up
     assert_true(opq_adaround_hard(-1.25f, 0.5f, -1e-6f) == -3.0f);
+}
+
+// The vectorised AdaRound step against the scalar definitions (double sigmoid, pow, Adam in
+// double): per-channel grids in both layouts (inner 1: consecutive channels; inner > 1: runs),
+// clamped codes, the regularizer on and off, any split of the range giving the same bytes.
+static double ref_h(double a, double *dh) {
+    double sg = 1.0 / (1.0 + exp(-a)), zg = (double)(OPQ_ADAROUND_ZETA - OPQ_ADAROUND_GAMMA);
+    double r = sg * zg + (double)OPQ_ADAROUND_GAMMA;
+    *dh = (r <= 0.0 || r >= 1.0) ? 0.0 : sg * (1.0 - sg) * zg;
+    return r <= 0.0 ? 0.0 : (r >= 1.0 ? 1.0 : r);
+}
+
+static void test_adaround_step(void **state) {
+    (void)state;
+    struct opq_rng r;
+    opq_rng_seed(&r, 11, 3);
+    for (int layout = 0; layout < 3; layout++) {
+        const size_t n = 1003;
+        size_t inner = layout == 0 ? 1 : (layout == 1 ? 17 : n);
+        int nc = layout == 0 ? 7 : (layout == 1 ? 5 : 1);
+        float chq[4 * 7];
+        for (int c = 0; c < nc; c++) {
+            chq[c] = 0.05f + 0.1f * (float)c;                // scale
+            chq[nc + c] = (float)(c % 3) - 1.0f;             // zero point
+            chq[2 * nc + c] = -4.0f, chq[3 * nc + c] = 3.0f; // 3-bit code range
+        }
+        float *buf = calloc(2 * 11 * n, sizeof(float));
+        assert_non_null(buf);
+        float *A[2][11];
+        for (int k = 0; k < 2; k++)
+            for (int j = 0; j < 11; j++)
+                A[k][j] = buf + (size_t)(k * 11 + j) * n;
+        for (size_t i = 0; i < n; i++) {
+            size_t c = (i / inner) % (size_t)nc;
+            float w = 6.0f * chq[c] * opq_rng_normal(&r); // some codes clamp
+            A[0][0][i] = floorf(w / chq[c]);              // base
+            A[0][1][i] = opq_adaround_alpha0(w / chq[c] - A[0][0][i]);
+            A[0][2][i] = 1e-3f * opq_rng_normal(&r); // g
+        }
+        for (int j = 0; j < 3; j++)
+            memcpy(A[1][j], A[0][j], sizeof(float) * n);
+        struct opq_adaround ar[2];
+        for (int k = 0; k < 2; k++)
+            ar[k] = (struct opq_adaround){.n = n, .inner = inner, .n_ch = nc, .sc = chq,
+                .z = chq + nc, .lo = chq + 2 * nc, .hi = chq + 3 * nc, .base = A[k][0],
+                .alpha = A[k][1], .g = A[k][2], .m = A[k][3], .v = A[k][4], .h = A[k][5],
+                .dh = A[k][6], .dwda = A[k][7], .wq = A[k][8]};
+        struct opq_adaround_hyper soft = {.mode = OPQ_ADAROUND_SOFT};
+        opq_adaround_step(&ar[0], &soft, 0, n);
+        for (int t = 1; t <= 3; t++) {
+            struct opq_adaround_hyper up = {.mode = OPQ_ADAROUND_UPDATE, .reg = t > 1,
+                                            .reg_w = 0.01f, .beta = 20.0f - 4.0f * (float)t,
+                                            .lr = 0.01f, .t = t};
+            // reference, element by element from the same state
+            float *exp_dh = malloc(sizeof(float) * n);
+            assert_non_null(exp_dh);
+            for (size_t i = 0; i < n; i++) {
+                size_t c = (i / inner) % (size_t)nc;
+                double ga = (double)A[0][2][i] * (double)A[0][7][i];
+                double x = 2.0 * (double)A[0][5][i] - 1.0, ax = fabs(x);
+                if (up.reg && A[0][6][i] != 0.0f && ax > 0.0)
+                    ga += -0.01 * (double)up.beta * pow(ax, (double)up.beta - 1.0) *
+                          (x > 0.0 ? 1.0 : -1.0) * 2.0 * (double)A[0][6][i];
+                float g1 = (float)ga, a1 = A[0][1][i], m1 = A[0][3][i], v1 = A[0][4][i];
+                opq_adam_step(&a1, &g1, &m1, &v1, 1, up.lr, t);
+                A[1][9][i] = a1; // expected alpha
+                double dh, h = ref_h((double)a1, &dh);
+                double q = (double)A[0][0][i] + h + (double)chq[nc + c];
+                bool clamped = q < -4.0 || q > 3.0;
+                q = q < -4.0 ? -4.0 : (q > 3.0 ? 3.0 : q);
+                A[1][10][i] = (float)((q - (double)chq[nc + c]) * (double)chq[c]); // expected wq
+                exp_dh[i] = clamped ? 0.0f : (float)dh;
+            }
+            // the step, in two uneven pieces on a copy and whole on the original
+            memcpy(A[1][1], A[0][1], sizeof(float) * n);
+            for (int j = 3; j < 9; j++)
+                memcpy(A[1][j], A[0][j], sizeof(float) * n);
+            opq_adaround_step(&ar[1], &up, 0, 389);
+            opq_adaround_step(&ar[1], &up, 389, n);
+            opq_adaround_step(&ar[0], &up, 0, n);
+            for (int j = 1; j < 9; j++)
+                assert_memory_equal(A[0][j], A[1][j], sizeof(float) * n);
+            for (size_t i = 0; i < n; i++) {
+                size_t c = (i / inner) % (size_t)nc;
+                assert_true(fabsf(A[0][1][i] - A[1][9][i]) <= 1e-5f * (1.0f + fabsf(A[1][9][i])));
+                assert_true(fabsf(A[0][8][i] - A[1][10][i]) <= 1e-5f * chq[c] * 8.0f);
+                float dwda_ref = exp_dh[i] * chq[c];
+                assert_true(fabsf(A[0][7][i] - dwda_ref) <= 1e-5f);
+            }
+            free(exp_dh);
+        }
+        // hardening mode: floor + [alpha >= 0] on the grid, clamped
+        struct opq_adaround_hyper hard = {.mode = OPQ_ADAROUND_HARD};
+        opq_adaround_step(&ar[0], &hard, 0, n);
+        for (size_t i = 0; i < n; i++) {
+            size_t c = (i / inner) % (size_t)nc;
+            float q = A[0][0][i] + (A[0][1][i] >= 0.0f ? 1.0f : 0.0f) + chq[nc + c];
+            q = q < -4.0f ? -4.0f : (q > 3.0f ? 3.0f : q);
+            assert_true(A[0][8][i] == (q - chq[nc + c]) * chq[c]);
+        }
+        free(buf);
+    }
 }
 
 // ---- FlexRound ----------------------------------------------------------------------------------
@@ -661,6 +764,7 @@ static void test_flexround_export(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_adaround),
+        cmocka_unit_test(test_adaround_step),
         cmocka_unit_test(test_flexround_gradients),
         cmocka_unit_test(test_adam),
         cmocka_unit_test(test_aph_floor),

@@ -71,8 +71,11 @@ const char cli_recon_usage[] =
     "  --recon-qdrop on|off          QDrop input mixing and quantizer dropping (default on)\n"
     "  --recon-aph-floor F every APH output weight of a unit gets F x their mean added, so\n"
     "                      outputs the head does not read still count (default 0: plain APH)\n"
-    "  --adaround-lr LR    Adam learning rate of AdaRound's rounding variables (default\n"
-    "                      0.001)\n"
+    "  --adaround-lr LR    Adam learning rate of AdaRound's rounding variables (default:\n"
+    "                      the paper's 0.001 over its 20000 iterations, scaled to the same\n"
+    "                      total step: 20/iterations, within 0.001..0.01)\n"
+    "  --recon-act-lr LR   Adam learning rate of the LSQ activation step sizes, cosine\n"
+    "                      to 0 over each unit (default 4e-5)\n"
     "  --flexround-lr LR   Adam learning rate of FlexRound's log grid and divisors, decayed\n"
     "                      to 0 along a cosine over each unit (default 0.001)\n"
     "  --time-budget MIN   minutes for the whole run from loading the model: each unit gets\n"
@@ -318,6 +321,10 @@ int cli_quant_option(const char *opt, const char *val, struct opq_quant_opts *q,
         if (!parse_float(val, 1e-9, 1.0, &d))
             return bad(opt, val, "a learning rate in (0, 1]");
         q->recon.lr_round = (float)d;
+    } else if (strcmp(opt, "--recon-act-lr") == 0) {
+        if (!parse_float(val, 1e-12, 1.0, &d))
+            return bad(opt, val, "a learning rate in (0, 1]");
+        q->recon.lr_act = (float)d;
     } else if (strcmp(opt, "--flexround-lr") == 0) {
         if (!parse_float(val, 1e-9, 1.0, &d))
             return bad(opt, val, "a learning rate in (0, 1]");
@@ -346,8 +353,8 @@ bool cli_quant_takes_value(const char *opt) {
         "--defer-softmax",
         "--erq-lambda", "--erq-steps", "--erq-duq", "--erq-duq-ratio", "--erq-ri", "--erq-aqer",
         "--erq-wqer", "--erq-mem", "--erq-inputs", "--recon-iters", "--recon-batch", "--recon-loss",
-        "--recon-qdrop", "--recon-aph-floor", "--adaround-lr", "--flexround-lr", "--mr-iters",
-        "--mr-lr", "--time-budget",
+        "--recon-qdrop", "--recon-aph-floor", "--adaround-lr", "--recon-act-lr", "--flexround-lr",
+        "--mr-iters", "--mr-lr", "--time-budget",
         "--checkpoint"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
         if (strcmp(opt, names[i]) == 0)

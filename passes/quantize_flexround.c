@@ -19,6 +19,7 @@ enum opq_status opq_pass_run_quantize_flexround(struct opq_pass_ctx *pc, struct 
                              "(calibration data)");
     struct opq_quant_opts o = *pc->opts->quant;
     o.recon.rounding = OPQ_RECON_FLEXROUND;
+    o.recon.seed = pc->opts->seed; // --seed: batches and QDrop draws
     o.refine = opq_recon_refine;
     o.refine_user = &o.recon;
     return opq_pass_quantize_with(pc, &o);

@@ -413,19 +413,28 @@ PYEOF
     fi
 }
 
-# --method aphq (few iterations, random calibration data): deterministic, --adaround-lr and
-# --recon-aph-floor reach the engine (other values give other codes), bad values are one usage
-# error each.
+# --method aphq (few iterations, random calibration data): deterministic, --adaround-lr,
+# --recon-act-lr, --recon-aph-floor and --seed reach the engine (other values give other codes),
+# bad values are one usage error each.
 case_aphq() {
     local vit=${OPQ_SOURCE_DIR:-}/fixtures/models/vit_tiny_op17.onnx
     [ -f "$vit" ] || { echo "skip: $vit missing (tools/scripts/make_fixtures.py)" >&2; exit 77; }
     local args=(--calib random --calib-count 24 --batch 8 --recon-batch 8 --recon-iters 20
                 --wbits 4 --abits 4 --method aphq --threads 1 -q)
     run 0 "$vit" a.onnx "${args[@]}"
-    run 0 "$vit" b.onnx "${args[@]}" --adaround-lr 0.001
-    cmp -s a.onnx b.onnx || fail "--adaround-lr 0.001 (the default) gave different bytes"
-    run 0 "$vit" c.onnx "${args[@]}" --adaround-lr 0.01
-    ! cmp -s a.onnx c.onnx || fail "--adaround-lr 0.01 gave the default's bytes"
+    # the default learning rate at 20 iterations: 0.001 x 20000 / 20, kept at most 0.01
+    run 0 "$vit" b.onnx "${args[@]}" --adaround-lr 0.01
+    cmp -s a.onnx b.onnx || fail "--adaround-lr 0.01 (the default here) gave different bytes"
+    run 0 "$vit" c.onnx "${args[@]}" --adaround-lr 0.001
+    ! cmp -s a.onnx c.onnx || fail "--adaround-lr 0.001 gave the default's bytes"
+    run 0 "$vit" g.onnx "${args[@]}" --recon-act-lr 4e-5
+    cmp -s a.onnx g.onnx || fail "--recon-act-lr 4e-5 (the default) gave different bytes"
+    run 0 "$vit" h.onnx "${args[@]}" --recon-act-lr 4e-3
+    ! cmp -s a.onnx h.onnx || fail "--recon-act-lr 4e-3 gave the default's bytes"
+    run 0 "$vit" i.onnx "${args[@]}" --seed 0
+    cmp -s a.onnx i.onnx || fail "--seed 0 (the default) gave different bytes"
+    run 0 "$vit" j.onnx "${args[@]}" --seed 1
+    ! cmp -s a.onnx j.onnx || fail "--seed 1 gave the default's bytes (batches and QDrop draws)"
     run 0 "$vit" e.onnx "${args[@]}" --recon-aph-floor 0
     cmp -s a.onnx e.onnx || fail "--recon-aph-floor 0 (the default) gave different bytes"
     run 0 "$vit" f.onnx "${args[@]}" --recon-aph-floor 0.3
@@ -434,6 +443,8 @@ case_aphq() {
     expect_one_error_line "--recon-aph-floor"
     run 1 "$vit" d.onnx "${args[@]}" --adaround-lr 0
     expect_one_error_line "--adaround-lr"
+    run 1 "$vit" d.onnx "${args[@]}" --recon-act-lr x
+    expect_one_error_line "--recon-act-lr"
     [ ! -e d.onnx ] || fail "an output was written after an error"
 }
 

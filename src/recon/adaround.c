@@ -118,18 +118,33 @@ float opq_adaround_hard(float w, float s, float alpha) {
     return floorf(w / s) + (alpha >= 0.0f ? 1.0f : 0.0f);
 }
 
+// Adam (beta1 0.9, beta2 0.999, eps 1e-8): the bias corrections of step t, and one element's
+// moment update and step (what the parameter loses), in double, for opq_adam_step and the
+// AdaRound step alike.
+#define ADAM_B1 0.9
+#define ADAM_B2 0.999
+
+static inline double adam_c1(int t) {
+    return 1.0 - pow(ADAM_B1, t);
+}
+
+static inline double adam_c2(int t) {
+    return 1.0 - pow(ADAM_B2, t);
+}
+
+static inline __attribute__((always_inline)) float adam_delta(double g, float *m, float *v,
+                                                              double lr, double c1, double c2) {
+    double mi = ADAM_B1 * (double)*m + (1.0 - ADAM_B1) * g;
+    double vi = ADAM_B2 * (double)*v + (1.0 - ADAM_B2) * g * g;
+    *m = (float)mi;
+    *v = (float)vi;
+    return (float)(lr * (mi / c1) / (sqrt(vi / c2) + 1e-8));
+}
+
 void opq_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, int t) {
-    const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
-    double c1 = 1.0 - pow(b1, t);
-    double c2 = 1.0 - pow(b2, t);
-    for (size_t i = 0; i < n; i++) {
-        double gi = (double)g[i];
-        double mi = b1 * (double)m[i] + (1.0 - b1) * gi;
-        double vi = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
-        m[i] = (float)mi;
-        v[i] = (float)vi;
-        p[i] -= (float)((double)lr * (mi / c1) / (sqrt(vi / c2) + eps));
-    }
+    double c1 = adam_c1(t), c2 = adam_c2(t);
+    for (size_t i = 0; i < n; i++)
+        p[i] -= adam_delta((double)g[i], &m[i], &v[i], (double)lr, c1, c2);
 }
 
 // The soft weight of one element and its derivatives.
@@ -188,7 +203,6 @@ ar_update_run(size_t len, const struct ar_adam *p, const float *restrict g, floa
               const float *restrict sc, const float *restrict zp, const float *restrict lo,
               const float *restrict hi, float *restrict wq, float *restrict h,
               float *restrict dh, float *restrict dwda, size_t cs) {
-    const double b1 = 0.9, b2 = 0.999, eps = 1e-8;
     const double c1 = p->c1, c2 = p->c2, lr = p->lr;
     const float bm1 = p->bm1, rk = p->reg ? p->rk : 0.0f;
 #pragma GCC ivdep
@@ -204,11 +218,7 @@ ar_update_run(size_t len, const struct ar_adam *p, const float *restrict g, floa
         float rg = rk * pw * (x > 0.0f ? 1.0f : -1.0f) * dk; // rk = 0 without the regularizer
         rg = ax > 0.0f ? rg : 0.0f;
         ga += (double)rg;
-        double mi = b1 * (double)m[k] + (1.0 - b1) * ga;
-        double vi = b2 * (double)v[k] + (1.0 - b2) * ga * ga;
-        m[k] = (float)mi;
-        v[k] = (float)vi;
-        float al = alpha[k] - (float)(lr * (mi / c1) / (sqrt(vi / c2) + eps));
+        float al = alpha[k] - adam_delta(ga, m + k, v + k, lr, c1, c2);
         alpha[k] = al;
         ar_soft(al, base[k], sc[k * cs], zp[k * cs], lo[k * cs], hi[k * cs], wq + k, h + k,
                 dh + k, dwda + k);
@@ -234,8 +244,8 @@ static inline __attribute__((always_inline)) void ar_run(const struct opq_adarou
 
 AR_HOT void opq_adaround_step(const struct opq_adaround *a, const struct opq_adaround_hyper *hp,
                               size_t i0, size_t i1) {
-    struct ar_adam ad = {.c1 = 1.0 - pow(0.9, hp->t),
-                         .c2 = 1.0 - pow(0.999, hp->t),
+    struct ar_adam ad = {.c1 = adam_c1(hp->t),
+                         .c2 = adam_c2(hp->t),
                          .lr = (double)hp->lr,
                          .bm1 = hp->beta - 1.0f,
                          .rk = -2.0f * hp->reg_w * hp->beta,

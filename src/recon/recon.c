@@ -76,8 +76,7 @@ struct wparam {
     struct opq_flexround fr;
     double *gacc;
     bool gw; // g holds this step's gradient (else it is zero)
-    // AdaRound: the arrays above with the grid per channel (ar.sc/z/lo/hi, owned: chq)
-    struct opq_adaround ar;
+    // AdaRound: the grid per channel as floats (scales, zero points, qmin, qmax: 4 x n_ch)
     float *chq;
     bool soft_ok; // wq, h, dh, dwda are the soft weights of the current alpha
 };
@@ -575,15 +574,37 @@ static enum opq_status unit_bufs(struct eng *e, struct unit *U, bool on) {
 
 // ---- unit forward / backward --------------------------------------------------------------------
 
-// One opq_adaround_step over a range of w's elements (soft or hard weights, or the Adam step).
+// One opq_adaround_step over a range of a weight's elements (soft or hard weights, or the Adam
+// step).
 struct wjob {
-    struct wparam *w;
+    struct opq_adaround ar;
     struct opq_adaround_hyper hp;
 };
 
 static void adaround_range(void *user, int64_t i0, int64_t i1) {
     const struct wjob *j = user;
-    opq_adaround_step(&j->w->ar, &j->hp, (size_t)i0, (size_t)i1);
+    opq_adaround_step(&j->ar, &j->hp, (size_t)i0, (size_t)i1);
+}
+
+// w's AdaRound arrays as opq_adaround_step sees them.
+static struct opq_adaround ar_of(struct wparam *w) {
+    int nc = w->n_ch > 1 ? w->n_ch : 1;
+    return (struct opq_adaround){.n = w->n,
+                                 .inner = w->inner,
+                                 .n_ch = nc,
+                                 .sc = w->chq,
+                                 .z = w->chq + nc,
+                                 .lo = w->chq + 2 * nc,
+                                 .hi = w->chq + 3 * nc,
+                                 .base = w->base,
+                                 .alpha = w->alpha,
+                                 .m = w->m,
+                                 .v = w->v2,
+                                 .g = w->g,
+                                 .h = w->h,
+                                 .dh = w->dh,
+                                 .dwda = w->dwda,
+                                 .wq = w->wq};
 }
 
 #define WGRAIN 16384 // weight elements per work item (element-wise: any split, same bytes)
@@ -604,7 +625,7 @@ static void set_weights(struct eng *e, struct unit *U, enum wmode wm) {
             w->v->t.data = w->wq;
             continue;
         }
-        struct wjob j = {.w = w,
+        struct wjob j = {.ar = ar_of(w),
                          .hp = {.mode = wm == W_SOFT ? OPQ_ADAROUND_SOFT : OPQ_ADAROUND_HARD}};
         opq_parallel_for(opq_exec_pool(e->ex), (int64_t)w->n, WGRAIN, adaround_range, &j);
         w->soft_ok = wm == W_SOFT;
@@ -1273,22 +1294,6 @@ static enum opq_status alloc_unit_params(struct eng *e, struct unit *U) {
             w->chq[2 * nc + c] = (float)w->qp[c].qmin;
             w->chq[3 * nc + c] = (float)w->qp[c].qmax;
         }
-        w->ar = (struct opq_adaround){.n = w->n,
-                                      .inner = w->inner,
-                                      .n_ch = nc,
-                                      .sc = w->chq,
-                                      .z = w->chq + nc,
-                                      .lo = w->chq + 2 * nc,
-                                      .hi = w->chq + 3 * nc,
-                                      .base = w->base,
-                                      .alpha = w->alpha,
-                                      .m = w->m,
-                                      .v = w->v2,
-                                      .g = w->g,
-                                      .h = w->h,
-                                      .dh = w->dh,
-                                      .dwda = w->dwda,
-                                      .wq = w->wq};
         w->soft_ok = false;
     }
     for (int k = 0; k < U->n_sites; k++) {
@@ -1499,7 +1504,7 @@ static void train_update(struct eng *e, struct unit *U, int it, int iters) {
     }
     for (int k = 0; k < U->n_wps && o->rounding == OPQ_RECON_ADAROUND; k++) {
         // the Adam step, then the soft weights of the next forward in the same pass
-        struct wjob j = {.w = &U->wps[k],
+        struct wjob j = {.ar = ar_of(&U->wps[k]),
                          .hp = {.mode = OPQ_ADAROUND_UPDATE,
                                 .reg = reg,
                                 .reg_w = o->reg_weight,
@@ -2019,11 +2024,12 @@ static enum opq_status budget_iters(struct eng *e, struct unit *U, struct unit_d
     double n = share / fmax(per_iter, 1e-9);
     if (n < (double)*iters)
         *iters = n < 10.0 ? 10 : (int)n;
+    char lr[48] = ""; // AdaRound's learning rate follows the iterations (opq_recon_lr_round)
+    if (e->o->rounding == OPQ_RECON_ADAROUND)
+        snprintf(lr, sizeof(lr), "; AdaRound lr %g", (double)opq_recon_lr_round(e->o, *iters));
     opq_log(e->ctx, OPQ_LOG_INFO,
-            "time budget: %s gets %d iterations (%.0f ms each, %.0f s left for %d units; "
-            "AdaRound lr %g)",
-            U->name, *iters, 1e3 * per_iter, left, e->n_units - ui,
-            (double)opq_recon_lr_round(e->o, *iters));
+            "time budget: %s gets %d iterations (%.0f ms each, %.0f s left for %d units%s)",
+            U->name, *iters, 1e3 * per_iter, left, e->n_units - ui, lr);
     return OPQ_OK;
 }
 
